@@ -1,0 +1,46 @@
+"""lssf: re-align fine-tuned LLMs with Low-Rank Safety Subspace Fusion.
+
+Typed API::
+
+    from lssf import PatchConfig, extract, fuse
+
+    patch = extract("org/aligned", "org/base", out="patch/", config=PatchConfig(eta=0.85))
+    fuse("org/finetune@abc123", patch, out="realigned/", alpha=1.0)
+"""
+
+from lssf._version import __version__
+from lssf.config import PatchConfig
+from lssf.errors import (
+    CheckpointError,
+    ConfigError,
+    LssfError,
+    NonFiniteError,
+    OutputExistsError,
+    PatchMismatchError,
+    PickleRefusedError,
+    ShapeMismatchError,
+)
+from lssf.extract import extract
+from lssf.fuse import FuseResult, fuse
+from lssf.patch import PatchManifest, SafetyPatch
+from lssf.sources import SourceRecord, resolve_source
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "FuseResult",
+    "LssfError",
+    "NonFiniteError",
+    "OutputExistsError",
+    "PatchConfig",
+    "PatchManifest",
+    "PatchMismatchError",
+    "PickleRefusedError",
+    "SafetyPatch",
+    "ShapeMismatchError",
+    "SourceRecord",
+    "__version__",
+    "extract",
+    "fuse",
+    "resolve_source",
+]

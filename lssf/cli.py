@@ -1,0 +1,187 @@
+"""The ``lssf`` command line: parse, validate, call the typed API, report.
+
+Core subcommands live here. Packages outside the pure core (evaluation, flows) add theirs via
+the ``lssf.commands`` entry-point group: each entry is ``register(subparsers) -> None``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from lssf._version import __version__
+from lssf.config import PatchConfig, load_model, load_yaml_config
+from lssf.devices import DEVICE_CHOICES
+from lssf.errors import LssfError
+
+log = logging.getLogger("lssf")
+
+
+def _patch_config(args: argparse.Namespace) -> PatchConfig:
+    """YAML file first, then any flag given on the command line on top."""
+    base = load_yaml_config(PatchConfig, args.config) if args.config else PatchConfig()
+    flags = {
+        "eta": args.eta,
+        "max_rank": args.max_rank,
+        "weight_top": args.weight_top,
+        "rank_rule": args.rank_rule,
+        "include": tuple(args.include) if args.include else None,
+        "exclude": tuple(args.exclude) if args.exclude else None,
+    }
+    data = base.model_dump() | {k: v for k, v in flags.items() if v is not None}
+    return load_model(PatchConfig, data, "command line")
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from lssf.extract import extract
+    from lssf.report import render_table, summary
+
+    patch = extract(
+        args.aligned,
+        args.reference,
+        args.out,
+        _patch_config(args),
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    s = summary(patch.manifest)
+    print(
+        f"patch {patch.patch_id} -> {patch.folder}: {s['tensors']} tensors, rank "
+        f"{s['rank_min']}-{s['rank_max']} (mean {s['rank_mean']:.1f})"
+    )
+    if args.table:
+        _console().print(render_table(patch.manifest))
+    return 0
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    from lssf.fuse import fuse
+
+    result = fuse(
+        args.finetuned,
+        args.patch,
+        args.out,
+        alpha=args.alpha,
+        force=args.force,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"fused {result.n_fused} tensors of {result.finetuned.name}@{result.finetuned.revision} "
+        f"with patch {result.patch_id} (alpha={result.alpha}) -> {result.out}"
+    )
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lssf.patch import SafetyPatch
+    from lssf.report import plot_ranks, render_table, summary
+
+    patch = SafetyPatch.load(args.patch_dir)
+    if args.json:
+        print(patch.manifest.model_dump_json(indent=2))
+        return 0
+    console = _console()
+    console.print(render_table(patch.manifest))
+    s = summary(patch.manifest)
+    m = patch.manifest
+    console.print(
+        f"aligned {m.aligned.name}@{m.aligned.revision} | reference "
+        f"{m.reference.name}@{m.reference.revision} | rank mean {s['rank_mean']:.1f}, "
+        f"factors hold {100 * s['factor_params_fraction']:.2f}% of the targeted parameters"
+    )
+    if args.plot:
+        print(f"plot written to {plot_ranks(patch.manifest, args.plot)}")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from lssf.quickstart import run_quickstart
+
+    run_quickstart(Path(args.workdir), console=_console())
+    return 0
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _add_core(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("extract", help="compute a safety patch from an aligned/reference pair")
+    p.add_argument("--aligned", required=True, help="aligned model: folder or org/name[@rev]")
+    p.add_argument("--reference", required=True, help="unaligned base or harmful fine-tune")
+    p.add_argument("--out", required=True, type=Path, help="patch folder to create")
+    p.add_argument("--config", type=Path, help="PatchConfig YAML; flags override its fields")
+    p.add_argument("--eta", type=float, help="entropy threshold in (0, 1] (default 0.85)")
+    p.add_argument("--max-rank", type=int, help="cap on every tensor's rank")
+    p.add_argument("--weight-top", type=float, help="a_1: weight of the top direction (1 = off)")
+    p.add_argument("--rank-rule", help="entropy (default), energy or full")
+    p.add_argument("--include", action="append", help="regex of target tensors (repeatable)")
+    p.add_argument("--exclude", action="append", help="regex of tensors to skip (repeatable)")
+    p.add_argument("--table", action="store_true", help="print the per-layer table after")
+    _add_common(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("fuse", help="add a safety patch to a fine-tuned model")
+    p.add_argument("--finetuned", required=True, help="fine-tuned model: folder or org/name[@rev]")
+    p.add_argument("--patch", required=True, type=Path, help="patch folder from `lssf extract`")
+    p.add_argument("--out", required=True, type=Path, help="model folder to create")
+    p.add_argument("--alpha", type=float, default=1.0, help="fusion strength (default 1.0)")
+    p.add_argument("--force", action="store_true", help="fuse even if the declared base differs")
+    _add_common(p)
+    p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("inspect", help="per-layer table (and plot) of a safety patch")
+    p.add_argument("patch_dir", type=Path)
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="write rank-by-layer plot")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "quickstart", help="build tiny checkpoints, extract, fuse and print the table"
+    )
+    p.add_argument("--workdir", type=Path, default=Path(".state/quickstart"))
+    p.set_defaults(func=cmd_quickstart)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto", help="default: auto")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lssf",
+        description="Re-align fine-tuned LLMs with Low-Rank Safety Subspace Fusion "
+        "(Zhou et al., ACL 2025), gate them and register them.",
+    )
+    parser.add_argument("--version", action="version", version=f"lssf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_core(sub)
+    for ep in sorted(entry_points(group="lssf.commands"), key=lambda e: e.name):
+        ep.load()(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except LssfError as exc:
+        print(f"lssf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Validated, frozen configuration for extraction and fusion, stored as YAML."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lssf.errors import ConfigError
+from lssf.methods import BASES, RANK_RULES
+
+# Linear weights inside the repeated transformer blocks ("model.layers.3.mlp.up_proj.weight").
+DEFAULT_INCLUDE = (r"(^|\.)(layers|h|blocks|layer)\.\d+\..*\.weight$",)
+# Norms are 1-D and skipped anyway; this keeps embeddings, heads and routers out explicitly.
+DEFAULT_EXCLUDE = (r"(embed|lm_head|norm|\.gate\.weight$)",)
+
+
+class PatchConfig(BaseModel):
+    """How a safety patch is computed from an aligned/reference pair."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rank_rule: str = Field("entropy", description="rank rule: entropy (LSSF), energy, full")
+    eta: float = Field(0.85, gt=0.0, le=1.0, description="threshold of the rank rule, in (0, 1]")
+    max_rank: int | None = Field(None, ge=1, description="cap on the rank of every tensor")
+    weight_top: float = Field(
+        1.0, gt=0.0, description="a_1, weight of the strongest direction (1 = no weighting)"
+    )
+    basis: str = Field("delta-svd", description="how the safety subspace is found")
+    include: tuple[str, ...] = Field(DEFAULT_INCLUDE, description="regexes of target tensors")
+    exclude: tuple[str, ...] = Field(DEFAULT_EXCLUDE, description="regexes never targeted")
+
+    @field_validator("rank_rule")
+    @classmethod
+    def _known_rule(cls, v: str) -> str:
+        if v not in RANK_RULES:
+            raise ValueError(f"unknown rank rule {v!r}; known: {', '.join(sorted(RANK_RULES))}")
+        return v
+
+    @field_validator("basis")
+    @classmethod
+    def _known_basis(cls, v: str) -> str:
+        if v not in BASES:
+            raise ValueError(f"unknown basis {v!r}; known: {', '.join(sorted(BASES))}")
+        return v
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regexes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
+        return v
+
+    def is_target(self, name: str, ndim: int) -> bool:
+        """A 2-D tensor matched by an include and by no exclude pattern."""
+        return (
+            ndim == 2
+            and any(re.search(p, name) for p in self.include)
+            and not any(re.search(p, name) for p in self.exclude)
+        )
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    """Every problem at once, each naming its field and value."""
+    lines = [f"{source}: {exc.error_count()} invalid field(s)"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_model(cls: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from exc
+
+
+def load_yaml_config(cls: type[BaseModel], path: Path) -> Any:
+    """Load and validate a YAML file into ``cls``; errors name the file and every bad field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return load_model(cls, data, str(path))

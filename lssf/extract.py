@@ -1,0 +1,139 @@
+"""Extract a safety patch from an aligned/reference pair, streaming one tensor at a time."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lssf._version import __version__
+from lssf.checkpoint import Checkpoint
+from lssf.config import PatchConfig
+from lssf.devices import pick_device
+from lssf.errors import NonFiniteError, ShapeMismatchError
+from lssf.methods import get_rank_rule
+from lssf.outputs import atomic_folder, write_json
+from lssf.patch import FACTORS, MANIFEST, PatchManifest, SafetyPatch, TensorRecord, factor_names
+from lssf.sources import SIDE_FILES, hash_files, resolve_source, with_hashes
+from lssf.spectral import (
+    direction_weights,
+    energy_kept,
+    entropy_ratio,
+    safety_factors,
+    safety_spectrum,
+)
+from lssf.st_io import AppendingWriter, file_sha256
+
+log = logging.getLogger(__name__)
+
+
+def target_names(aligned: Checkpoint, reference: Checkpoint, config: PatchConfig) -> list[str]:
+    """Target tensors of the aligned model, checked against the reference before any maths."""
+    targets = [n for n in aligned.names() if config.is_target(n, len(aligned.info(n).shape))]
+    if not targets:
+        raise ShapeMismatchError(
+            f"no tensor of {aligned.folder} matches include={list(config.include)} "
+            f"exclude={list(config.exclude)}"
+        )
+    for name in targets:
+        if name not in reference:
+            raise ShapeMismatchError(
+                f"tensor {name!r} is in the aligned model {aligned.folder} "
+                f"but not in the reference {reference.folder}"
+            )
+        a, r = aligned.info(name).shape, reference.info(name).shape
+        if a != r:
+            raise ShapeMismatchError(
+                f"tensor {name!r} has shape {list(a)} in the aligned model but {list(r)} "
+                "in the reference"
+            )
+    return targets
+
+
+def safety_delta(name: str, aligned: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``delta = W_aligned - W_reference`` in float32 whatever the stored dtype."""
+    for label, t in (("aligned", aligned), ("reference", reference)):
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(f"tensor {name!r} of the {label} model has {bad} NaN/Inf values")
+    delta = aligned.float() - reference.float()
+    if not torch.isfinite(delta).all():
+        raise NonFiniteError(f"safety vector of tensor {name!r} overflows float32 (NaN/Inf)")
+    return delta
+
+
+def patch_tensor(
+    delta: torch.Tensor, config: PatchConfig
+) -> tuple[torch.Tensor, torch.Tensor, TensorRecord]:
+    """Steps 2-4 of LSSF for one safety vector ``delta: (d_out, d_in)``.
+
+    Returns ``U': (d_out, r)``, ``C: (r, d_in)`` (float32, CPU) and the tensor's record.
+    """
+    spec = safety_spectrum(delta)
+    rank = get_rank_rule(config.rank_rule).select(spec.s, config.eta)
+    if config.max_rank is not None:
+        rank = min(rank, config.max_rank)
+    weights = direction_weights(spec.s, rank, config.weight_top)
+    u, c = safety_factors(delta, spec.u[:, :rank], weights)
+    record = TensorRecord(
+        shape=tuple(delta.shape),
+        rank=rank,
+        entropy_ratio=entropy_ratio(spec.s, rank),
+        energy_kept=energy_kept(spec.s, rank),
+        n_nonzero=int(spec.s.numel()),
+        top_singular_value=float(spec.s[0]) if spec.s.numel() else 0.0,
+        delta_norm=float(torch.linalg.vector_norm(delta.double())),
+    )
+    return u.cpu(), c.cpu(), record
+
+
+def extract(
+    aligned: str | Path,
+    reference: str | Path,
+    out: str | Path,
+    config: PatchConfig | None = None,
+    *,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> SafetyPatch:
+    """Compute the safety patch of ``aligned`` against ``reference`` and write it to ``out``.
+
+    Reads both checkpoints lazily; peak memory is a few copies of the largest target tensor.
+    """
+    config = config or PatchConfig()
+    dev = pick_device(device)
+    a_dir, a_rec = resolve_source(aligned)
+    r_dir, r_rec = resolve_source(reference)
+    with Checkpoint(a_dir) as a_ckpt, Checkpoint(r_dir) as r_ckpt:
+        targets = target_names(a_ckpt, r_ckpt, config)
+        records: dict[str, TensorRecord] = {}
+        with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+            writer = AppendingWriter(tmp / FACTORS)
+            bar = tqdm(targets, desc="extract", unit="tensor", disable=not progress)
+            for name in bar:
+                delta = safety_delta(name, a_ckpt.get(name).to(dev), r_ckpt.get(name).to(dev))
+                u, c, records[name] = patch_tensor(delta, config)
+                u_name, c_name = factor_names(name)
+                writer.write(u_name, u)
+                writer.write(c_name, c)
+                bar.set_postfix(rank=records[name].rank)
+            writer.close()
+            manifest = PatchManifest(
+                lssf_version=__version__,
+                config=config,
+                aligned=with_hashes(a_rec, _hashes(a_ckpt)),
+                reference=with_hashes(r_rec, _hashes(r_ckpt)),
+                tensors=records,
+            )
+            write_json(tmp / MANIFEST, manifest.model_dump(mode="json"))
+    log.info("patch %s: %d tensors, written to %s", manifest.patch_id, len(records), out)
+    return SafetyPatch.load(Path(out))
+
+
+def _hashes(ckpt: Checkpoint) -> dict[str, str]:
+    files = {f.name: file_sha256(f) for f in ckpt.files}
+    files.update(hash_files(ckpt.folder, list(SIDE_FILES)))
+    return files

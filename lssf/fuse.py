@@ -1,0 +1,143 @@
+"""Fuse a safety patch into a fine-tuned model in one streaming pass.
+
+Every output shard mirrors an input shard: the same tensors in the same order, the targeted
+ones replaced by ``W_ft + alpha * U' C`` and the rest copied bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lssf.checkpoint import INDEX_NAME, Checkpoint
+from lssf.devices import pick_device
+from lssf.errors import NonFiniteError, PatchMismatchError, ShapeMismatchError
+from lssf.outputs import atomic_folder, write_json
+from lssf.patch import SafetyPatch
+from lssf.provenance import PROVENANCE, declared_base, model_card, provenance
+from lssf.sources import SIDE_FILES, SourceRecord, hash_files, resolve_source, with_hashes
+from lssf.spectral import fused_weight
+from lssf.st_io import PlannedWriter, TensorSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FuseResult:
+    out: Path
+    patch_id: str
+    alpha: float
+    finetuned: SourceRecord
+    n_fused: int
+
+
+def check_compatible(ft: Checkpoint, patch: SafetyPatch) -> None:
+    """Every patched tensor must exist in the fine-tune with the shape the patch was built for."""
+    for name, rec in patch.manifest.tensors.items():
+        if name not in ft:
+            raise ShapeMismatchError(f"patch tensor {name!r} is missing from {ft.folder}")
+        shape = ft.info(name).shape
+        if tuple(shape) != tuple(rec.shape):
+            raise ShapeMismatchError(
+                f"tensor {name!r} has shape {list(shape)} in the fine-tuned model but "
+                f"{list(rec.shape)} in the patch"
+            )
+
+
+def check_lineage(folder: Path, patch: SafetyPatch, force: bool) -> None:
+    """Refuse a patch built from another aligned model than the one the fine-tune declares."""
+    aligned = patch.manifest.aligned
+    declared = declared_base(folder)
+    if declared is None:
+        log.warning("%s declares no base model; cannot check it against the patch", folder)
+        return
+    known = {aligned.ref, aligned.name, aligned.path, aligned.ref.split("@")[0]}
+    same = declared in known or (
+        Path(declared).exists() and str(Path(declared).resolve()) == aligned.path
+    )
+    if same:
+        return
+    msg = (
+        f"{folder} declares base model {declared!r}, but the patch was built from "
+        f"aligned model {aligned.name!r}"
+    )
+    if not force:
+        raise PatchMismatchError(msg + "; pass force=True (--force) to fuse anyway")
+    log.warning("%s; fusing anyway (forced)", msg)
+
+
+def _copy_side_files(src: Path, dst: Path) -> None:
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _write_shard(ft, header, dst, patch, alpha, dev, bar) -> int:
+    specs = [
+        TensorSpec(i.name, i.torch_dtype, i.shape)
+        for i in sorted(header.tensors.values(), key=lambda t: t.start)
+    ]
+    writer = PlannedWriter(dst, specs, header.metadata or {"format": "pt"})
+    fused = 0
+    for info, tensor in ft.iter_file(header):
+        if info.name in patch.manifest.tensors:
+            u, c = patch.factors(info.name)
+            tensor = fused_weight(tensor.to(dev), u.to(dev), c.to(dev), alpha).cpu()
+            if not torch.isfinite(tensor).all():
+                raise NonFiniteError(f"fused tensor {info.name!r} has NaN/Inf values")
+            fused += 1
+        writer.write(info.name, tensor)
+        bar.update(info.nbytes)
+    writer.close()
+    return fused
+
+
+def fuse(
+    finetuned: str | Path,
+    patch: SafetyPatch | str | Path,
+    out: str | Path,
+    *,
+    alpha: float = 1.0,
+    force: bool = False,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> FuseResult:
+    """Write ``finetuned`` with ``alpha * P' @ delta`` added to every patched tensor to ``out``.
+
+    ``out`` is a complete transformers model folder, written atomically.
+    """
+    patch = patch if isinstance(patch, SafetyPatch) else SafetyPatch.load(Path(patch))
+    dev = pick_device(device)
+    folder, record = resolve_source(finetuned)
+    with Checkpoint(folder) as ft, patch:
+        check_compatible(ft, patch)
+        check_lineage(folder, patch, force)
+        total = sum(i.nbytes for h in ft.headers for i in h.tensors.values())
+        with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+            bar = tqdm(total=total, desc="fuse", unit="B", unit_scale=True, disable=not progress)
+            n_fused = sum(
+                _write_shard(ft, h, tmp / h.path.name, patch, alpha, dev, bar) for h in ft.headers
+            )
+            bar.close()
+            if (folder / INDEX_NAME).is_file():
+                shutil.copy2(folder / INDEX_NAME, tmp / INDEX_NAME)
+            _copy_side_files(folder, tmp)
+            files = dict(ft.sha256)
+            files.update(hash_files(folder, list(SIDE_FILES)))
+            record = with_hashes(record, files)
+            prov = provenance(patch.manifest, record, alpha, patch.patch_id)
+            write_json(tmp / PROVENANCE, prov)
+            (tmp / "README.md").write_text(model_card(patch.manifest, record, alpha))
+    log.info("fused %d tensors (alpha=%s) into %s", n_fused, alpha, out)
+    return FuseResult(Path(out), patch.patch_id, alpha, record, n_fused)
+
+
+def read_provenance(folder: Path) -> dict:
+    return json.loads((Path(folder) / PROVENANCE).read_text())

@@ -1,0 +1,89 @@
+"""Named rank rules and subspace bases: explicit registries, no metaprogramming.
+
+A rule maps a safety spectrum to the number of directions kept. Unknown names fail with the
+list of known ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lssf.errors import ConfigError
+from lssf.spectral import energy_fractions, entropy_rank
+
+PAPER_URL = "https://arxiv.org/abs/2602.00038"
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """``select(s, eta)`` returns the rank for singular values ``s: (k,)`` at threshold eta."""
+
+    name: str
+    description: str
+    reference: str
+    select: Callable[[torch.Tensor, float], int]
+
+
+def _energy_rank(s: torch.Tensor, eta: float) -> int:
+    cum = torch.cumsum(energy_fractions(s), dim=0)
+    hits = torch.nonzero(cum >= eta - 1e-12)
+    return int(hits[0]) + 1 if hits.numel() else int(s.numel())
+
+
+RANK_RULES: dict[str, RankRule] = {
+    rule.name: rule
+    for rule in (
+        RankRule(
+            "entropy",
+            "smallest rank whose partial singular value entropy reaches eta of the total (LSSF)",
+            PAPER_URL,
+            entropy_rank,
+        ),
+        RankRule(
+            "energy",
+            "smallest rank whose squared singular values reach eta of the total energy",
+            "https://en.wikipedia.org/wiki/Low-rank_approximation",
+            _energy_rank,
+        ),
+        RankRule(
+            "full",
+            "every non-zero direction: P' @ delta = delta, the whole safety vector (RESTA)",
+            "https://arxiv.org/abs/2402.11746",
+            lambda s, eta: int(s.numel()),
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class SubspaceBasis:
+    name: str
+    description: str
+    reference: str
+
+
+BASES: dict[str, SubspaceBasis] = {
+    "delta-svd": SubspaceBasis(
+        "delta-svd",
+        "left singular vectors of the safety vector delta = W_aligned - W_reference",
+        PAPER_URL,
+    ),
+}
+
+
+def _lookup(registry: dict, kind: str, name: str):
+    if name not in registry:
+        known = ", ".join(sorted(registry))
+        raise ConfigError(f"unknown {kind} {name!r}; known: {known}")
+    return registry[name]
+
+
+def get_rank_rule(name: str) -> RankRule:
+    return _lookup(RANK_RULES, "rank rule", name)
+
+
+def get_basis(name: str) -> SubspaceBasis:
+    return _lookup(BASES, "subspace basis", name)

@@ -1,0 +1,39 @@
+"""Session-wide fixtures shared by every test module.
+
+Everything is built here, offline and deterministically; nothing comes from the Hub.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never reach the network, never write into the user's home caches.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _cache_root() -> Path:
+    """A cache that outlives one test session, so a rerun skips the organism training."""
+    root = Path(os.environ.get("LSSF_TEST_CACHE", Path.home() / ".cache" / "lssf-tests"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def test_cache() -> Path:
+    return _cache_root()
+
+
+@pytest.fixture(scope="session")
+def organism(test_cache: Path):
+    """The seed-0 model organism (base, aligned, finetuned, eval sets), built once and cached."""
+    from evaluation.organism import build_organism
+
+    return build_organism(seed=0, out=test_cache / "organism-seed0")
