@@ -68,11 +68,29 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         force=args.force,
         device=args.device,
         overwrite=args.overwrite,
+        aligned=args.aligned,
+        format=args.format,
     )
     print(
         f"fused {result.n_fused} tensors of {result.finetuned.name}@{result.finetuned.revision} "
-        f"with patch {result.patch_id} (alpha={result.alpha}) -> {result.out}"
+        f"with patch {result.patch_id} (alpha={result.alpha}) -> {args.format} {result.out}"
     )
+    return 0
+
+
+def cmd_patch_export_adapter(args: argparse.Namespace) -> int:
+    import torch
+
+    from lssf.adapter_out import export_patch_adapter
+
+    out = export_patch_adapter(
+        args.patch_dir,
+        args.out,
+        alpha=args.alpha,
+        dtype=getattr(torch, args.dtype),
+        overwrite=args.overwrite,
+    )
+    print(f"safety patch {args.patch_dir} (alpha={args.alpha}) -> PEFT LoRA adapter {out}")
     return 0
 
 
@@ -128,13 +146,42 @@ def _add_core(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("fuse", help="add a safety patch to a fine-tuned model")
-    p.add_argument("--finetuned", required=True, help="fine-tuned model: folder or org/name[@rev]")
+    p.add_argument(
+        "--finetuned",
+        required=True,
+        help="fine-tuned model or PEFT LoRA adapter: folder or org/name[@rev]",
+    )
     p.add_argument("--patch", required=True, type=Path, help="patch folder from `lssf extract`")
     p.add_argument("--out", required=True, type=Path, help="model folder to create")
     p.add_argument("--alpha", type=float, default=1.0, help="fusion strength (default 1.0)")
     p.add_argument("--force", action="store_true", help="fuse even if the declared base differs")
+    p.add_argument(
+        "--aligned", help="base of a LoRA --finetuned (default: its adapter_config's base model)"
+    )
+    p.add_argument(
+        "--format",
+        choices=("model", "adapter"),
+        default="model",
+        help="model: merged model folder (default); adapter: one PEFT LoRA adapter holding the "
+        "LoRA fine-tune and the patch (LoRA fine-tunes only)",
+    )
     _add_common(p)
     p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("patch", help="operations on a safety patch folder")
+    patch_sub = p.add_subparsers(dest="patch_command", metavar="ACTION", required=True)
+    q = patch_sub.add_parser(
+        "export-adapter", help="write the safety patch alone as a PEFT LoRA adapter"
+    )
+    q.add_argument("patch_dir", type=Path, help="patch folder from `lssf extract`")
+    q.add_argument("--alpha", type=float, default=1.0, help="fusion strength (default 1.0)")
+    q.add_argument("--out", required=True, type=Path, help="adapter folder to create")
+    q.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+        help="dtype of the adapter weights (default float32)",
+    )  # fmt: skip
+    q.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    q.set_defaults(func=cmd_patch_export_adapter)
 
     p = sub.add_parser("inspect", help="per-layer table (and plot) of a safety patch")
     p.add_argument("patch_dir", type=Path)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from lssf.checkpoint import INDEX_NAME, Checkpoint
 from lssf.devices import pick_device
-from lssf.errors import NonFiniteError, PatchMismatchError, ShapeMismatchError
+from lssf.errors import ConfigError, NonFiniteError, PatchMismatchError, ShapeMismatchError
 from lssf.outputs import atomic_folder, write_json
 from lssf.patch import SafetyPatch
 from lssf.provenance import PROVENANCE, declared_base, model_card, provenance
@@ -108,14 +108,37 @@ def fuse(
     device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
+    aligned: str | Path | None = None,
+    format: str = "model",
 ) -> FuseResult:
     """Write ``finetuned`` with ``alpha * P' @ delta`` added to every patched tensor to ``out``.
 
-    ``out`` is a complete transformers model folder, written atomically.
+    ``out`` is a complete transformers model folder, written atomically. ``finetuned`` may be a
+    PEFT LoRA adapter on ``aligned`` (default: the base its config declares); then
+    ``format="adapter"`` writes one PEFT adapter holding the fine-tune and the patch instead.
     """
     patch = patch if isinstance(patch, SafetyPatch) else SafetyPatch.load(Path(patch))
     dev = pick_device(device)
+    # --- LoRA fine-tunes (lssf.lora_fuse) ---
+    if format not in ("model", "adapter"):
+        raise ConfigError(f"format must be 'model' or 'adapter', got {format!r}")
     folder, record = resolve_source(finetuned)
+    if (folder / "adapter_config.json").is_file():
+        from lssf.lora_fuse import fuse_adapter
+
+        return fuse_adapter(
+            folder, record, patch, Path(out), alpha=alpha, aligned=aligned,
+            output_format=format, force=force, device=dev, overwrite=overwrite, progress=progress,
+        )  # fmt: skip
+    if format == "adapter":
+        raise ConfigError(
+            f"format='adapter' (--format adapter) is not applicable to {folder}: it is a full "
+            "fine-tune, not a LoRA adapter. Use format='model', or `lssf patch export-adapter` "
+            "for the safety patch alone as an adapter"
+        )
+    if aligned is not None:
+        log.warning("aligned=%s is only used for adapter fine-tunes; ignored", aligned)
+    # --- end LoRA ---
     with Checkpoint(folder) as ft, patch:
         check_compatible(ft, patch)
         check_lineage(folder, patch, force)

@@ -89,7 +89,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: Path | None) -> tup
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     try:
-        sha = HfApi().model_info(repo_id, revision=revision).sha
+        sha = HfApi().model_info(repo_id, revision=revision or "main").sha
         path = snapshot_download(
             repo_id,
             revision=sha,

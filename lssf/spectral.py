@@ -11,8 +11,18 @@ from dataclasses import dataclass
 
 import torch
 
-# Singular values at or below s_1 * RELATIVE_ZERO are numerical noise of a rank-deficient delta.
+# Singular values at or below s_1 * RELATIVE_ZERO are zero (the paper's rule, exact in float64).
 RELATIVE_ZERO = 1e-12
+
+
+def zero_tolerance(shape: tuple[int, ...], dtype: torch.dtype) -> float:
+    """Relative size under which a computed singular value is rounding noise.
+
+    The usual numerical-rank tolerance ``max(m, n) * eps`` (as in ``torch.linalg.matrix_rank``),
+    never below ``RELATIVE_ZERO``. In float32 a rank-1 delta otherwise shows ~min(m, n) noise
+    values near 1e-7 * s_1 whose entropy, against H_n of almost 0, would inflate its rank.
+    """
+    return max(RELATIVE_ZERO, max(shape) * torch.finfo(dtype).eps)
 
 
 @dataclass(frozen=True)
@@ -20,7 +30,7 @@ class Spectrum:
     """Left singular vectors and singular values of one safety vector.
 
     u: (d_out, k) float32, columns orthonormal, ordered like ``s``.
-    s: (k,) float64, descending, only values above ``s_1 * RELATIVE_ZERO``.
+    s: (k,) float64, descending, only values above ``s_1 * zero_tolerance``.
     """
 
     u: torch.Tensor
@@ -35,14 +45,15 @@ def safety_spectrum(delta: torch.Tensor) -> Spectrum:
     """
     if delta.ndim != 2:
         raise ValueError(f"delta must be 2-D, got shape {tuple(delta.shape)}")
-    work = delta.float()
+    work = delta if delta.dtype == torch.float64 else delta.float()
     if work.shape[0] < work.shape[1]:
         _, s, vh = torch.linalg.svd(work.T, full_matrices=False)
         u = vh.T
     else:
         u, s, _ = torch.linalg.svd(work, full_matrices=False)
     s64 = s.double().cpu()
-    keep = int((s64 > s64[0] * RELATIVE_ZERO).sum()) if s64.numel() and s64[0] > 0 else 0
+    tol = zero_tolerance(tuple(work.shape), work.dtype)
+    keep = int((s64 > s64[0] * tol).sum()) if s64.numel() and s64[0] > 0 else 0
     return Spectrum(u=u[:, :keep].contiguous(), s=s64[:keep])
 
 

@@ -116,7 +116,8 @@ def make_trio(
 ) -> dict[str, Path]:
     """Write ``out/{reference,aligned,finetuned}``; returns the three folders.
 
-    Per 2-D tensor: safety vector with singular values ``0.5 * 0.7^i`` (i < safety_rank) plus
+    Per 2-D tensor: safety vector with singular values ``0.5 * q^i`` (i < safety_rank, q drawn
+    in [0.35, 0.9] per tensor) plus
     noise at 1e-4; fine-tune drift of rank 4 at 0.3. 1-D tensors are ones (norm weights).
     """
 
@@ -129,7 +130,9 @@ def make_trio(
         if len(s) == 1:
             return torch.zeros(s)
         g = _seed(seed, name, 1)
-        spectrum = [0.5 * 0.7**i for i in range(min(safety_rank, *s))]
+        # Decay between 0.35 and 0.9 per tensor, so ranks differ across layers and modules.
+        decay = 0.35 + 0.55 * float(torch.rand((), generator=g))
+        spectrum = [0.5 * decay**i for i in range(min(safety_rank, *s))]
         return low_rank(s, spectrum, g) + 1e-4 * torch.randn(s, generator=g)
 
     def drift(name: str, s: tuple[int, ...]) -> torch.Tensor:

@@ -1,0 +1,363 @@
+"""PEFT LoRA adapters as fine-tunes: read, validate, merge into the base one tensor at a time.
+
+A LoRA fine-tune is its base model plus, per targeted module, ``scale * B @ A``. Only plain
+LoRA stored as safetensors is read. The PEFT format, as PEFT writes it:
+
+- ``adapter_config.json``: ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``rank_pattern`` and
+  ``alpha_pattern`` (module-name regex -> value, first match wins, see PEFT's
+  ``get_pattern_key``), ``use_rslora`` (scale ``alpha / sqrt(r)`` instead of ``alpha / r``),
+  ``fan_in_fan_out`` (the layer stores its weight as ``(d_in, d_out)``), ``modules_to_save``.
+- ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight (r, d_in)`` and
+  ``.lora_B.weight (d_out, r)``; embeddings ``.lora_embedding_A (r, n_emb)`` and
+  ``.lora_embedding_B (dim, r)``; whole tensors that replace the base's: modules_to_save as
+  ``base_model.model.<module>.<param>``, embedding layers as ``<module>.base_layer.weight``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lssf.checkpoint import PICKLE_SUFFIXES, Checkpoint
+from lssf.errors import (
+    CheckpointError,
+    PickleRefusedError,
+    ShapeMismatchError,
+)
+from lssf.st_io import Header, TensorInfo, read_header, read_tensor
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+SUPPORTED = (
+    "lssf reads plain LoRA adapters (peft_type LORA) stored as adapter_model.safetensors, with "
+    "r, lora_alpha, rank_pattern, alpha_pattern, use_rslora, fan_in_fan_out and modules_to_save"
+)
+# Config fields that change what the weights mean; any truthy value is refused.
+REFUSED_FIELDS = {
+    "use_dora": "DoRA",
+    "lora_bias": "a trainable LoRA bias",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on raw parameters (target_parameters)",
+    "trainable_token_indices": "trainable tokens",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "velora_config": "VeLoRA",
+}
+# Initialisations that also rewrite the base weights: the adapter alone is not the fine-tune.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.weight)?$"
+)
+OVERRIDE_WRAPPERS = re.compile(r"\.(base_layer|modules_to_save\.[^.]+|original_module)\.")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One targeted module: ``delta = scale * B @ A``, transposed for fan_in_fan_out/embeddings."""
+
+    name: str  # module path in the base model, "model.layers.0.self_attn.q_proj"
+    a_key: str
+    b_key: str
+    rank: int
+    alpha: float
+    scale: float
+    transposed: bool
+    embedding: bool
+
+    @property
+    def weight(self) -> str:
+        return f"{self.name}.weight"
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank/alpha pattern lookup: the first key matching a dotted suffix of ``module``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` for rank-stabilised LoRA."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, transposed: bool) -> torch.Tensor:
+    """``scale * B @ A`` in float32, in the layout of the stored weight.
+
+    a: (r, d_in), b: (d_out, r) -> (d_out, d_in); transposed -> (d_in, d_out), as PEFT does for
+    fan_in_fan_out layers (GPT-2's Conv1D) and embeddings.
+    """
+    delta = (b.float() @ a.float()) * scale
+    return delta.T if transposed else delta
+
+
+def merged_weight(
+    w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, transposed: bool
+) -> torch.Tensor:
+    """``W + scale * B @ A`` computed in float32 and cast back to ``w``'s dtype, as PEFT merges."""
+    a, b = a.to(w.device), b.to(w.device)
+    return (w.float() + lora_delta(a, b, scale, transposed)).to(w.dtype)
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """``adapter_config.json``, refused unless it describes plain LoRA."""
+    path = folder / ADAPTER_CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"unreadable adapter config {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise CheckpointError(f"{path}: peft_type {kind!r} is not supported; {SUPPORTED}")
+    for field, what in REFUSED_FIELDS.items():
+        if config.get(field):
+            raise CheckpointError(
+                f"{path}: {field}={config[field]!r} ({what}) is not supported; {SUPPORTED}"
+            )
+    if config.get("bias", "none") != "none":
+        raise CheckpointError(
+            f"{path}: bias={config['bias']!r} (trained biases) is not supported; {SUPPORTED}"
+        )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise CheckpointError(
+            f"{path}: init_lora_weights={init!r} also rewrites the base weights, so the adapter "
+            f"alone is not the fine-tune; convert it with PEFT first. {SUPPORTED}"
+        )
+    for field in ("r", "lora_alpha"):
+        if not isinstance(config.get(field), int | float) or config[field] <= 0:
+            raise CheckpointError(
+                f"{path}: {field} must be a positive number, got {config.get(field)!r}"
+            )
+    return config
+
+
+def adapter_weights(folder: Path) -> Path:
+    """The adapter's safetensors file; pickle-only adapters are refused, never opened."""
+    path = folder / ADAPTER_WEIGHTS
+    if path.is_file():
+        return path
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise PickleRefusedError(
+            f"adapter {folder} holds only pickle weights ({', '.join(pickles)}); lssf never "
+            f"unpickles. Re-save it with save_pretrained(dir, safe_serialization=True). {SUPPORTED}"
+        )
+    raise CheckpointError(f"adapter {folder} has no {ADAPTER_WEIGHTS}; {SUPPORTED}")
+
+
+def is_adapter(folder: Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def _pair_modules(header: Header, config: dict[str, Any]) -> dict[str, LoraModule]:
+    """Group ``lora_A``/``lora_B`` keys by module and check each pair's shapes and rank."""
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in header.tensors.items():
+        match = LORA_KEY.match(key)
+        if match:
+            module = match["module"].removeprefix(PREFIX)
+            parts.setdefault(module, {})[match["part"].removeprefix("lora_")] = info
+    modules = {}
+    for name, found in parts.items():
+        embedding = "embedding_A" in found or "embedding_B" in found
+        a, b = (
+            (found.get("embedding_A"), found.get("embedding_B"))
+            if embedding
+            else (
+                found.get("A"),
+                found.get("B"),
+            )
+        )
+        if a is None or b is None or len(a.shape) != 2 or len(b.shape) != 2:
+            raise ShapeMismatchError(
+                f"{header.path}: module {name!r} needs a 2-D lora_A and lora_B, found "
+                f"{ {k: list(v.shape) for k, v in found.items()} }"
+            )
+        rank = a.shape[0]
+        if b.shape[1] != rank:
+            raise ShapeMismatchError(
+                f"{header.path}: module {name!r} has lora_A {list(a.shape)} but lora_B "
+                f"{list(b.shape)}; their rank dimensions differ"
+            )
+        declared = pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+        if declared != rank:
+            raise ShapeMismatchError(
+                f"{header.path}: module {name!r} has rank {rank} in its tensors but r={declared} "
+                "in adapter_config.json (r / rank_pattern)"
+            )
+        alpha = pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+        modules[f"{name}.weight"] = LoraModule(
+            name=name,
+            a_key=a.name,
+            b_key=b.name,
+            rank=rank,
+            alpha=float(alpha),
+            scale=lora_scale(alpha, rank, bool(config.get("use_rslora"))),
+            transposed=embedding or bool(config.get("fan_in_fan_out")),
+            embedding=embedding,
+        )
+    return modules
+
+
+def _override_name(key: str, saved: list[str], lora_modules: set[str]) -> str | None:
+    """Model tensor that a whole saved tensor replaces, or None if the key is not one."""
+    name = OVERRIDE_WRAPPERS.sub(".", key.removeprefix(PREFIX))
+    module = name.rpartition(".")[0]
+    in_saved = any(module == m or module.endswith(f".{m}") for m in saved)
+    return name if in_saved or module in lora_modules else None
+
+
+class LoraAdapter:
+    """An opened adapter folder: its config, modules and whole-tensor overrides.
+
+    Tensors are read on demand; use as a context manager to close the file.
+    """
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(folder)
+        self.config = read_adapter_config(self.folder)
+        self.path = adapter_weights(self.folder)
+        self.header = read_header(self.path)
+        self.modules = _pair_modules(self.header, self.config)
+        self.overrides = self._overrides()
+        if not self.modules and not self.overrides:
+            raise CheckpointError(f"adapter {self.path} holds no LoRA tensors")
+        self._fd: int | None = None
+
+    def _overrides(self) -> dict[str, str]:
+        saved = list(self.config.get("modules_to_save") or [])
+        lora_modules = {m.name for m in self.modules.values()}
+        paired = {k for m in self.modules.values() for k in (m.a_key, m.b_key)}
+        out = {}
+        for key in self.header.tensors:
+            if key in paired:
+                continue
+            name = None if "lora_" in key else _override_name(key, saved, lora_modules)
+            if name is None:
+                raise CheckpointError(
+                    f"{self.path}: tensor {key!r} is neither a LoRA factor (lora_A/lora_B) nor "
+                    f"part of modules_to_save {saved}; {SUPPORTED}"
+                )
+            out[name] = key
+        return out
+
+    @property
+    def base(self) -> str | None:
+        """The declared base, ``name@revision`` when the config pins a revision."""
+        base = self.config.get("base_model_name_or_path")
+        if not isinstance(base, str) or not base:
+            return None
+        revision = self.config.get("revision")
+        return f"{base}@{revision}" if isinstance(revision, str) and revision else base
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return read_tensor(self._fd, self.header.tensors[key])
+
+    def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A (r, d_in), B (d_out, r))`` as stored."""
+        return self.tensor(module.a_key), self.tensor(module.b_key)
+
+    def delta_shape(self, module: LoraModule) -> tuple[int, int]:
+        a = self.header.tensors[module.a_key].shape
+        b = self.header.tensors[module.b_key].shape
+        return (a[1], b[0]) if module.transposed else (b[0], a[1])
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the LoRA factors (float32 when there are none)."""
+        for module in self.modules.values():
+            return self.header.tensors[module.b_key].torch_dtype
+        return torch.float32
+
+    def __enter__(self) -> LoraAdapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def check_against_base(adapter: LoraAdapter, base: Checkpoint) -> None:
+    """Every module and override must exist in the base with the shape the adapter implies."""
+    wanted = {m.weight: adapter.delta_shape(m) for m in adapter.modules.values()}
+    wanted |= {n: adapter.header.tensors[k].shape for n, k in adapter.overrides.items()}
+    for name, shape in wanted.items():
+        if name not in base:
+            raise ShapeMismatchError(
+                f"adapter {adapter.path} changes tensor {name!r}, which base model "
+                f"{base.folder} does not have"
+            )
+        if tuple(base.info(name).shape) != tuple(shape):
+            raise ShapeMismatchError(
+                f"adapter {adapter.path} implies shape {list(shape)} for tensor {name!r}, but "
+                f"base model {base.folder} has {list(base.info(name).shape)}"
+            )
+
+
+class MergedView:
+    """The fine-tune ``W_base + scale * B @ A`` seen as a checkpoint.
+
+    Same headers, names and shapes as the base; each tensor is merged as it is read, so a pass
+    over the fine-tune holds one tensor at a time. ``fuse`` streams it like any checkpoint.
+    """
+
+    def __init__(self, base: Checkpoint, adapter: LoraAdapter, device: torch.device):
+        self.base = base
+        self.adapter = adapter
+        self.device = device
+        self.folder = base.folder
+        self.headers = base.headers
+        self.files = base.files
+
+    @property
+    def sha256(self) -> dict[str, str]:
+        return self.base.sha256
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.base
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def info(self, name: str) -> TensorInfo:
+        return self.base.info(name)
+
+    def merge(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The fine-tuned value of base tensor ``name``."""
+        if name in self.adapter.overrides:
+            tensor = self.adapter.tensor(self.adapter.overrides[name]).to(tensor.dtype)
+        module = self.adapter.modules.get(name)
+        if module is not None:
+            a, b = self.adapter.factors(module)
+            merged = merged_weight(tensor.to(self.device), a, b, module.scale, module.transposed)
+            tensor = merged.cpu()
+        return tensor
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.merge(name, self.base.get(name))
+
+    def iter_file(self, header: Header) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+        for info, tensor in self.base.iter_file(header):
+            yield info, self.merge(info.name, tensor)

@@ -1,0 +1,143 @@
+"""The CLI contract: extract, fuse, inspect (with plot), errors as clear messages, exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lssf.cli import main
+from lssf.synthetic import LlamaShape, make_trio
+
+SHAPE = LlamaShape(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=64)
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    return make_trio(tmp_path_factory.mktemp("cli"), SHAPE, seed=3)
+
+
+def test_extract_fuse_inspect(trio, tmp_path, capsys):
+    patch = tmp_path / "patch"
+    rc = main(
+        [
+            "extract",
+            "--aligned",
+            str(trio["aligned"]),
+            "--reference",
+            str(trio["reference"]),
+            "--out",
+            str(patch),
+            "--eta",
+            "0.9",
+            "--max-rank",
+            "4",
+            "--weight-top",
+            "1.5",
+        ]
+    )
+    assert rc == 0
+    assert "patch " in capsys.readouterr().out
+    rc = main(
+        [
+            "fuse",
+            "--finetuned",
+            str(trio["finetuned"]),
+            "--patch",
+            str(patch),
+            "--out",
+            str(tmp_path / "out"),
+            "--alpha",
+            "0.5",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    assert "alpha=0.5" in capsys.readouterr().out
+    plot = tmp_path / "ranks.png"
+    assert main(["inspect", str(patch), "--plot", str(plot)]) == 0
+    text = capsys.readouterr().out
+    assert "mlp.down_proj" in text and "H_r/H_n" in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flags_override_yaml_config(trio, tmp_path, capsys):
+    cfg = tmp_path / "patch.yaml"
+    cfg.write_text(yaml.safe_dump({"eta": 0.5, "max_rank": 2}))
+    patch = tmp_path / "patch"
+    main(
+        [
+            "extract",
+            "--aligned",
+            str(trio["aligned"]),
+            "--reference",
+            str(trio["reference"]),
+            "--out",
+            str(patch),
+            "--config",
+            str(cfg),
+            "--eta",
+            "0.99",
+        ]
+    )
+    assert main(["inspect", str(patch), "--json"]) == 0
+    manifest = capsys.readouterr().out
+    assert '"eta": 0.99' in manifest and '"max_rank": 2' in manifest
+
+
+def test_bad_config_lists_every_bad_field(trio, tmp_path, capsys):
+    cfg = tmp_path / "patch.yaml"
+    cfg.write_text(yaml.safe_dump({"eta": 1.5, "rank_rule": "magic", "colour": "red"}))
+    rc = main(
+        [
+            "extract",
+            "--aligned",
+            str(trio["aligned"]),
+            "--reference",
+            str(trio["reference"]),
+            "--out",
+            str(tmp_path / "p"),
+            "--config",
+            str(cfg),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "3 invalid field(s)" in err
+    assert "eta" in err and "magic" in err and "colour" in err
+    assert not (tmp_path / "p").exists()
+
+
+def test_errors_are_one_clear_line_with_exit_code_2(trio, tmp_path, capsys):
+    rc = main(
+        [
+            "fuse",
+            "--finetuned",
+            str(tmp_path / "missing"),
+            "--patch",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2
+    assert "is not a safety patch" in capsys.readouterr().err
+
+
+def test_help_reads_well():
+    out = subprocess.run(
+        [sys.executable, "-m", "lssf.cli", "extract", "--help"], capture_output=True, text=True
+    ).stdout
+    for flag in (
+        "--aligned",
+        "--reference",
+        "--out",
+        "--eta",
+        "--max-rank",
+        "--weight-top",
+        "--device",
+    ):
+        assert flag in out
