@@ -46,8 +46,8 @@ def safety_lora(u: torch.Tensor, c: torch.Tensor, alpha: float, transposed: bool
 
 def combine_lora(first: Factors | None, scale: float, second: Factors | None) -> Factors:
     """``A = [A_1 ; A_2]`` (r_1 + r_2, d_in), ``B = [scale * B_1, B_2]`` (d_out, r_1 + r_2)."""
-    parts = [(a.float(), scale * b.float()) for a, b in [first] if first is not None]
-    parts += [second] if second is not None else []
+    parts = [] if first is None else [(first[0].float(), scale * first[1].float())]
+    parts += [] if second is None else [second]
     if not parts:
         raise ValueError("combine_lora needs at least one pair of factors")
     return torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1)

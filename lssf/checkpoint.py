@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -116,6 +117,14 @@ class Checkpoint:
         hasher = hashlib.sha256()
         fd = self._fd(header.path)
         hasher.update(os.pread(fd, header.data_start, 0))
-        for info in sorted(header.tensors.values(), key=lambda t: t.start):
-            yield info, read_tensor(fd, info, hasher)
+        infos = sorted(header.tensors.values(), key=lambda t: t.start)
+        # Read the next tensor in a thread while the caller computes and writes this one;
+        # pread and the hashing release the GIL. Reads stay in file order, so the hash is right.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lssf-read") as pool:
+            pending = pool.submit(read_tensor, fd, infos[0], hasher) if infos else None
+            for k, info in enumerate(infos):
+                tensor = pending.result()
+                if k + 1 < len(infos):
+                    pending = pool.submit(read_tensor, fd, infos[k + 1], hasher)
+                yield info, tensor
         self.sha256[header.path.name] = hasher.hexdigest()

@@ -88,8 +88,11 @@ class LoraModule:
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank/alpha pattern lookup: the first key matching a dotted suffix of ``module``."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as exc:
+            raise CheckpointError(f"invalid rank/alpha pattern {key!r}: {exc}") from exc
     return default
 
 
@@ -170,53 +173,50 @@ def is_adapter(folder: Path) -> bool:
 
 
 def _pair_modules(header: Header, config: dict[str, Any]) -> dict[str, LoraModule]:
-    """Group ``lora_A``/``lora_B`` keys by module and check each pair's shapes and rank."""
+    """Group ``lora_A``/``lora_B`` keys by module; each pair checked by ``_module``."""
     parts: dict[str, dict[str, TensorInfo]] = {}
     for key, info in header.tensors.items():
         match = LORA_KEY.match(key)
         if match:
             module = match["module"].removeprefix(PREFIX)
             parts.setdefault(module, {})[match["part"].removeprefix("lora_")] = info
-    modules = {}
-    for name, found in parts.items():
-        embedding = "embedding_A" in found or "embedding_B" in found
-        a, b = (
-            (found.get("embedding_A"), found.get("embedding_B"))
-            if embedding
-            else (
-                found.get("A"),
-                found.get("B"),
-            )
+    modules = [_module(header.path, name, found, config) for name, found in parts.items()]
+    return {m.weight: m for m in modules}
+
+
+def _module(path: Path, name: str, found: dict[str, TensorInfo], config: dict) -> LoraModule:
+    """One module's factors, their shapes and rank checked against r / rank_pattern."""
+    embedding = "embedding_A" in found or "embedding_B" in found
+    a = found.get("embedding_A" if embedding else "A")
+    b = found.get("embedding_B" if embedding else "B")
+    if a is None or b is None or len(a.shape) != 2 or len(b.shape) != 2:
+        shapes = {k: list(v.shape) for k, v in found.items()}
+        raise ShapeMismatchError(
+            f"{path}: module {name!r} needs a 2-D lora_A and lora_B, found {shapes}"
         )
-        if a is None or b is None or len(a.shape) != 2 or len(b.shape) != 2:
-            raise ShapeMismatchError(
-                f"{header.path}: module {name!r} needs a 2-D lora_A and lora_B, found "
-                f"{ {k: list(v.shape) for k, v in found.items()} }"
-            )
-        rank = a.shape[0]
-        if b.shape[1] != rank:
-            raise ShapeMismatchError(
-                f"{header.path}: module {name!r} has lora_A {list(a.shape)} but lora_B "
-                f"{list(b.shape)}; their rank dimensions differ"
-            )
-        declared = pattern_value(config.get("rank_pattern") or {}, name, config["r"])
-        if declared != rank:
-            raise ShapeMismatchError(
-                f"{header.path}: module {name!r} has rank {rank} in its tensors but r={declared} "
-                "in adapter_config.json (r / rank_pattern)"
-            )
-        alpha = pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
-        modules[f"{name}.weight"] = LoraModule(
-            name=name,
-            a_key=a.name,
-            b_key=b.name,
-            rank=rank,
-            alpha=float(alpha),
-            scale=lora_scale(alpha, rank, bool(config.get("use_rslora"))),
-            transposed=embedding or bool(config.get("fan_in_fan_out")),
-            embedding=embedding,
+    rank = a.shape[0]
+    if rank == 0 or b.shape[1] != rank:
+        raise ShapeMismatchError(
+            f"{path}: module {name!r} has lora_A {list(a.shape)} and lora_B {list(b.shape)}; "
+            "their rank dimensions must be equal and positive"
         )
-    return modules
+    declared = pattern_value(config.get("rank_pattern") or {}, name, config["r"])
+    if declared != rank:
+        raise ShapeMismatchError(
+            f"{path}: module {name!r} has rank {rank} in its tensors but r={declared} "
+            "in adapter_config.json (r / rank_pattern)"
+        )
+    alpha = pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+    return LoraModule(
+        name=name,
+        a_key=a.name,
+        b_key=b.name,
+        rank=rank,
+        alpha=float(alpha),
+        scale=lora_scale(alpha, rank, bool(config.get("use_rslora"))),
+        transposed=embedding or bool(config.get("fan_in_fan_out")),
+        embedding=embedding,
+    )
 
 
 def _override_name(key: str, saved: list[str], lora_modules: set[str]) -> str | None:

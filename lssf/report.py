@@ -78,6 +78,7 @@ def plot_ranks(manifest: PatchManifest, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     by_module: dict[str, list[Row]] = {}
     for r in rows(manifest):
@@ -94,6 +95,7 @@ def plot_ranks(manifest: PatchManifest, path: Path) -> Path:
     ax_ent.set_ylabel("energy kept")
     ax_ent.set_xlabel("layer")
     ax_ent.set_ylim(0, 1.05)
+    ax_ent.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -111,6 +111,7 @@ def make_trio(
     *,
     seed: int = 0,
     safety_rank: int = 8,
+    noise: float = 1e-3,
     dtype: torch.dtype = torch.float32,
     shard_bytes: int = 1 << 30,
 ) -> dict[str, Path]:
@@ -118,7 +119,10 @@ def make_trio(
 
     Per 2-D tensor: safety vector with singular values ``0.5 * q^i`` (i < safety_rank, q drawn
     in [0.35, 0.9] per tensor) plus
-    noise at 1e-4; fine-tune drift of rank 4 at 0.3. 1-D tensors are ones (norm weights).
+    isotropic noise whose singular values are about ``noise * s_1``; fine-tune drift of rank 4 at
+    0.3. 1-D tensors are ones (norm weights). The entropy rule is sensitive to that noise floor:
+    thousands of tiny directions carry real entropy: on a 2048x1024 matrix ``noise=1e-3`` gives
+    rank 5 at eta 0.85 and ``noise=1e-2`` rank 231 (measured).
     """
 
     def base(name: str, s: tuple[int, ...]) -> torch.Tensor:
@@ -133,7 +137,9 @@ def make_trio(
         # Decay between 0.35 and 0.9 per tensor, so ranks differ across layers and modules.
         decay = 0.35 + 0.55 * float(torch.rand((), generator=g))
         spectrum = [0.5 * decay**i for i in range(min(safety_rank, *s))]
-        return low_rank(s, spectrum, g) + 1e-4 * torch.randn(s, generator=g)
+        # A Gaussian (m, n) matrix of std sigma has singular values near sigma * sqrt(max(m, n)).
+        sigma = noise * spectrum[0] / max(s) ** 0.5
+        return low_rank(s, spectrum, g) + sigma * torch.randn(s, generator=g)
 
     def drift(name: str, s: tuple[int, ...]) -> torch.Tensor:
         if len(s) == 1:
