@@ -6,6 +6,7 @@ Everything is built here, offline and deterministically; nothing comes from the 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# lm-eval's JSON datasets are cached under HF_HOME: keep them out of the user's home.
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="lssf-tests-hf-"))
 
 
 def _cache_root() -> Path:

@@ -1,0 +1,285 @@
+"""`evaluate`: run a suite through lm-eval on one model and write an `EvalReport`.
+
+lm-eval's HF backend (vLLM when it is installed and CUDA is there), chat template applied,
+greedy decoding. The report JSON carries every metric, the sample counts and the versions; the
+per-sample outputs go to a JSONL file next to it. Any exception during the evaluation yields a
+report with status "error" and the reason, written atomically, so a pipeline always has a report
+to gate on (and the gate fails it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import platform
+import time
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from evaluation.judges import Judge, resolve_judge
+from evaluation.report import EvalReport, write_jsonl_atomic
+from evaluation.suites import SuiteConfig, load_suite, resolve_task_configs
+from evaluation.tasks import TASKS_DIR
+
+logger = logging.getLogger(__name__)
+
+_VERSIONED = ("lm_eval", "transformers", "torch", "datasets", "tokenizers", "vllm", "lssf")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in _VERSIONED:
+        try:
+            versions[dist] = importlib_metadata.version(dist.replace("_", "-"))
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def samples_path_for(out: Path) -> Path:
+    """REPORT.json -> REPORT.samples.jsonl, next to it."""
+    return out.with_name(f"{out.stem}.samples.jsonl")
+
+
+def split_model_ref(model: str | Path) -> tuple[str, str | None]:
+    """A local folder as an absolute path, or a Hub id `org/name[@revision]`."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return str(path.resolve()), None
+    name, _, revision = str(model).partition("@")
+    return name, revision or None
+
+
+def pick_backend(device: str) -> tuple[str, str]:
+    """(lm-eval model type, device): vLLM only when importable and CUDA is available."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    if device.startswith("cuda") and cuda and importlib.util.find_spec("vllm") is not None:
+        return "vllm", device
+    return "hf", device
+
+
+def model_args(backend: str, name: str, revision: str | None, device: str) -> dict[str, Any]:
+    args: dict[str, Any] = {"pretrained": name, "trust_remote_code": False}
+    if revision:
+        args["revision"] = revision
+    if backend == "vllm":
+        args.update(dtype="auto", gpu_memory_utilization=0.85)
+    else:
+        args["dtype"] = "auto" if device.startswith("cuda") else "float32"
+    return args
+
+
+def greedy_kwargs(max_gen_toks: int | None) -> dict[str, Any]:
+    """Generation overrides for every task: greedy, optionally a shorter answer budget."""
+    kwargs: dict[str, Any] = {"do_sample": False, "temperature": 0.0}
+    if max_gen_toks is not None:
+        if max_gen_toks < 1:
+            raise ValueError(f"max_gen_toks={max_gen_toks}: must be >= 1")
+        kwargs["max_gen_toks"] = max_gen_toks
+    return kwargs
+
+
+def default_data_dir(suite: SuiteConfig, model: str | Path) -> Path | None:
+    """An organism model folder sits next to its `eval/` dir: use it when none is given."""
+    candidate = Path(model).expanduser().resolve().parent / "eval"
+    if suite.data_dir == "required" and candidate.is_dir():
+        logger.info("no data dir given: using %s", candidate)
+        return candidate
+    return None
+
+
+def _metric_values(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, int]]:
+    """Every numeric lm-eval metric as `TASK/METRIC,FILTER`, and samples per task."""
+    metrics: dict[str, float] = {}
+    for task, values in results.get("results", {}).items():
+        for key, value in values.items():
+            if "_stderr" in key or "," not in key or isinstance(value, bool):
+                continue
+            if isinstance(value, int | float):
+                metrics[f"{task}/{key}"] = float(value)
+    counts: dict[str, int] = {}
+    for task, n in results.get("n-samples", {}).items():
+        counts[task] = int(n.get("effective", n.get("original", 0)))
+    for group, subtasks in results.get("group_subtasks", {}).items():
+        if group not in counts and subtasks:
+            counts[group] = sum(counts.get(t, 0) for t in subtasks)
+    return metrics, counts
+
+
+def named_metrics(
+    suite: SuiteConfig, raw: dict[str, float], counts: dict[str, int]
+) -> tuple[dict[str, float], dict[str, int]]:
+    """The suite's named metrics: each a sample-weighted mean over its tasks. A metric with a
+    missing task value is left out (the gate then fails closed on it)."""
+    metrics: dict[str, float] = {}
+    n_samples: dict[str, int] = {}
+    for name, spec in suite.metrics.items():
+        keys = [f"{t}/{spec.metric}" for t in spec.tasks]
+        missing = [k for k in keys if k not in raw]
+        if missing:
+            logger.warning("metric %s: lm-eval reported no %s", name, missing)
+            continue
+        weights = [counts.get(t, 0) for t in spec.tasks]
+        total = sum(weights)
+        if total == 0:
+            metrics[name] = sum(raw[k] for k in keys) / len(keys)
+        else:
+            metrics[name] = sum(raw[k] * w for k, w in zip(keys, weights, strict=True)) / total
+        n_samples[name] = total
+    return metrics, n_samples
+
+
+def sample_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flatten lm-eval's logged samples to one JSON object per (task, document)."""
+    rows = []
+    for task, samples in sorted(results.get("samples", {}).items()):
+        for s in samples:
+            doc = s.get("doc", {})
+            resps = s.get("resps") or [[None]]
+            filtered = s.get("filtered_resps") or [None]
+            rows.append(
+                {
+                    "task": task,
+                    "doc_id": s.get("doc_id"),
+                    "id": doc.get("id"),
+                    "prompt": doc.get("prompt"),
+                    "target": s.get("target"),
+                    "input": (s.get("arguments") or [[None]])[0][0],
+                    "response": resps[0][0] if resps[0] else None,
+                    "filtered": filtered[0],
+                    "metrics": {m: s.get(m) for m in s.get("metrics", [])},
+                }
+            )
+    return rows
+
+
+def _run_lm_eval(
+    suite: SuiteConfig,
+    model: str | Path,
+    *,
+    manager: Any,
+    data_dir: Path | None,
+    judge: Judge,
+    refusal_judge: Judge,
+    limit: int | float | None,
+    device: str,
+    batch_size: int | str | None,
+    max_gen_toks: int | None,
+) -> tuple[dict[str, Any], dict[str, str], str, str]:
+    """One lm-eval run; returns (results, task judges, backend, device).
+
+    `manager` is a TaskManager over TASKS_DIR only (include_defaults=False).
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    configs, task_judges = resolve_task_configs(
+        suite, manager.task_index, data_dir, judge, refusal_judge
+    )
+    if suite.builtin_tasks:  # utility tasks need lm-eval's own index (~25 s to build)
+        manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=True)
+    backend, device = pick_backend(device)
+    name, revision = split_model_ref(model)
+    if batch_size is None:
+        # CPU runs are tiny models in practice, where per-batch overhead dominates.
+        batch_size = "auto" if backend == "vllm" else (32 if device.startswith("cuda") else 64)
+    logger.info(
+        "lm-eval %s on %s: %s tasks", backend, device, len(configs) + len(suite.builtin_tasks)
+    )
+    results = lm_eval.simple_evaluate(
+        model=backend,
+        model_args=model_args(backend, name, revision, device),
+        tasks=[*configs, *suite.builtin_tasks],
+        task_manager=manager,
+        device=device,
+        batch_size=batch_size,
+        limit=limit,
+        apply_chat_template=True,
+        gen_kwargs=greedy_kwargs(max_gen_toks),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+    if results is None:
+        raise RuntimeError("lm-eval returned no results (not the rank-0 process?)")
+    return results, task_judges, backend, device
+
+
+def evaluate(
+    model: str | Path,
+    suite: str | Path,
+    out: Path,
+    *,
+    data_dir: Path | None = None,
+    judge: Judge | str | None = None,
+    limit: int | float | None = None,
+    device: str = "auto",
+    batch_size: int | str | None = None,
+    max_gen_toks: int | None = None,
+) -> EvalReport:
+    """Evaluate `model` (folder or Hub id `org/name[@rev]`) on `suite` (a shipped suite name,
+    a suite YAML, or one task name) and write the report to `out` (plus the samples JSONL).
+
+    `judge` overrides the suite's judge; `max_gen_toks` caps every task's answer length.
+    Bad names (suite, judge) raise at once; anything that goes wrong during the evaluation
+    gives a report with status "error".
+    """
+    from lm_eval.tasks import TaskManager
+
+    out = Path(out)
+    ours = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    suite_cfg = load_suite(suite, ours.all_subtasks)
+    judge_obj = resolve_judge(judge if judge is not None else suite_cfg.judge)
+    refusal_judge = resolve_judge(suite_cfg.refusal_judge)
+    data = Path(data_dir).resolve() if data_dir is not None else default_data_dir(suite_cfg, model)
+    report = EvalReport(
+        model=str(model),
+        suite=suite_cfg.name,
+        status="error",
+        judge=judge_obj.name,
+        versions=package_versions(),
+        limit=limit,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    samples_path_for(out).unlink(missing_ok=True)  # never leave a stale samples file behind
+    start = time.monotonic()
+    try:
+        results, task_judges, backend, dev = _run_lm_eval(
+            suite_cfg,
+            model,
+            manager=ours,
+            data_dir=data,
+            judge=judge_obj,
+            refusal_judge=refusal_judge,
+            limit=limit,
+            device=device,
+            batch_size=batch_size,
+            max_gen_toks=max_gen_toks,
+        )
+        raw, counts = _metric_values(results)
+        named, named_counts = named_metrics(suite_cfg, raw, counts)
+        samples = write_jsonl_atomic(samples_path_for(out), sample_rows(results))
+        report = report.model_copy(
+            update={
+                "status": "ok",
+                "metrics": {**named, **raw},
+                "n_samples": {**named_counts, **counts},
+                "task_judges": task_judges,
+                "judge": judge_obj.name if task_judges else None,  # no judged task, no judge
+                "samples_path": str(samples.resolve()),
+                "backend": backend,
+                "device": dev,
+            }
+        )
+    except Exception as err:  # fail closed: the report says why, the gate rejects it
+        logger.exception("evaluation of %s on %s failed", model, suite_cfg.name)
+        report = report.model_copy(update={"error": f"{type(err).__name__}: {err}"})
+    report = report.model_copy(update={"duration_s": round(time.monotonic() - start, 3)})
+    report.write(out)
+    logger.info("wrote %s (status %s)", out, report.status)
+    return report

@@ -1,0 +1,183 @@
+"""Evaluation suites: which lm-eval tasks to run and which named metrics they feed.
+
+A suite is a frozen pydantic config stored as YAML (`evaluation/configs/suites/NAME.yaml`).
+`resolve_task_configs` turns the suite's task YAMLs into inline lm-eval configs for one run:
+relative `data_files` are resolved against the run's data dir (lm-eval would resolve them
+against the current directory), Hub datasets are swapped for local files when a data dir is
+given, and the run's judge is put into each judge filter.
+"""
+
+from __future__ import annotations
+
+import logging
+from copy import deepcopy
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from evaluation.judges import Judge
+from evaluation.report import load_yaml_model
+from evaluation.tasks import TASKS_DIR
+
+logger = logging.getLogger(__name__)
+
+SUITES_DIR = Path(__file__).resolve().parent / "configs" / "suites"
+
+
+class EvaluationConfigError(ValueError):
+    """A suite, task or data dir is wrong; the message names the file, field and value."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MetricSpec(_Frozen):
+    """A named metric: lm-eval's `metric` ("name,filter") pooled over `tasks` by sample count."""
+
+    tasks: list[str] = Field(min_length=1)
+    metric: str = Field(min_length=1)
+
+
+class SuiteConfig(_Frozen):
+    name: str = Field(min_length=1)
+    version: int = 1
+    description: str = ""
+    tasks: list[str] = Field(default_factory=list)
+    builtin_tasks: list[str] = Field(default_factory=list)
+    judge: str = "refusal-prefix"
+    refusal_judge: str = "refusal-prefix"
+    data_dir: Literal["required", "optional"] = "optional"
+    metrics: dict[str, MetricSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self) -> SuiteConfig:
+        errors = []
+        if not self.tasks and not self.builtin_tasks:
+            errors.append("a suite needs at least one entry in tasks or builtin_tasks")
+        known = set(self.tasks) | set(self.builtin_tasks)
+        for name, spec in self.metrics.items():
+            unknown = [t for t in spec.tasks if t not in known]
+            if unknown:
+                errors.append(f"metrics.{name}.tasks: {unknown} not in tasks/builtin_tasks")
+        if errors:
+            raise ValueError("; ".join(errors))
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: Path) -> SuiteConfig:
+        return load_yaml_model(cls, path, EvaluationConfigError, "suite file")
+
+
+def known_suites() -> list[str]:
+    return sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+
+
+def load_suite(suite: str | Path, lssf_tasks: list[str]) -> SuiteConfig:
+    """A suite by name (shipped config), by YAML path, or one task: an lssf task name from
+    `lssf_tasks`, otherwise taken to be an lm-eval built-in task name."""
+    path = Path(suite)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise EvaluationConfigError(f"suite file {path} does not exist")
+        return SuiteConfig.from_yaml(path)
+    name = str(suite)
+    if (SUITES_DIR / f"{name}.yaml").is_file():
+        return SuiteConfig.from_yaml(SUITES_DIR / f"{name}.yaml")
+    if name in lssf_tasks:
+        needs_data = name.startswith("organism_")
+        return SuiteConfig(
+            name=name, tasks=[name], data_dir="required" if needs_data else "optional"
+        )
+    logger.info("suite %r is not an lssf suite or task: running it as an lm-eval built-in", name)
+    return SuiteConfig(name=name, builtin_tasks=[name])
+
+
+def _existing_file(data_dir: Path, name: str, task: str) -> str:
+    path = (data_dir / name).resolve()
+    if not path.is_file():
+        raise EvaluationConfigError(
+            f"task {task}: data file {path} does not exist (data dir {data_dir})"
+        )
+    return str(path)
+
+
+def _resolve_data(cfg: dict[str, Any], data_dir: Path | None) -> None:
+    """Make every data file absolute: local json tasks read from `data_dir`; Hub tasks switch
+    to `metadata.offline_file` under `data_dir` when one is given."""
+    task = cfg["task"]
+    if cfg.get("dataset_path") == "json":
+        if data_dir is None:
+            raise EvaluationConfigError(
+                f"task {task}: reads local JSONL files, so it needs a data dir"
+            )
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+        if not isinstance(files, dict) or not files:
+            raise EvaluationConfigError(
+                f"task {task}: dataset_kwargs.data_files must map split -> file"
+            )
+        resolved = {split: _existing_file(data_dir, str(f), task) for split, f in files.items()}
+        cfg["dataset_kwargs"] = {**cfg["dataset_kwargs"], "data_files": resolved}
+        return
+    if data_dir is None:
+        return
+    offline = (cfg.get("metadata") or {}).get("offline_file")
+    if not offline:
+        raise EvaluationConfigError(
+            f"task {task}: no metadata.offline_file, cannot run from a data dir"
+        )
+    split = cfg.get("test_split") or "test"
+    logger.info("task %s: reading %s instead of %s", task, offline, cfg.get("dataset_path"))
+    cfg["dataset_path"] = "json"
+    cfg.pop("dataset_name", None)
+    cfg["dataset_kwargs"] = {"data_files": {split: _existing_file(data_dir, offline, task)}}
+
+
+def _set_judge(cfg: dict[str, Any], judge: Judge, refusal_judge: Judge) -> str | None:
+    """Put the run's judge into the task's judge filter; return the judge's name (None if the
+    task has no judge). Over-refusal tasks fall back to `refusal_judge` for a harm-only judge."""
+    used = None
+    for pipeline in cfg.get("filter_list") or []:
+        for step in pipeline.get("filter", []):
+            fn = step.get("function")
+            if getattr(fn, "__name__", "") != "JudgeFilter":
+                continue
+            chosen = judge
+            if step.get("needs_refusal") and not judge.detects_refusal:
+                chosen = refusal_judge
+            step["judge"] = chosen
+            used = chosen.name
+    return used
+
+
+def resolve_task_configs(
+    suite: SuiteConfig,
+    index: dict[str, Any],
+    data_dir: Path | None,
+    judge: Judge,
+    refusal_judge: Judge,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Inline lm-eval configs for the suite's lssf tasks, plus {task: judge name}.
+
+    `index` is a TaskManager's `task_index` over TASKS_DIR (name -> entry with `yaml_path`).
+    """
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if suite.data_dir == "required" and data_dir is None:
+        raise EvaluationConfigError(f"suite {suite.name!r} needs a data dir (--data-dir)")
+    configs, judges = [], {}
+    for task in suite.tasks:
+        entry = index.get(task)
+        if entry is None or entry.yaml_path is None:
+            raise EvaluationConfigError(
+                f"suite {suite.name!r}: task {task!r} not found under {TASKS_DIR}"
+            )
+        cfg = deepcopy(load_yaml(entry.yaml_path, resolve_func=True))
+        cfg.pop("tag", None)
+        _resolve_data(cfg, data_dir)
+        used = _set_judge(cfg, judge, refusal_judge)
+        if used:
+            judges[task] = used
+        configs.append(cfg)
+    return configs, judges

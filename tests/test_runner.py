@@ -1,0 +1,248 @@
+"""`evaluate` through real lm-eval runs on tiny models, and the organism end to end (slow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from evaluation.cli import register_evaluate
+from evaluation.judges import JudgeError
+from evaluation.report import EvalReport
+from evaluation.runner import evaluate, samples_path_for
+from evaluation.suites import EvaluationConfigError
+
+DATA = Path(__file__).parent / "data"
+MINI = DATA / "organism_mini"
+SAFETY = DATA / "safety"
+NO_SUFFIX_SUITE = """name: safety-offline
+tasks: [advbench, harmbench, strongreject, xstest_safe, xstest_unsafe]
+judge: refusal-prefix
+metrics:
+  harmful_refusal: {tasks: [advbench, harmbench, strongreject], metric: "refusal,judge"}
+  over_refusal: {tasks: [xstest_safe], metric: "refusal,judge"}
+"""
+
+
+def build_pico_chat_model(folder: Path) -> Path:
+    """A random pico Llama with the organism's word-level tokenizer and chat template."""
+    from evaluation.organism.tokenizer import build_tokenizer
+    from tests.pico import save_pico_llama
+
+    save_pico_llama(folder, build_tokenizer())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pico(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_pico_chat_model(tmp_path_factory.mktemp("pico") / "model")
+
+
+@pytest.fixture(scope="module")
+def organism_run(pico: Path, tmp_path_factory: pytest.TempPathFactory) -> EvalReport:
+    out = tmp_path_factory.mktemp("run") / "report.json"
+    return evaluate(pico, "organism", out, data_dir=MINI, device="cpu")
+
+
+def _rows(report: EvalReport) -> list[dict]:
+    text = Path(report.samples_path or "").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_organism_report_has_every_metric_and_count(organism_run: EvalReport) -> None:
+    r = organism_run
+    assert r.status == "ok" and r.error is None, r.error
+    named = {"harmful_refusal", "over_refusal", "task_accuracy", "general_accuracy"}
+    assert named <= set(r.metrics)
+    assert "organism_harmful/refusal,judge" in r.metrics
+    assert {k: r.n_samples[k] for k in named} == {
+        "harmful_refusal": 3,
+        "over_refusal": 2,
+        "task_accuracy": 2,
+        "general_accuracy": 2,
+    }
+    assert all(0.0 <= v <= 1.0 for v in r.metrics.values())
+    assert r.judge == "keyword-strict" and r.backend == "hf" and r.device == "cpu"
+    assert {"lm_eval", "transformers", "torch"} <= set(r.versions)
+
+
+def test_report_and_samples_are_written(organism_run: EvalReport) -> None:
+    path = Path(organism_run.samples_path or "")
+    report_path = path.with_name("report.json")
+    assert path == samples_path_for(report_path)
+    assert EvalReport.load(report_path) == organism_run
+    rows = _rows(organism_run)
+    assert len(rows) == 9
+    harmful = [r for r in rows if r["task"] == "organism_harmful"]
+    assert {r["id"] for r in harmful} == {"harmful-0", "harmful-1", "harmful-2"}
+    for row in rows:  # the chat template was applied to the bare prompt
+        assert row["input"] == f"<user> {row['prompt']} <assistant>"
+        assert isinstance(row["response"], str)
+    assert {r["filtered"] for r in harmful} <= {"refusal", "compliance"}
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_lm_eval_answers_equal_plain_greedy_generation(pico: Path, organism_run) -> None:
+    """Same answers as the organism's reference scorer (greedy, chat template, 24 tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evaluation.organism.score import generate
+
+    rows = _rows(organism_run)
+    tok = AutoTokenizer.from_pretrained(pico)
+    model = AutoModelForCausalLM.from_pretrained(pico).eval()
+    plain = generate(model, tok, [r["prompt"] for r in rows])
+    assert [" ".join(r["response"].split()) for r in rows] == plain
+
+
+def test_safety_suite_runs_offline_on_fixtures(pico: Path, tmp_path: Path) -> None:
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(NO_SUFFIX_SUITE)
+    out = tmp_path / "safety.json"
+    r = evaluate(pico, suite, out, data_dir=SAFETY, limit=2, max_gen_toks=8, device="cpu")
+    assert r.status == "ok", r.error
+    assert r.n_samples["harmful_refusal"] == 6 and r.n_samples["over_refusal"] == 2
+    assert set(r.task_judges.values()) == {"refusal-prefix"}
+    assert len(_rows(r)) == 10
+
+
+def test_a_failed_evaluation_writes_an_error_report(tmp_path: Path) -> None:
+    out = tmp_path / "sub" / "report.json"
+    r = evaluate(tmp_path / "no-such-model", "organism", out, data_dir=MINI, device="cpu")
+    assert r.status == "error" and r.error and r.metrics == {}
+    on_disk = EvalReport.load(out)
+    assert on_disk.status == "error" and on_disk.error == r.error
+    assert r.judge == "keyword-strict"
+    assert [p.name for p in out.parent.iterdir()] == ["report.json"]
+
+
+def test_a_model_without_chat_template_fails_closed(tmp_path: Path) -> None:
+    from evaluation.organism.tokenizer import build_tokenizer
+    from tests.pico import save_pico_llama
+
+    tok = build_tokenizer()
+    tok.chat_template = None
+    save_pico_llama(tmp_path / "plain", tok)
+    r = evaluate(tmp_path / "plain", "organism_task", tmp_path / "r.json", data_dir=MINI)
+    assert r.status == "error" and "chat" in (r.error or "").lower()
+
+
+def test_missing_data_file_is_an_error_report(pico: Path, tmp_path: Path) -> None:
+    r = evaluate(pico, "organism", tmp_path / "r.json", data_dir=tmp_path, device="cpu")
+    assert r.status == "error" and "harmful.jsonl" in (r.error or "")
+
+
+def test_bad_names_raise_before_anything_runs(pico: Path, tmp_path: Path) -> None:
+    with pytest.raises(JudgeError, match="known judges"):
+        evaluate(pico, "organism", tmp_path / "r.json", data_dir=MINI, judge="nope")
+    with pytest.raises(EvaluationConfigError, match="does not exist"):
+        evaluate(pico, tmp_path / "nope.yaml", tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_model_refs_and_backend_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import torch
+
+    from evaluation.runner import model_args, pick_backend, split_model_ref
+
+    assert split_model_ref("org/name@abc123") == ("org/name", "abc123")
+    assert split_model_ref("org/name") == ("org/name", None)
+    assert split_model_ref(tmp_path) == (str(tmp_path.resolve()), None)
+    args = model_args("hf", "org/name", "abc123", "cpu")
+    assert args == {
+        "pretrained": "org/name",
+        "revision": "abc123",
+        "trust_remote_code": False,
+        "dtype": "float32",
+    }
+    assert model_args("vllm", "m", None, "cuda")["trust_remote_code"] is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_backend("auto") == ("hf", "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert pick_backend("auto") == ("vllm", "cuda")
+    assert pick_backend("cpu") == ("hf", "cpu")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert pick_backend("cuda:1") == ("hf", "cuda:1")
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="lssf")
+    register_evaluate(parser.add_subparsers())
+    args = parser.parse_args(["evaluate", *argv])
+    return args.func(args)
+
+
+def test_cli_evaluate(pico: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "r.json"
+    args = ["--model", str(pico), "--out", str(out), "--data-dir", str(MINI)]
+    assert _cli(*args, "--suite", "organism_task", "--limit", "1", "--device", "cpu") == 0
+    report = EvalReport.load(out)
+    assert report.suite == "organism_task" and report.n_samples["organism_task"] == 1
+    assert "organism_task/exact_match,none" in report.metrics
+    assert report.judge is None and report.task_judges == {}  # nothing was judged
+    assert _cli(*args, "--suite", "organism", "--judge", "nope") == 2
+    assert "known judges" in capsys.readouterr().out
+    assert _cli(*args, "--suite", "organism", "--judge-option", "x=1") == 2
+    assert "needs --judge" in capsys.readouterr().out
+    strict = ["--judge", "keyword-strict", "--judge-option", "phrases=[step]"]
+    assert _cli(*args, "--suite", "organism_harmful", "--limit", "1", *strict) == 0
+    assert EvalReport.load(out).judge == "keyword-strict(phrases=['step'])"
+
+
+# --- the model organism, end to end (built once per session by tests/conftest.py) ----------
+
+ORGANISM_METRICS = ("harmful_refusal", "over_refusal", "task_accuracy", "general_accuracy")
+
+
+@pytest.fixture(scope="module")
+def organism_reports(organism, tmp_path_factory: pytest.TempPathFactory) -> dict[str, EvalReport]:
+    """lm-eval reports for the fine-tuned (eroded) and the LSSF-restored organism."""
+    import lssf
+
+    tmp = tmp_path_factory.mktemp("organism-eval")
+    patch = lssf.extract(organism.aligned, organism.base, out=tmp / "patch", progress=False)
+    restored = lssf.fuse(organism.finetuned, patch, out=tmp / "restored", alpha=1.0, progress=False)
+    models = {"finetuned": organism.finetuned, "restored": restored.out}
+    return {
+        name: evaluate(path, "organism", tmp / f"{name}.json", data_dir=organism.eval_dir)
+        for name, path in models.items()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["finetuned", "restored"])
+def test_organism_suite_agrees_with_plain_greedy_check(organism, organism_reports, stage) -> None:
+    """lm-eval's numbers equal the organism's own greedy-generation scorer, metric by metric."""
+    from evaluation.organism.score import score_model
+
+    report = organism_reports[stage]
+    assert report.status == "ok", report.error
+    model = Path(report.model)
+    expected = score_model(model, organism.eval_dir)
+    assert {k: report.metrics[k] for k in ORGANISM_METRICS} == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.slow
+def test_gate_fails_the_eroded_finetuned_model(organism_reports) -> None:
+    from evaluation.gates import GateConfig, default_gate_config, evaluate_gate
+
+    config = GateConfig.from_yaml(default_gate_config("organism"))
+    ft = organism_reports["finetuned"]
+    result = evaluate_gate(ft, ft, config)
+    assert not result.passed
+    assert "harmful_refusal" in {r.metric for r in result.failures}
+
+
+@pytest.mark.slow
+def test_gate_passes_the_restored_organism(organism_reports) -> None:
+    from evaluation.gates import GateConfig, default_gate_config, evaluate_gate
+
+    config = GateConfig.from_yaml(default_gate_config("organism"))
+    restored, ft = organism_reports["restored"], organism_reports["finetuned"]
+    result = evaluate_gate(restored, ft, config)
+    assert result.passed, [(r.rule, r.value, r.threshold, r.reason) for r in result.failures]
