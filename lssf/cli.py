@@ -212,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_core(sub)
     for ep in sorted(entry_points(group="lssf.commands"), key=lambda e: e.name):
-        ep.load()(sub)
+        try:
+            register = ep.load()
+        except ImportError as exc:  # a broken extra must not take the core commands down
+            log.warning("command %r is unavailable: %s", ep.name, exc)
+            continue
+        register(sub)
     return parser
 
 
