@@ -249,3 +249,13 @@ def test_killed_fuse_leaves_no_output(patch, trio, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()
+
+
+def test_non_finite_finetune_is_refused_when_fusing(patch, trio, tmp_path):
+    ft = copy_model(trio["finetuned"], tmp_path / "ft")
+    name = "model.layers.1.mlp.up_proj.weight"
+    edit_tensor(ft, name, lambda t: t.index_fill(1, torch.tensor([3]), float("nan")))
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteError, match=r"fused tensor 'model\.layers\.1\.mlp\.up_proj"):
+        fuse(ft, patch, out)
+    assert_nothing_written(out)
