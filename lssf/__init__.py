@@ -9,6 +9,7 @@ Typed API::
 """
 
 from lssf._version import __version__
+from lssf.adapter_out import export_patch_adapter
 from lssf.config import PatchConfig
 from lssf.errors import (
     CheckpointError,
@@ -40,6 +41,7 @@ __all__ = [
     "ShapeMismatchError",
     "SourceRecord",
     "__version__",
+    "export_patch_adapter",
     "extract",
     "fuse",
     "resolve_source",
