@@ -199,12 +199,10 @@ def test_cli_evaluate(pico: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
 ORGANISM_METRICS = ("harmful_refusal", "over_refusal", "task_accuracy", "general_accuracy")
 
 
-@pytest.fixture(scope="module")
-def organism_reports(organism, tmp_path_factory: pytest.TempPathFactory) -> dict[str, EvalReport]:
-    """lm-eval reports for the fine-tuned (eroded) and the LSSF-restored organism."""
+def _reports(organism, tmp: Path) -> dict[str, EvalReport]:
+    """lm-eval reports for the fine-tuned (eroded) and the LSSF-restored (alpha 1) organism."""
     import lssf
 
-    tmp = tmp_path_factory.mktemp("organism-eval")
     patch = lssf.extract(organism.aligned, organism.base, out=tmp / "patch", progress=False)
     restored = lssf.fuse(organism.finetuned, patch, out=tmp / "restored", alpha=1.0, progress=False)
     models = {"finetuned": organism.finetuned, "restored": restored.out}
@@ -212,6 +210,18 @@ def organism_reports(organism, tmp_path_factory: pytest.TempPathFactory) -> dict
         name: evaluate(path, "organism", tmp / f"{name}.json", data_dir=organism.eval_dir)
         for name, path in models.items()
     }
+
+
+@pytest.fixture(scope="module")
+def organism_reports(organism, tmp_path_factory: pytest.TempPathFactory) -> dict[str, EvalReport]:
+    return _reports(organism, tmp_path_factory.mktemp("organism-eval"))
+
+
+@pytest.fixture(scope="module")
+def restorable_reports(
+    restorable_organism, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, EvalReport]:
+    return _reports(restorable_organism, tmp_path_factory.mktemp("restorable-eval"))
 
 
 @pytest.mark.slow
@@ -239,10 +249,27 @@ def test_gate_fails_the_eroded_finetuned_model(organism_reports) -> None:
 
 
 @pytest.mark.slow
-def test_gate_passes_the_restored_organism(organism_reports) -> None:
+def test_gate_passes_the_restored_organism_and_fails_its_eroded_finetune(
+    restorable_reports,
+) -> None:
+    from evaluation.gates import GateConfig, default_gate_config, evaluate_gate
+
+    config = GateConfig.from_yaml(default_gate_config("organism"))
+    restored, ft = restorable_reports["restored"], restorable_reports["finetuned"]
+    result = evaluate_gate(restored, ft, config)
+    assert result.passed, [(r.rule, r.value, r.threshold, r.reason) for r in result.failures]
+    assert not evaluate_gate(ft, ft, config).passed
+
+
+@pytest.mark.slow
+def test_gate_rejects_the_default_organism_restoration_at_alpha_1(organism_reports) -> None:
+    """Seed 0 LoRA at alpha 1: refusal returns but the new task drops (docs/organism_results.md);
+    the gate must not let that through."""
     from evaluation.gates import GateConfig, default_gate_config, evaluate_gate
 
     config = GateConfig.from_yaml(default_gate_config("organism"))
     restored, ft = organism_reports["restored"], organism_reports["finetuned"]
+    assert restored.metrics["harmful_refusal"] >= 0.9
     result = evaluate_gate(restored, ft, config)
-    assert result.passed, [(r.rule, r.value, r.threshold, r.reason) for r in result.failures]
+    assert not result.passed
+    assert "task_accuracy" in {r.metric for r in result.failures}

@@ -1,0 +1,74 @@
+"""The organism's configuration: frozen pydantic, hashed for the build cache."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Bump when the world, the data or the training code changes what a config produces.
+ORGANISM_VERSION = "1"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSettings(_Frozen):
+    """The tiny LlamaForCausalLM (untied embeddings)."""
+
+    hidden_size: int = Field(128, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    max_positions: int = Field(64, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelSettings:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        return self
+
+
+class StageSettings(_Frozen):
+    """One training stage: AdamW (0.9, 0.95), clip 1.0, linear warm-up then the schedule."""
+
+    steps: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(50, ge=0)
+    batch_size: int = Field(64, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class LoraSettings(_Frozen):
+    """peft LoRA on every linear projection of the decoder layers."""
+
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+
+
+class OrganismConfig(_Frozen):
+    """Everything that determines an organism, apart from the seed."""
+
+    model: ModelSettings = ModelSettings()
+    base: StageSettings = StageSettings(steps=600, lr=3e-3)
+    aligned: StageSettings = StageSettings(steps=300, lr=1e-4)
+    finetune: Literal["lora", "full"] = "lora"
+    full_finetune: StageSettings = StageSettings(steps=500, lr=2e-4, schedule="constant")
+    lora_finetune: StageSettings = StageSettings(steps=500, lr=3e-4, schedule="constant")
+    lora: LoraSettings = LoraSettings()
+
+    def finetune_stage(self) -> StageSettings:
+        """The schedule of the selected fine-tune."""
+        return self.lora_finetune if self.finetune == "lora" else self.full_finetune
+
+    def cache_key(self, seed: int) -> str:
+        """A short hash of (version, seed, config): same key, same organism."""
+        payload = {"version": ORGANISM_VERSION, "seed": seed, "config": self.model_dump()}
+        blob = json.dumps(payload, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]

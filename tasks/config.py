@@ -1,0 +1,199 @@
+"""The pipeline configuration: families to re-align, where to watch, where to record.
+
+One YAML file, validated at the edge into frozen pydantic models (`extra="forbid"`), so a typo
+fails with the field's name instead of being ignored. `lssf config schema` prints the JSON
+schema of `PipelineConfig`; `lssf config validate FILE` checks a file.
+
+Relative paths (local models, the watch folder, the state folder) resolve against the current
+working directory, the repository root in the commands the README shows.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from evaluation.gates import GateConfig, default_gate_config
+from lssf.config import PatchConfig, load_yaml_config
+
+DEFAULT_STATE_DIR = Path(".state")
+LINEAGES = ("finetune", "adapter")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class WatchConfig(_Frozen):
+    """Where new fine-tunes of a family come from."""
+
+    kind: Literal["local", "hub"] = Field(
+        "local",
+        description="'local': every sub-folder of `path` is a candidate, its revision a content "
+        "hash; 'hub': models whose card declares the aligned model as base model",
+    )
+    path: Path | None = Field(
+        None, description="watch folder for kind 'local'; each sub-folder is one model"
+    )
+    base_model: str | None = Field(
+        None,
+        description="Hub id used in the lineage filter (kind 'hub'); default: the family's "
+        "aligned model id without revision",
+    )
+    lineages: tuple[Literal["finetune", "adapter"], ...] = Field(
+        LINEAGES,
+        description="Hub lineage filters to query: base_model:finetune:<id> and/or "
+        "base_model:adapter:<id>",
+    )
+    max_candidates: int = Field(
+        20, ge=1, description="newest candidates considered per watch run and lineage"
+    )
+    page_size: int = Field(100, ge=1, le=1000, description="models per Hub API page")
+    max_retries: int = Field(
+        5, ge=0, description="retries of one Hub request on 429, 5xx or a network error"
+    )
+    backoff_seconds: float = Field(
+        1.0, ge=0.0, description="first wait between Hub retries; doubles each time (capped 60 s)"
+    )
+
+    @model_validator(mode="after")
+    def _path_for_local(self) -> WatchConfig:
+        if self.kind == "local" and self.path is None:
+            raise ValueError("watch.path is required when watch.kind is 'local'")
+        return self
+
+
+class FamilyConfig(_Frozen):
+    """One model family: the aligned/reference pair, how to patch, evaluate and gate."""
+
+    aligned: str = Field(
+        description="aligned (safety-tuned) model: local folder or Hub id org/name[@revision]"
+    )
+    reference: str = Field(
+        description="reference (pre-alignment) model: local folder or Hub id org/name[@revision]"
+    )
+    patch: PatchConfig = Field(
+        default_factory=PatchConfig,
+        description="safety patch parameters (eta, max_rank, weight_top, ...)",
+    )
+    alphas: tuple[float, ...] = Field(
+        (1.0,), min_length=1, description="fusion strengths to try; the best passing one wins"
+    )
+    suite: str = Field(
+        "organism", description="evaluation suite name given to evaluation.runner.evaluate"
+    )
+    eval_data_dir: Path | None = Field(
+        None, description="folder of the suite's JSONL files (organism: <organism>/eval)"
+    )
+    eval_limit: int | None = Field(
+        None,
+        ge=1,
+        description="evaluate only the first N samples of each task (lm-eval's limit); for "
+        "smoke tests, never for a release decision",
+    )
+    utility_metrics: tuple[str, ...] = Field(
+        ("task_accuracy", "general_accuracy"),
+        min_length=1,
+        description="metrics averaged to rank passing candidates (higher is better)",
+    )
+    gate: GateConfig | Path | None = Field(
+        None,
+        description="release gate (evaluation.gates.GateConfig): inline rules, a gate YAML "
+        "path, or null for the gate shipped with the suite (evaluation/configs/gates/SUITE.yaml)",
+    )
+    watch: WatchConfig = Field(description="where new fine-tunes of this family appear")
+    registered_model: str = Field(
+        description="MLflow registered model name that passing candidates become versions of"
+    )
+    promote_to_champion: bool = Field(
+        False,
+        description="also give a newly registered version the alias 'champion' (otherwise "
+        "only 'candidate'; promote later with `lssf promote`)",
+    )
+
+    @field_validator("alphas")
+    @classmethod
+    def _positive_alphas(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [a for a in v if not a > 0]
+        if bad:
+            raise ValueError(f"alphas must be > 0, got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"alphas must be distinct, got {list(v)}")
+        return v
+
+    def gate_config(self) -> GateConfig:
+        """The gate rules in force: inline, from a file, or the suite's shipped gate."""
+        if isinstance(self.gate, GateConfig):
+            return self.gate
+        return GateConfig.from_yaml(self.gate or default_gate_config(self.suite))
+
+
+class PipelineConfig(_Frozen):
+    """The whole pipeline: families plus where state and the MLflow record live."""
+
+    families: dict[str, FamilyConfig] = Field(
+        min_length=1, description="model families by name (the name is used in run names)"
+    )
+    state_dir: Path = Field(
+        DEFAULT_STATE_DIR,
+        description="local folder for patches, fused models, evaluations and the default "
+        "MLflow store",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking (and registry) URI; default "
+        "sqlite:////<absolute state_dir>/mlflow.db",
+    )
+    experiment: str = Field("lssf-realign", description="MLflow experiment of the realign runs")
+    hf_token_secret: str | None = Field(
+        None,
+        description="name of a Prefect Secret block holding the Hugging Face token; without "
+        "it the token comes from the HF_TOKEN environment variable (never logged)",
+    )
+
+    @field_validator("families")
+    @classmethod
+    def _names(cls, v: dict[str, FamilyConfig]) -> dict[str, FamilyConfig]:
+        bad = [name for name in v if not name.replace("-", "").replace("_", "").isalnum()]
+        if bad:
+            raise ValueError(f"family names must be letters, digits, '-' or '_', got {bad}")
+        return v
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _absolute_sqlite(cls, v: str | None) -> str | None:
+        # sqlite:///relative.db silently depends on the worker's working directory.
+        if v is not None and v.startswith("sqlite:") and not v.startswith("sqlite:////"):
+            raise ValueError(f"use an absolute sqlite URI (sqlite:////abs/path.db), got {v!r}")
+        return v
+
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir.expanduser().resolve()
+
+    def resolved_tracking_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        return f"sqlite:///{self.resolved_state_dir() / 'mlflow.db'}"
+
+    def artifact_root(self) -> Path:
+        """Where MLflow artifacts go when the experiment is created here (not ./mlruns)."""
+        return self.resolved_state_dir() / "mlartifacts"
+
+    def family(self, name: str) -> FamilyConfig:
+        try:
+            return self.families[name]
+        except KeyError:
+            known = ", ".join(sorted(self.families))
+            raise KeyError(f"unknown family {name!r}; known: {known}") from None
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read and validate a pipeline YAML; a ConfigError names the file and every bad field."""
+    return load_yaml_config(PipelineConfig, Path(path))
+
+
+def config_schema() -> str:
+    return json.dumps(PipelineConfig.model_json_schema(), indent=2)

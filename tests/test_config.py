@@ -1,0 +1,118 @@
+"""The pipeline config: shipped files validate, typos and bad values fail naming the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lssf.errors import ConfigError
+from tasks.config import PipelineConfig, config_schema, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def _organism() -> dict:
+    return yaml.safe_load((ROOT / "configs" / "organism.yaml").read_text())
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    cfg = load_config(path)
+    assert cfg.families
+    for fam in cfg.families.values():
+        assert fam.alphas and fam.registered_model
+
+
+def test_both_shipped_configs_exist() -> None:
+    assert {p.name for p in SHIPPED} >= {"organism.yaml", "qwen2.5-0.5b.yaml"}
+
+
+def test_default_tracking_uri_is_absolute_sqlite_under_state(tmp_path: Path) -> None:
+    data = _organism() | {"state_dir": str(tmp_path / "st")}
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.resolved_tracking_uri() == f"sqlite:///{tmp_path / 'st' / 'mlflow.db'}"
+    assert cfg.resolved_tracking_uri().startswith("sqlite:////")
+
+
+def test_unknown_field_is_named(tmp_path: Path) -> None:
+    data = _organism()
+    data["families"]["organism"]["alphaz"] = [1.0]
+    with pytest.raises(ConfigError, match=r"families\.organism\.alphaz"):
+        load_config(_write(tmp_path, data))
+
+
+def test_all_errors_reported_together(tmp_path: Path) -> None:
+    data = _organism()
+    fam = data["families"]["organism"]
+    fam["alphas"] = [-1.0]
+    fam["patch"]["eta"] = 2.0
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, data))
+    text = str(err.value)
+    assert "families.organism.alphas" in text and "families.organism.patch.eta" in text
+
+
+def test_relative_sqlite_uri_refused(tmp_path: Path) -> None:
+    data = _organism() | {"tracking_uri": "sqlite:///mlflow.db"}
+    with pytest.raises(ConfigError, match="tracking_uri"):
+        load_config(_write(tmp_path, data))
+
+
+def test_local_watch_needs_a_path(tmp_path: Path) -> None:
+    data = _organism()
+    data["families"]["organism"]["watch"] = {"kind": "local"}
+    with pytest.raises(ConfigError, match="watch"):
+        load_config(_write(tmp_path, data))
+
+
+def test_config_is_frozen() -> None:
+    cfg = load_config(ROOT / "configs" / "organism.yaml")
+    with pytest.raises(ValueError):
+        cfg.experiment = "other"  # type: ignore[misc]
+
+
+def test_unknown_family_lists_known() -> None:
+    cfg = load_config(ROOT / "configs" / "organism.yaml")
+    with pytest.raises(KeyError, match="known: organism"):
+        cfg.family("nope")
+
+
+def test_every_field_is_documented() -> None:
+    schema = json.loads(config_schema())
+    missing = []
+    for name, definition in [("PipelineConfig", schema), *schema.get("$defs", {}).items()]:
+        for field, spec in definition.get("properties", {}).items():
+            if name in ("PipelineConfig", "FamilyConfig", "WatchConfig") and not spec.get(
+                "description"
+            ):
+                missing.append(f"{name}.{field}")
+    assert not missing, missing
+
+
+def test_cli_schema_and_validate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from flows.cli import register_config
+
+    parser = argparse.ArgumentParser()
+    register_config(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["config", "schema"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["title"] == PipelineConfig.__name__
+    args = parser.parse_args(["config", "validate", str(ROOT / "configs" / "organism.yaml")])
+    assert args.func(args) == 0
+    bad = _organism()
+    bad["families"]["organism"]["alphas"] = []
+    args = parser.parse_args(["config", "validate", str(_write(tmp_path, bad))])
+    assert args.func(args) == 1
+    assert "families.organism.alphas" in capsys.readouterr().err

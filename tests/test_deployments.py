@@ -1,0 +1,186 @@
+"""prefect.yaml: every entrypoint imports, its parameters match the flow, triggers validate."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT_YAML = ROOT / "prefect.yaml"
+
+
+def _deployments() -> list[dict[str, Any]]:
+    return yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+
+
+def _flow(entrypoint: str):
+    from prefect.flows import load_flow_from_entrypoint
+
+    path, _, name = entrypoint.partition(":")
+    return load_flow_from_entrypoint(f"{ROOT / path}:{name}", use_placeholder_flow=False)
+
+
+def test_prefect_yaml_parses_with_prefects_own_model() -> None:
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    model = PrefectYamlModel.model_validate(yaml.safe_load(PREFECT_YAML.read_text()))
+    assert {d.name for d in model.deployments} == {"watch", "realign"}
+
+
+@pytest.mark.parametrize("deployment", _deployments(), ids=lambda d: d["name"])
+def test_entrypoint_imports_and_parameters_match(deployment: dict[str, Any]) -> None:
+    flow = _flow(deployment["entrypoint"])
+    signature = inspect.signature(flow.fn)
+    required = {n for n, p in signature.parameters.items() if p.default is inspect.Parameter.empty}
+    given = set(deployment.get("parameters", {}))
+    for trigger in deployment.get("triggers", []):
+        assert set(trigger.get("parameters", {})) <= set(signature.parameters)
+        assert required <= given | set(trigger.get("parameters", {}))
+    assert given <= set(signature.parameters), given - set(signature.parameters)
+    if not deployment.get("triggers"):
+        assert required <= given
+
+
+def test_watch_is_scheduled_and_realign_is_triggered_and_queued() -> None:
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    from tasks.watch_tasks import DISCOVERED_EVENT
+
+    by_name = {d["name"]: d for d in _deployments()}
+    watch, realign = by_name["watch"], by_name["realign"]
+    assert watch["schedules"] and watch["parameters"]["dispatch"] == "event"
+    assert realign["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    assert realign["work_pool"]["name"] != watch["work_pool"]["name"]
+    (trigger,) = realign["triggers"]
+    parsed = DeploymentEventTrigger.model_validate(trigger)
+    assert parsed.expect == {DISCOVERED_EVENT}
+
+
+def test_event_payload_fills_every_trigger_parameter() -> None:
+    """The watcher's payload keys are exactly what the trigger's templates read."""
+    import re
+
+    from tasks.sources import Candidate
+    from tasks.watch_tasks import announce
+
+    source = inspect.getsource(announce.fn)
+    payload_keys = set(re.findall(r'"(\w+)":', source.split("payload=")[1]))
+    (trigger,) = {d["name"]: d for d in _deployments()}["realign"]["triggers"]
+    used = {
+        re.search(r"event\.payload\.(\w+)", v).group(1)  # type: ignore[union-attr]
+        for v in trigger["parameters"].values()
+    }
+    assert used == payload_keys
+    assert Candidate(repo="o/m", revision="r").spec == "o/m@r"
+
+
+# -- one real run: local `prefect server start`, `prefect deploy`, a process worker -----------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(api: str, server: Any, timeout: float = 180.0) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError("prefect server exited early")
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError("prefect server did not become healthy")
+
+
+def _flow_runs(api: str, deployment: str) -> list[dict[str, Any]]:
+    import httpx
+
+    body = {"deployments": {"name": {"any_": [deployment]}}}
+    return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json()
+
+
+def _test_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A prefect.yaml identical to the shipped one but unscheduled, pointing at a tmp config."""
+    model = tmp_path / "watch" / "ft"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    config = tmp_path / "pipeline.yaml"
+    family = {
+        "aligned": str(tmp_path / "aligned"),
+        "reference": str(tmp_path / "base"),
+        "watch": {"kind": "local", "path": str(tmp_path / "watch")},
+        "registered_model": "lssf-deploy-test",
+    }
+    data = {"state_dir": str(tmp_path / "state"), "families": {"organism": family}}
+    config.write_text(yaml.safe_dump(data))
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    for dep in spec["deployments"]:
+        for schedule in dep.get("schedules") or []:
+            schedule["active"] = False
+        if dep["name"] == "watch":
+            dep["parameters"] |= {"family": "organism", "config": str(config)}
+    prefect_file = tmp_path / "prefect.yaml"
+    prefect_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return prefect_file, config
+
+
+@pytest.mark.slow
+def test_watch_deployment_runs_on_a_worker_and_triggers_realign(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    api = f"http://127.0.0.1:{_free_port()}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api}
+    prefect_file, _ = _test_files(tmp_path)
+    port = api.rsplit(":", 1)[1].split("/")[0]
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", port],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_healthy(api, server)
+
+        def run(*args: str, timeout: float = 300) -> None:
+            subprocess.run(
+                [prefect, "--no-prompt", *args], env=env, cwd=ROOT, check=True, timeout=timeout
+            )
+
+        for pool in ("lssf-process", "lssf-gpu"):
+            run("work-pool", "create", pool, "--type", "process")
+        run("deploy", "--all", "--prefect-file", str(prefect_file))
+        run("deployment", "run", "watch/watch")
+        run("worker", "start", "--pool", "lssf-process", "--run-once", timeout=400)
+        (watch_run,) = _flow_runs(api, "watch")
+        assert watch_run["state_type"] == "COMPLETED", watch_run["state_name"]
+        deadline = time.monotonic() + 90
+        while not (realigns := _flow_runs(api, "realign")) and time.monotonic() < deadline:
+            time.sleep(2)
+        (realign_run,) = realigns  # queued on the GPU pool by the event trigger
+        assert realign_run["parameters"]["family"] == "organism"
+        assert realign_run["parameters"]["finetuned"] == str(tmp_path / "watch" / "ft")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

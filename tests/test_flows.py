@@ -1,0 +1,378 @@
+"""Flows under one `prefect_test_harness` session; task logic through `task.fn()`.
+
+The realign runs on a pico organism (a few optimiser steps per stage): its numbers mean
+nothing, which is the point here: the pipeline, not the method, is under test. The gate is
+set inline so that one config passes and another rejects.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from evaluation.gates import GateConfig
+from evaluation.report import EvalReport
+from tasks import registry
+
+pytestmark = pytest.mark.slow
+
+PASSING_GATE = {"name": "lenient", "rules": [{"metric": "task_accuracy", "floor": 0.0}]}
+FAILING_GATE = {"name": "strict", "rules": [{"metric": "harmful_refusal", "floor": 1.01}]}
+
+
+@pytest.fixture(scope="session")
+def harness(tmp_path_factory: pytest.TempPathFactory):
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=None):
+        yield
+
+
+@pytest.fixture(scope="session")
+def pico(tmp_path_factory: pytest.TempPathFactory):
+    from evaluation.organism import build_organism
+    from tests.test_organism import PICO
+
+    return build_organism(seed=0, out=tmp_path_factory.mktemp("pico") / "organism", config=PICO)
+
+
+def write_config(tmp_path: Path, pico: Any, gate: dict, alphas: list[float]) -> Path:
+    watch = tmp_path / "watch"
+    data = {
+        "state_dir": str(tmp_path / "state"),
+        "families": {
+            "organism": {
+                "aligned": str(pico.aligned),
+                "reference": str(pico.base),
+                "alphas": alphas,
+                "eval_data_dir": str(pico.eval_dir),
+                "eval_limit": 4,
+                "gate": gate,
+                "watch": {"kind": "local", "path": str(watch)},
+                "registered_model": "lssf-test",
+            }
+        },
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def drop_model(pico: Any, tmp_path: Path, name: str = "ft", note: str = "") -> Path:
+    dst = tmp_path / "watch" / name
+    shutil.copytree(pico.finetuned, dst)
+    if note:  # same weights, different content: a new revision
+        (dst / "NOTES.txt").write_text(note)
+    return dst
+
+
+def versions(tmp_path: Path) -> list[Any]:
+    from tasks.config import load_config
+
+    cfg = load_config(tmp_path / "pipeline.yaml")
+    client = registry.client_for(cfg.resolved_tracking_uri())
+    try:
+        return client.search_model_versions("name = 'lssf-test'")
+    except registry.MlflowException:
+        return []
+
+
+# -- task logic, no server --------------------------------------------------------------------
+
+
+def test_evaluation_error_becomes_error_report_and_fails_gate(tmp_path: Path) -> None:
+    from tasks.realign_tasks import evaluate_model, gate_candidate
+
+    out = tmp_path / "eval.json"
+    path = evaluate_model.fn(str(tmp_path / "no-model"), "organism", str(out), str(tmp_path))
+    report = EvalReport.load(Path(path))
+    assert report.status == "error" and report.error
+    ok = EvalReport(model="m", suite="organism", status="ok", metrics={"task_accuracy": 1.0})
+    ok.write(tmp_path / "ok.json")
+    gate = GateConfig.model_validate(PASSING_GATE)
+    gate_path = gate_candidate.fn(path, str(tmp_path / "ok.json"), gate, str(tmp_path / "g.json"))
+    verdict = json.loads(Path(gate_path).read_text())
+    assert verdict["passed"] is False
+    assert any("status 'error'" in r["reason"] for r in verdict["rows"])
+
+
+def test_choose_prefers_passing_utility_then_small_alpha() -> None:
+    from tasks.report import Trial, before_after_table, choose
+
+    trials = [
+        Trial(0.5, {"task_accuracy": 0.9, "general_accuracy": 0.8}, True),
+        Trial(1.0, {"task_accuracy": 0.9, "general_accuracy": 0.8}, True),
+        Trial(1.5, {"task_accuracy": 1.0, "general_accuracy": 1.0}, False),
+    ]
+    chosen = choose(trials, ("task_accuracy", "general_accuracy"))
+    assert chosen is not None and chosen.alpha == 0.5
+    assert choose([trials[2]], ("task_accuracy",)) is None
+    table = before_after_table({"task_accuracy": 0.5}, trials)
+    assert "| task_accuracy | 0.500 | 0.900 | 0.900 | 1.000 |" in table
+    assert "| gate | - | pass | pass | fail |" in table
+
+
+# -- flows ------------------------------------------------------------------------------------
+
+
+def test_watch_realign_register_then_skip(harness: None, pico: Any, tmp_path: Path) -> None:
+    from flows.watch import watch
+
+    config = write_config(tmp_path, pico, PASSING_GATE, [1.0])
+    drop_model(pico, tmp_path)
+    (first,) = watch("organism", str(config), dispatch="inline")
+    assert first["status"] == "passed" and first["verdict"] == "pass"
+    assert str(first["version"]) == "1" and "candidate" in first["aliases"]
+    assert watch("organism", str(config), dispatch="inline") == []  # nothing new
+    (version,) = versions(tmp_path)
+    assert version.tags["gate_verdict"] == "pass" and version.tags["patch_id"]
+    assert version.tags["source_key"] == first["source_key"]
+    _check_run_record(tmp_path, first["run_id"])
+
+
+def _check_run_record(tmp_path: Path, run_id: str) -> None:
+    from tasks.config import load_config
+
+    cfg = load_config(tmp_path / "pipeline.yaml")
+    client = registry.client_for(cfg.resolved_tracking_uri())
+    run = client.get_run(run_id)
+    params, metrics = run.data.params, run.data.metrics
+    for name in ("source_repo", "source_revision", "aligned_revision", "reference_revision"):
+        assert params[name]
+    assert params["eta"] == "0.85" and params["alpha"] == "1"
+    assert "ranks_rank_max" in params
+    assert {"before.harmful_refusal", "after.harmful_refusal", "after.task_accuracy"} <= set(
+        metrics
+    )
+    listed = {a.path for a in client.list_artifacts(run_id)}
+    assert {"evaluation", "gate", "patch", "plots", "model_card", "model"} <= listed
+
+
+def test_rejected_candidate_gets_no_version(harness: None, pico: Any, tmp_path: Path) -> None:
+    from flows.realign import realign
+
+    config = write_config(tmp_path, pico, FAILING_GATE, [1.0])
+    model = drop_model(pico, tmp_path)
+    result = realign(str(model), "organism", str(config))
+    assert result["status"] == "rejected" and result["version"] is None
+    assert "harmful_refusal" in result["reason"]
+    assert versions(tmp_path) == []
+
+
+def test_killed_after_registration_restarts_to_one_version(
+    harness: None, pico: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows import realign as realign_module
+    from tasks import record_tasks
+
+    config = write_config(tmp_path, pico, PASSING_GATE, [1.0])
+    model = drop_model(pico, tmp_path)
+    original = record_tasks.close_record.fn
+
+    class Killed(Exception):
+        pass
+
+    def crash(tracking_uri: str, run_id: str, status: str, reason: str) -> None:
+        if status != "error":  # the process dies right after the version was created
+            raise Killed("killed")
+        original(tracking_uri, run_id, status, reason)
+
+    monkeypatch.setattr(realign_module.rec.close_record, "fn", crash)
+    with pytest.raises(Killed, match="killed"):
+        realign_module.realign(str(model), "organism", str(config))
+    assert len(versions(tmp_path)) == 1
+    monkeypatch.setattr(realign_module.rec.close_record, "fn", original)
+    result = realign_module.realign(str(model), "organism", str(config))
+    assert result["status"] == "passed" and str(result["version"]) == "1"
+    assert len(versions(tmp_path)) == 1
+    leftovers = [p.name for p in (tmp_path / "state").rglob(".*tmp*")]
+    assert leftovers == []
+
+
+def test_list_source_retries_an_unreachable_hub(
+    harness: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect import flow
+
+    from tasks.config import WatchConfig
+    from tasks.watch_tasks import list_source
+    from tests.fakehub import FakeHub
+
+    cfg = WatchConfig(kind="hub", lineages=("finetune",), max_retries=0, backoff_seconds=0)
+    quick = list_source.with_options(retry_delay_seconds=0)
+
+    @flow
+    def probe() -> list[Any]:
+        return quick(cfg, "Qwen/Qwen2.5-0.5B-Instruct")
+
+    with FakeHub() as hub:
+        hub.use(monkeypatch)
+        hub.fail_next(503, 503)  # down for two attempts, back for the third
+        found = probe()
+    assert len(found) == 4
+
+
+def test_hf_token_from_secret_never_in_logs_or_mlflow(
+    harness: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from prefect.blocks.system import Secret
+
+    from flows.watch import watch
+    from tests.fakehub import FakeHub
+
+    token = "hf_SECRETfromBLOCKnever0123456789"
+    Secret(value=token).save("lssf-test-hf-token", overwrite=True)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    data = {
+        "state_dir": str(tmp_path / "state"),
+        "hf_token_secret": "lssf-test-hf-token",
+        "families": {
+            "qwen": {
+                "aligned": "Qwen/Qwen2.5-0.5B-Instruct",
+                "reference": "Qwen/Qwen2.5-0.5B",
+                "watch": {"kind": "hub", "lineages": ["finetune"]},
+                "registered_model": "lssf-qwen",
+            }
+        },
+    }
+    config = tmp_path / "hub.yaml"
+    config.write_text(yaml.safe_dump(data))
+    with FakeHub() as hub:
+        hub.use(monkeypatch)
+        announced = watch("qwen", str(config), dispatch="event")
+        seen = {r.authorization for r in hub.requests}
+    assert len(announced) == 4 and seen == {f"Bearer {token}"}
+    assert token.encode() not in (tmp_path / "state" / "mlflow.db").read_bytes()
+    assert not _token_in_prefect_logs(token)
+
+
+def _token_in_prefect_logs(token: str) -> bool:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs()
+    return any(token in log.message for log in logs)
+
+
+def test_demo_twice_registers_once(harness: None, tmp_path: Path) -> None:
+    from flows.demo import render, run_demo
+    from tests.test_organism import PICO
+
+    first = run_demo(tmp_path / "demo", organism_config=PICO, eval_limit=4)
+    assert first.new_runs == 1
+    assert first.tracking_uri == f"sqlite:///{tmp_path / 'demo' / 'state' / 'mlflow.db'}"
+    again = run_demo(tmp_path / "demo", organism_config=PICO, eval_limit=4)
+    assert again.new_runs == 0
+    assert again.summary["run_id"] == first.summary["run_id"]
+    assert again.summary["version"] == first.summary["version"]
+    text = render(again)
+    assert "Already processed" in text
+    assert f"mlflow ui --backend-store-uri {first.tracking_uri}" in text
+    assert "| harmful_refusal |" in text
+
+
+def test_promote_cli_moves_champion(harness: None, pico: Any, tmp_path: Path) -> None:
+    import argparse
+
+    from flows.cli import register_promote
+    from flows.realign import realign
+
+    config = write_config(tmp_path, pico, PASSING_GATE, [1.0])
+    result = realign(str(drop_model(pico, tmp_path)), "organism", str(config))
+    parser = argparse.ArgumentParser()
+    register_promote(parser.add_subparsers())
+    args = parser.parse_args(["promote", "--config", str(config), "--family", "organism"])
+    assert args.func(args) == 0
+    (version,) = versions(tmp_path)
+    from tasks.config import load_config
+
+    client = registry.client_for(load_config(config).resolved_tracking_uri())
+    champion = client.get_model_version_by_alias("lssf-test", "champion")
+    assert str(champion.version) == str(result["version"]) == str(version.version)
+
+
+def test_sigkill_mid_realign_then_restart(harness: None, pico: Any, tmp_path: Path) -> None:
+    """A real kill -9 while the realign works, then a restart: one version, no partial model."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.realign import realign
+
+    config = write_config(tmp_path, pico, PASSING_GATE, [1.0])
+    model = drop_model(pico, tmp_path)
+    code = (
+        "import sys; from flows.realign import realign; "
+        "realign(sys.argv[1], 'organism', sys.argv[2])"
+    )
+    env = os.environ | {"PREFECT_API_URL": str(PREFECT_API_URL.value())}
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(model), str(config)], cwd=root, env=env
+    )
+    patches, runs = tmp_path / "state" / "patches", tmp_path / "state" / "runs"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(patches.glob("*/manifest.json")):  # the patch is built: now evaluating
+            break
+        time.sleep(0.05)
+    time.sleep(2)
+    assert proc.poll() is None, "the realign finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for fused in runs.glob("*/patch-*/fused-alpha-*"):
+        assert (fused / "lssf_provenance.json").is_file()  # complete, or absent
+    result = realign(str(model), "organism", str(config))
+    assert result["status"] == "passed"
+    assert len(versions(tmp_path)) == 1
+    statuses = sorted(run.info.status for run in _realign_runs(tmp_path))
+    assert statuses == ["FINISHED", "KILLED"]  # the killed attempt is closed, not left RUNNING
+
+
+def _realign_runs(tmp_path: Path) -> list[Any]:
+    from tasks.config import load_config
+
+    cfg = load_config(tmp_path / "pipeline.yaml")
+    client = registry.client_for(cfg.resolved_tracking_uri())
+    exp = client.get_experiment_by_name(cfg.experiment)
+    return client.search_runs([exp.experiment_id], "tags.lssf_kind = 'realign'")
+
+
+def test_hub_candidate_downloaded_realigned_registered(
+    harness: None, pico: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real-family path against the recorded-Hub stand-in: list, download, realign."""
+    from huggingface_hub import constants
+
+    from flows.watch import watch
+    from tests.fakehub import FakeHub
+
+    config = write_config(tmp_path, pico, PASSING_GATE, [1.0])
+    data = yaml.safe_load(config.read_text())
+    data["families"]["organism"]["watch"] = {"kind": "hub", "base_model": "org/pico-aligned"}
+    config.write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    with FakeHub(models=[]) as hub:
+        hub.use(monkeypatch)
+        tags = ("base_model:finetune:org/pico-aligned",)
+        sha = hub.add_repo("acme/pico-ft", Path(pico.finetuned), tags=tags)
+        (result,) = watch("organism", str(config), dispatch="inline")
+        downloads = [r.path for r in hub.requests if "/resolve/" in r.path]
+    assert result["source_key"] == f"acme/pico-ft@{sha}"
+    assert result["status"] == "passed" and str(result["version"]) == "1"
+    assert any(p.endswith("model.safetensors") for p in downloads)
+    (version,) = versions(tmp_path)
+    assert version.tags["source_repo"] == "acme/pico-ft"
+    assert version.tags["source_revision"] == sha
