@@ -7,8 +7,9 @@ fresh subprocess so peak RSS (ru_maxrss) is the operation's own:
 - fuse: fine-tuned + patch -> model folder (streaming)
 - I/O floor: a plain safetensors read + write copy of the fine-tuned checkpoint
   (``safetensors.torch.load_file`` + ``save_file`` per shard)
-- whole load: the three checkpoints loaded whole with ``load_file``, what a non-streaming
-  implementation holds at once
+- whole load: the three checkpoints loaded whole with ``load_file`` and materialised (safetensors
+  maps files lazily, so untouched pages would not count), what a non-streaming implementation
+  holds at once
 
 Run: ``.venv/bin/python benchmarks/streaming.py [--workdir DIR] [--repeats 2]``.
 """
@@ -73,7 +74,8 @@ OPS = {
     "whole load of the 3 models": (
         "from pathlib import Path\n"
         "from safetensors.torch import load_file\n"
-        "held = [load_file(f) for r in ('aligned', 'reference', 'finetuned')\n"
+        "held = [{{k: v.clone() for k, v in load_file(f).items()}}\n"
+        "        for r in ('aligned', 'reference', 'finetuned')\n"
         "        for f in sorted(Path('{d}', r).glob('*.safetensors'))]"
     ),
 }
