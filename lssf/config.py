@@ -7,7 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from lssf.errors import ConfigError
 from lssf.methods import BASES, RANK_RULES
@@ -33,18 +40,14 @@ class PatchConfig(BaseModel):
     include: tuple[str, ...] = Field(DEFAULT_INCLUDE, description="regexes of target tensors")
     exclude: tuple[str, ...] = Field(DEFAULT_EXCLUDE, description="regexes never targeted")
 
-    @field_validator("rank_rule")
+    @field_validator("rank_rule", "basis")
     @classmethod
-    def _known_rule(cls, v: str) -> str:
-        if v not in RANK_RULES:
-            raise ValueError(f"unknown rank rule {v!r}; known: {', '.join(sorted(RANK_RULES))}")
-        return v
-
-    @field_validator("basis")
-    @classmethod
-    def _known_basis(cls, v: str) -> str:
-        if v not in BASES:
-            raise ValueError(f"unknown basis {v!r}; known: {', '.join(sorted(BASES))}")
+    def _known_name(cls, v: str, info: ValidationInfo) -> str:
+        registry = RANK_RULES if info.field_name == "rank_rule" else BASES
+        if v not in registry:
+            raise ValueError(
+                f"unknown {info.field_name} {v!r}; known: {', '.join(sorted(registry))}"
+            )
         return v
 
     @field_validator("include", "exclude")

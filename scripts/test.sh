@@ -1,11 +1,7 @@
 #!/usr/bin/env bash
-# Install (if needed) and run the whole test suite offline.
+# Install (if needed) and run the whole test suite offline: ruff, then pytest.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export PREFECT_SERVER_ANALYTICS_ENABLED=false MLFLOW_DISABLE_TELEMETRY=true
-export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
+source "$(dirname "$0")/env.sh"
 export PREFECT_HOME="${PREFECT_HOME:-$(mktemp -d)}"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -19,24 +19,23 @@ def trio(tmp_path_factory):
     return make_trio(tmp_path_factory.mktemp("cli"), SHAPE, seed=3)
 
 
+def extract_argv(trio, out, *extra: str) -> list[str]:
+    return [
+        "extract",
+        "--aligned",
+        str(trio["aligned"]),
+        "--reference",
+        str(trio["reference"]),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
 def test_extract_fuse_inspect(trio, tmp_path, capsys):
     patch = tmp_path / "patch"
     rc = main(
-        [
-            "extract",
-            "--aligned",
-            str(trio["aligned"]),
-            "--reference",
-            str(trio["reference"]),
-            "--out",
-            str(patch),
-            "--eta",
-            "0.9",
-            "--max-rank",
-            "4",
-            "--weight-top",
-            "1.5",
-        ]
+        extract_argv(trio, str(patch), "--eta", "0.9", "--max-rank", "4", "--weight-top", "1.5")
     )
     assert rc == 0
     assert "patch " in capsys.readouterr().out
@@ -68,21 +67,7 @@ def test_flags_override_yaml_config(trio, tmp_path, capsys):
     cfg = tmp_path / "patch.yaml"
     cfg.write_text(yaml.safe_dump({"eta": 0.5, "max_rank": 2}))
     patch = tmp_path / "patch"
-    main(
-        [
-            "extract",
-            "--aligned",
-            str(trio["aligned"]),
-            "--reference",
-            str(trio["reference"]),
-            "--out",
-            str(patch),
-            "--config",
-            str(cfg),
-            "--eta",
-            "0.99",
-        ]
-    )
+    main(extract_argv(trio, str(patch), "--config", str(cfg), "--eta", "0.99"))
     assert main(["inspect", str(patch), "--json"]) == 0
     manifest = capsys.readouterr().out
     assert '"eta": 0.99' in manifest and '"max_rank": 2' in manifest
@@ -91,19 +76,7 @@ def test_flags_override_yaml_config(trio, tmp_path, capsys):
 def test_bad_config_lists_every_bad_field(trio, tmp_path, capsys):
     cfg = tmp_path / "patch.yaml"
     cfg.write_text(yaml.safe_dump({"eta": 1.5, "rank_rule": "magic", "colour": "red"}))
-    rc = main(
-        [
-            "extract",
-            "--aligned",
-            str(trio["aligned"]),
-            "--reference",
-            str(trio["reference"]),
-            "--out",
-            str(tmp_path / "p"),
-            "--config",
-            str(cfg),
-        ]
-    )
+    rc = main(extract_argv(trio, str(tmp_path / "p"), "--config", str(cfg)))
     err = capsys.readouterr().err
     assert rc == 2
     assert "3 invalid field(s)" in err
