@@ -238,13 +238,14 @@ def _artifacts(
 ) -> list[tuple[str, str]]:
     """(artifact folder, local file) pairs: reports, per-sample outputs, gates, patch, plot."""
     from lssf import SafetyPatch
+    from lssf.patch import MANIFEST
     from lssf.report import plot_ranks
 
     plot = plot_ranks(SafetyPatch.load(patch_dir).manifest, work / "patch_ranks.png")
     files = [("evaluation", path) for path in evals.values()]
     files += [("evaluation", s) for p in evals.values() if (s := rec.samples_of(p))]
     files += [("gate", str(p)) for p in sorted(work.glob("gate-alpha-*.json"))]
-    files += [("patch", str(Path(patch_dir) / "manifest.json")), ("plots", str(plot))]
+    files += [("patch", str(Path(patch_dir) / MANIFEST)), ("plots", str(plot))]
     if chosen is not None:
         files.append(("model_card", str(work / _fused_name(chosen.alpha) / "README.md")))
     return files

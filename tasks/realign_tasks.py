@@ -20,11 +20,10 @@ from prefect.context import TaskRunContext
 
 from evaluation.gates import GateConfig
 from lssf import PatchConfig
+from lssf.patch import MANIFEST as PATCH_MANIFEST
+from lssf.provenance import PROVENANCE
 from tasks._log import run_logger
 from tasks.sources import content_hash
-
-PROVENANCE = "lssf_provenance.json"
-PATCH_MANIFEST = "manifest.json"
 
 
 def slug(key: str) -> str:

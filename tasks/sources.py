@@ -10,7 +10,6 @@ No Prefect here; `tasks.watch_tasks` wraps these with retries.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -22,13 +21,14 @@ from huggingface_hub import constants
 from huggingface_hub.utils import build_hf_headers
 from pydantic import BaseModel, ConfigDict
 
+from lssf.sources import folder_revision
+from lssf.st_io import file_sha256
 from tasks.config import WatchConfig
 
 logger = logging.getLogger(__name__)
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
 MAX_WAIT_SECONDS = 60.0
-_CHUNK = 1 << 20
 
 
 class Candidate(BaseModel):
@@ -57,18 +57,16 @@ class HubUnavailableError(RuntimeError):
 
 
 def content_hash(folder: Path) -> str:
-    """sha256 over sorted relative file names and contents, first 16 hex digits."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if rel.startswith(".") or "/." in rel:
-            continue  # caches and lock files are not part of the model
-        digest.update(rel.encode() + b"\0")
-        with path.open("rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                digest.update(chunk)
-        digest.update(b"\0")
-    return digest.hexdigest()[:16]
+    """A local folder's revision: lssf's hash over its files' names and SHA-256s.
+
+    Hidden files (caches, locks) are not part of the model.
+    """
+    files = {
+        rel: file_sha256(path)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file())
+        if not ((rel := path.relative_to(folder).as_posix()).startswith(".") or "/." in rel)
+    }
+    return folder_revision(files)
 
 
 class LocalFolderSource:
