@@ -6,7 +6,6 @@ ones replaced by ``W_ft + alpha * U' C`` and the rest copied bit for bit.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 from lssf.checkpoint import INDEX_NAME, Checkpoint
 from lssf.devices import pick_device
 from lssf.errors import ConfigError, NonFiniteError, PatchMismatchError, ShapeMismatchError
+from lssf.lora import is_adapter
 from lssf.outputs import atomic_folder, write_json
 from lssf.patch import SafetyPatch
 from lssf.provenance import PROVENANCE, declared_base, model_card, provenance
@@ -120,11 +120,10 @@ def fuse(
     """
     patch = patch if isinstance(patch, SafetyPatch) else SafetyPatch.load(Path(patch))
     dev = pick_device(device)
-    # --- LoRA fine-tunes (lssf.lora_fuse) ---
     if format not in ("model", "adapter"):
         raise ConfigError(f"format must be 'model' or 'adapter', got {format!r}")
     folder, record = resolve_source(finetuned)
-    if (folder / "adapter_config.json").is_file():
+    if is_adapter(folder):
         from lssf.lora_fuse import fuse_adapter
 
         return fuse_adapter(
@@ -139,7 +138,6 @@ def fuse(
         )
     if aligned is not None:
         log.warning("aligned=%s is only used for adapter fine-tunes; ignored", aligned)
-    # --- end LoRA ---
     with Checkpoint(folder) as ft, patch:
         check_compatible(ft, patch)
         check_lineage(folder, patch, force)
@@ -161,7 +159,3 @@ def fuse(
             (tmp / "README.md").write_text(model_card(patch.manifest, record, alpha))
     log.info("fused %d tensors (alpha=%s) into %s", n_fused, alpha, out)
     return FuseResult(Path(out), patch.patch_id, alpha, record, n_fused)
-
-
-def read_provenance(folder: Path) -> dict:
-    return json.loads((Path(folder) / PROVENANCE).read_text())
