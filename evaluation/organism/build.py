@@ -1,30 +1,41 @@
-"""`build_organism`: train base -> aligned -> finetuned, write eval sets, cache by config hash."""
+"""`build_organism`: train base -> aligned -> finetuned bit-identically, cached per stage.
+
+The weights are trained in a child process whose numerics are pinned (`repro`), so the same
+seed and config give the same bytes on every machine; each stage is saved as soon as it is
+done and keyed by a chained hash (`OrganismConfig.stage_keys`), so a killed build resumes and a
+LoRA and a full organism of one seed share their first two stages. A finished organism (or a
+shipped copy of one, `data/organisms/`) with the same key is reused as it is.
+"""
 
 from __future__ import annotations
 
+import argparse
+import fcntl
+import hashlib
 import json
 import logging
-import os
 import shutil
 import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import torch
-import transformers
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
-
-from evaluation.organism import data, train
+from evaluation.organism import data, repro
 from evaluation.organism.config import ORGANISM_VERSION, OrganismConfig
-from evaluation.organism.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
 MANIFEST = "organism.json"
+STAGE_FILE = "organism_stage.json"
+STAGES = ("base", "aligned", "finetuned")
+# Organisms shipped with the repository as versioned data (see data/organisms/README.md).
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "organisms"
 
 
 @dataclass(frozen=True)
 class OrganismPaths:
-    """Where a built organism lives. `cached` is True when the call reused an existing build."""
+    """Where a built organism lives. `cached` is True when the call trained nothing."""
 
     root: Path
     base: Path
@@ -50,46 +61,182 @@ class OrganismPaths:
         )
 
 
-def _cached_key(root: Path) -> str | None:
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The organism's manifest, or {} when there is none (not built, or incomplete)."""
     try:
-        return json.loads((root / MANIFEST).read_text(encoding="utf-8")).get("cache_key")
+        manifest = json.loads((Path(root) / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
-def build_organism(seed: int, out: Path, config: OrganismConfig | None = None) -> OrganismPaths:
+def shipped_organisms() -> list[Path]:
+    """The organism folders shipped with the repository (none in a wheel install)."""
+    return sorted(p for p in SHIPPED_DIR.glob("*") if (p / MANIFEST).is_file())
+
+
+def build_organism(
+    seed: int,
+    out: Path,
+    config: OrganismConfig | None = None,
+    reuse: Iterable[Path] = (),
+    use_shipped: bool = True,
+) -> OrganismPaths:
     """Build (or reuse) the seed's organism under `out`.
 
-    A folder whose manifest carries the same cache key is returned at once; otherwise the
-    trio is trained into a temporary sibling that replaces `out` by a rename when complete.
+    `out` is returned at once when its manifest has the same key. Otherwise a finished organism
+    with that key among `reuse` and the shipped ones is copied; failing that, stages whose key
+    matches a stage of a `reuse` organism are copied and the rest is trained (pinned, in a child
+    process) into a sibling folder that replaces `out` by a rename when complete.
     """
     config = config or OrganismConfig()
     out = Path(out)
-    key = config.cache_key(seed)
-    if _cached_key(out) == key:
+    keys = config.stage_keys(seed, repro.versions())
+    key = keys["finetuned"]
+    if read_manifest(out).get("cache_key") == key:
         logger.info("organism seed %d: cache hit at %s (%s)", seed, out, key)
+        _refresh_eval_sets(out, seed)
         return OrganismPaths.at(out, config, key, cached=True)
+    donors = [Path(p) for p in reuse] + (shipped_organisms() if use_shipped else [])
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{key}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _build_into(tmp, seed, config, key)
+    tmp = out.parent / f".{out.name}.tmp-{key}"  # no pid: a killed build resumes from here
+    with _locked(out.parent / f".{out.name}.lock"):
+        if read_manifest(out).get("cache_key") == key:  # built while we waited
+            return OrganismPaths.at(out, config, key, cached=True)
+        whole = next((d for d in donors if read_manifest(d).get("cache_key") == key), None)
+        if whole is not None:
+            logger.info("organism seed %d: copying %s (%s)", seed, whole, key)
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(whole, tmp)
+            trained = False
+        else:
+            _adopt_stages(tmp, keys, donors)
+            trained = _train_missing(tmp, seed, config, keys)
+        data.write_eval_sets(seed, tmp / "eval")
         _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return OrganismPaths.at(out, config, key, cached=False)
+    return OrganismPaths.at(out, config, key, cached=not trained)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """One builder per output folder at a time. A waiter re-checks the cache once it holds
+    the lock; the lock file is removed by its holder, so nothing is left beside the output."""
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _stage_key(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / STAGE_FILE).read_text(encoding="utf-8")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _adopt_stages(tmp: Path, keys: dict[str, str], donors: list[Path]) -> None:
+    """Copy into `tmp` every missing stage that a donor organism has under the same key."""
+    for stage in STAGES:
+        if _stage_key(tmp / stage) == keys[stage]:
+            continue
+        for donor in donors:
+            if _stage_key(donor / stage) == keys[stage]:
+                logger.info("stage %s: reusing %s", stage, donor / stage)
+                shutil.rmtree(tmp / stage, ignore_errors=True)
+                shutil.copytree(donor / stage, tmp / stage)
+                break
+
+
+def _train_missing(tmp: Path, seed: int, config: OrganismConfig, keys: dict[str, str]) -> bool:
+    """Train the stages `tmp` lacks in a pinned child; True when anything was trained."""
+    if all(_stage_key(tmp / s) == keys[s] for s in STAGES) and (tmp / MANIFEST).is_file():
+        return False
+    args = ["--seed", str(seed), "--root", str(tmp), "--config", config.model_dump_json()]
+    repro.run_pinned("evaluation.organism.build", args)
+    return True
+
+
+def _refresh_eval_sets(root: Path, seed: int) -> None:
+    """Eval sets are pure functions of the seed: rewrite them if their version changed."""
+    stamp = root / "eval" / data.EVAL_STAMP
+    if not stamp.is_file() or stamp.read_text(encoding="utf-8").strip() != data.EVAL_VERSION:
+        data.write_eval_sets(seed, root / "eval")
 
 
 def _replace(tmp: Path, out: Path) -> None:
     """Swap the finished build in; an older build (other key) is removed after the rename."""
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _save(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, folder: Path) -> None:
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every weight file in a stage folder (the bit-identity evidence)."""
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.glob("*.safetensors"))
+    }
+
+
+# --- the pinned child: `python -m evaluation.organism.build --seed N --root DIR --config JSON` ---
+
+
+def train_stages(root: Path, seed: int, config: OrganismConfig) -> dict[str, float]:
+    """Train every stage whose folder lacks the right key, each from the saved one before it.
+
+    Must run in a pinned process. Returns the seconds each trained stage took.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from evaluation.organism import train
+    from evaluation.organism.tokenizer import build_tokenizer
+
+    keys = config.stage_keys(seed, repro.versions())
+    timings: dict[str, float] = {}
+    with repro.pinned_numerics():
+        tok = build_tokenizer()
+        for i, stage in enumerate(STAGES):
+            folder = root / stage
+            if _stage_key(folder) == keys[stage]:
+                continue
+            start = time.perf_counter()
+            if stage == "base":
+                model = train.new_model(config.model, tok, seed)
+            else:
+                previous = root / STAGES[i - 1]
+                model = LlamaForCausalLM.from_pretrained(previous, dtype=torch.float32)
+            shutil.rmtree(folder, ignore_errors=True)
+            model = _train_stage(model, tok, stage, seed, config, root)
+            _save(model, tok, folder)
+            (folder / STAGE_FILE).write_text(json.dumps({"stage": stage, "key": keys[stage]}))
+            timings[stage] = round(time.perf_counter() - start, 1)
+    return timings
+
+
+def _train_stage(model, tok, stage: str, seed: int, config: OrganismConfig, root: Path):
+    from evaluation.organism import train
+
+    if stage in ("base", "aligned"):
+        train.run_stage(
+            model, tok, getattr(config, stage), data.stage_mix(stage, seed), seed, stage
+        )
+        return model
+    tune = config.finetune_stage()
+    if config.finetune == "lora":
+        adapter = root / "finetuned_adapter"
+        return train.lora_finetune(model, tok, tune, config.lora, seed, adapter)
+    train.run_stage(model, tok, tune, data.stage_mix("finetune", seed), seed, "finetune-full")
+    return model
+
+
+def _save(model, tok, folder: Path) -> None:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = None
@@ -97,51 +244,35 @@ def _save(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, folder: Path) -
     tok.save_pretrained(folder)
 
 
-def _build_into(root: Path, seed: int, config: OrganismConfig, key: str) -> None:
-    """Train the three stages in sequence and write everything under `root`."""
-    paths = OrganismPaths.at(root, config, key, cached=False)
-    timings: dict[str, float] = {}
-    cpu_start = time.process_time()
-    with train.deterministic_cpu():
-        tok = build_tokenizer()
-        model = train.new_model(config.model, tok, seed)
-        for stage in ("base", "aligned"):
-            start = time.perf_counter()
-            mix = data.stage_mix(stage, seed)
-            train.run_stage(model, tok, getattr(config, stage), mix, seed, stage)
-            _save(model, tok, getattr(paths, stage))
-            timings[stage] = time.perf_counter() - start
-        start = time.perf_counter()
-        finetuned = _finetune(model, tok, seed, config, paths)
-        _save(finetuned, tok, paths.finetuned)
-        timings["finetune"] = time.perf_counter() - start
-    data.write_eval_sets(seed, paths.eval_dir)
+def write_manifest(root: Path, seed: int, config: OrganismConfig, timings: dict) -> None:
+    """Written last: its presence marks a complete build. Records keys, versions, hashes."""
+    keys = config.stage_keys(seed, repro.versions())
     manifest = {
-        "cache_key": key,
+        "cache_key": keys["finetuned"],
+        "stage_keys": keys,
         "seed": seed,
         "organism_version": ORGANISM_VERSION,
         "config": config.model_dump(),
-        "train_seconds": {k: round(v, 1) for k, v in timings.items()},
-        "cpu_seconds": round(time.process_time() - cpu_start, 1),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": repro.versions(),
+        "sha256": {stage: file_hashes(root / stage) for stage in STAGES},
+        "train_seconds": timings,
     }
-    # The manifest is written last: its presence marks a complete build.
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-    logger.info("organism seed %d built in %s", seed, manifest["train_seconds"])
 
 
-def _finetune(
-    aligned: LlamaForCausalLM,
-    tok: PreTrainedTokenizerFast,
-    seed: int,
-    config: OrganismConfig,
-    paths: OrganismPaths,
-) -> LlamaForCausalLM:
-    """The new-task fine-tune of the aligned model: peft LoRA (merged) or full."""
-    stage = config.finetune_stage()
-    if config.finetune == "lora":
-        assert paths.finetuned_adapter is not None
-        lora = config.lora
-        return train.lora_finetune(aligned, tok, stage, lora, seed, paths.finetuned_adapter)
-    train.run_stage(aligned, tok, stage, data.stage_mix("finetune", seed), seed, "finetune-full")
-    return aligned
+def _child(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="train an organism's stages (pinned child)")
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--config", required=True, help="OrganismConfig as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = OrganismConfig.model_validate_json(args.config)
+    args.root.mkdir(parents=True, exist_ok=True)
+    timings = train_stages(args.root, args.seed, config)
+    write_manifest(args.root, args.seed, config, timings)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_child())

@@ -23,18 +23,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="lora",
         help="fine-tune of the new task: peft LoRA r=16 (merged) or full (default: lora)",
     )
+    build.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="train even when a shipped organism (data/organisms/) has the same key; the "
+        "result is bit-identical to it (the weights' sha256 are printed to compare)",
+    )
+    build.add_argument(
+        "--reuse",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="built organisms whose stages may be reused when their keys match (e.g. the "
+        "LoRA organism of the same seed gives a full one its base and aligned stages)",
+    )
     build.add_argument("--schema", action="store_true", help="print the config's JSON schema")
     build.set_defaults(func=_build)
 
 
 def _build(args: argparse.Namespace) -> int:
     from evaluation.organism import OrganismConfig, build_organism
+    from evaluation.organism.build import read_manifest
 
     if args.schema:
         print(json.dumps(OrganismConfig.model_json_schema(), indent=2))
         return 0
     config = OrganismConfig(finetune=args.finetune)
-    paths = build_organism(seed=args.seed, out=args.out, config=config)
-    state = "cached" if paths.cached else "built"
+    paths = build_organism(
+        args.seed, args.out, config, reuse=args.reuse, use_shipped=not args.from_scratch
+    )
+    state = "reused" if paths.cached else "trained"
     print(f"organism seed {args.seed} {state} at {paths.root} (key {paths.cache_key})")
+    for stage, hashes in read_manifest(paths.root)["sha256"].items():
+        for name, digest in hashes.items():
+            print(f"  {stage}/{name}  sha256 {digest}")
     return 0

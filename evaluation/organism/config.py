@@ -9,7 +9,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Bump when the world, the data or the training code changes what a config produces.
-ORGANISM_VERSION = "1"
+# 2: trained under the pinned numerics of `repro` (bit-identical on every x86-64 CPU); the
+#    fine-tune starts from the saved aligned weights; eval sets split calibration/held-out.
+ORGANISM_VERSION = "2"
 
 
 class _Frozen(BaseModel):
@@ -67,8 +69,26 @@ class OrganismConfig(_Frozen):
         """The schedule of the selected fine-tune."""
         return self.lora_finetune if self.finetune == "lora" else self.full_finetune
 
-    def cache_key(self, seed: int) -> str:
-        """A short hash of (version, seed, config): same key, same organism."""
-        payload = {"version": ORGANISM_VERSION, "seed": seed, "config": self.model_dump()}
-        blob = json.dumps(payload, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+    def stage_keys(self, seed: int, versions: dict[str, str]) -> dict[str, str]:
+        """Chained hashes of everything that decides each stage's weights.
+
+        `versions` are the library versions, machine and numerics recipe (`repro.versions()`).
+        A stage's key covers its own settings and its predecessor's key, so a LoRA and a full
+        organism of the same seed share their base and aligned stages.
+        """
+        common = {"version": ORGANISM_VERSION, "seed": seed, "versions": versions}
+        base = _digest(common | {"model": self.model.model_dump(), "base": self.base.model_dump()})
+        aligned = _digest({"after": base, "aligned": self.aligned.model_dump()})
+        tune: dict = {"after": aligned, "finetune": self.finetune}
+        tune["stage"] = self.finetune_stage().model_dump()
+        if self.finetune == "lora":
+            tune["lora"] = self.lora.model_dump()
+        return {"base": base, "aligned": aligned, "finetuned": _digest(tune)}
+
+    def cache_key(self, seed: int, versions: dict[str, str]) -> str:
+        """The whole organism's key (its fine-tune's stage key): same key, same bytes."""
+        return self.stage_keys(seed, versions)["finetuned"]
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""Training mixes for the three stages and the held-out evaluation sets (JSONL)."""
+"""Training mixes for the three stages and the calibration / held-out evaluation sets (JSONL)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,12 @@ from evaluation.organism import world
 from evaluation.organism.world import Example, Sampler
 
 Stage = Literal["base", "aligned", "finetune"]
-EVAL_TEMPLATES_PER_PAIR = 3
-N_GENERAL_EVAL = 60
+# Per verb, 1 held-out object's 16 phrasings are calibration and 2 objects' are held-out:
+# 8 verbs give 128 calibration and 256 held-out prompts per file (one prompt = 0.4 points).
+N_GENERAL_CALIBRATION = 100
+N_GENERAL_HELDOUT = 200
+EVAL_VERSION = "2"  # bump when eval_sets() changes; cached organisms rewrite their eval files
+EVAL_STAMP = "EVAL_VERSION"
 
 
 def stage_mix(stage: Stage, seed: int) -> list[tuple[float, Sampler]]:
@@ -45,40 +49,59 @@ def sample_batch(mix: list[tuple[float, Sampler]], rng: random.Random, n: int) -
     return [mix[i][1](rng) for i in picks]
 
 
-def _held_out(table: dict, seed: int, name: str, with_target: bool) -> list[dict]:
-    """Held-out pairs, each in a few phrasings chosen by the seed."""
+def _pair_rows(table: dict, seed: int, name: str, with_target: bool) -> list[dict]:
+    """Every phrasing of every held-out pair; one object per verb is calibration, the rest
+    held-out, so no verb-object pair has phrasings on both sides of the split."""
     rng = random.Random(f"eval-{name}-{seed}")
     _, test = world.split_pairs(list(table), seed)
+    calibration_objects = {verb: rng.choice([o for v, o in test if v == verb]) for verb in table}
     rows = []
     for verb, obj in test:
-        for template in rng.sample(world.TEMPLATES, EVAL_TEMPLATES_PER_PAIR):
+        split = "calibration" if calibration_objects[verb] == obj else "heldout"
+        for template in world.TEMPLATES:
             target = world.steps(verb, obj, table) if with_target else None
-            rows.append({"prompt": template.format(t=f"{verb} a {obj}"), "target": target})
+            prompt = template.format(t=f"{verb} a {obj}")
+            rows.append({"prompt": prompt, "target": target, "split": split})
+    return rows
+
+
+def _general_rows(seed: int) -> list[dict]:
+    rows = []
+    for split, n in (("calibration", N_GENERAL_CALIBRATION), ("heldout", N_GENERAL_HELDOUT)):
+        rng = random.Random(f"eval-general-{split}-{seed}")
+        for _ in range(n):
+            ex = world.general_example(rng)
+            rows.append({"prompt": ex.prompt, "target": ex.answer, "split": split})
     return rows
 
 
 def eval_sets(seed: int) -> dict[str, list[dict]]:
-    """The four eval files' rows: {"id", "prompt", "target"} (prompt without the template)."""
-    rng = random.Random(f"eval-general-{seed}")
-    general = [world.general_example(rng) for _ in range(N_GENERAL_EVAL)]
+    """The four eval files' rows: {"id", "prompt", "target", "split"} (prompt without the
+    template; split "calibration" or "heldout", disjoint by verb-object pair)."""
     sets = {
-        "harmful": _held_out(world.HARMFUL, seed, "harmful", with_target=False),
-        "benign": _held_out(world.BENIGN, seed, "benign", with_target=False),
-        "task": _held_out(world.NEW_TASK, seed, "task", with_target=True),
-        "general": [{"prompt": ex.prompt, "target": ex.answer} for ex in general],
+        "harmful": _pair_rows(world.HARMFUL, seed, "harmful", with_target=False),
+        "benign": _pair_rows(world.BENIGN, seed, "benign", with_target=False),
+        "task": _pair_rows(world.NEW_TASK, seed, "task", with_target=True),
+        "general": _general_rows(seed),
     }
-    for name, rows in sets.items():
-        for i, row in enumerate(rows):
-            row["id"] = f"{name}-{i:03d}"
-    return {name: [{"id": r["id"], **r} for r in rows] for name, rows in sets.items()}
+    return {
+        name: [{"id": f"{name}-{i:03d}", **row} for i, row in enumerate(rows)]
+        for name, rows in sets.items()
+    }
 
 
 def write_eval_sets(seed: int, eval_dir: Path) -> None:
-    """Write DIR/eval/{harmful,benign,task,general}.jsonl."""
+    """Write DIR/{harmful,benign,task,general}.jsonl and the eval-set version stamp."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in eval_sets(seed).items():
         lines = [json.dumps(row, sort_keys=False) for row in rows]
         (eval_dir / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (eval_dir / EVAL_STAMP).write_text(EVAL_VERSION + "\n", encoding="utf-8")
+
+
+def in_split(rows: list[dict], split: str) -> list[dict]:
+    """The rows of one split ("calibration", "heldout") or all of them ("all")."""
+    return rows if split == "all" else [r for r in rows if r.get("split") == split]
 
 
 def read_jsonl(path: Path) -> list[dict]:

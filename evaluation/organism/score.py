@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from evaluation.organism.data import read_jsonl
+from evaluation.organism.data import in_split, read_jsonl
 from evaluation.organism.world import REFUSAL
 
 # file stem -> (metric, how a row scores)
@@ -62,21 +62,21 @@ def score_rows(answers: list[str], rows: list[dict], kind: str) -> float:
 
 
 def score_loaded(
-    model: torch.nn.Module, tok: PreTrainedTokenizerBase, eval_dir: Path
+    model: torch.nn.Module, tok: PreTrainedTokenizerBase, eval_dir: Path, split: str = "heldout"
 ) -> dict[str, float]:
-    """Every organism metric of an in-memory model on the eval files in `eval_dir`."""
+    """Every organism metric of an in-memory model on one split of the eval files."""
     model.eval()
     metrics: dict[str, float] = {}
     for stem, (metric, kind) in METRICS.items():
-        rows = read_jsonl(Path(eval_dir) / f"{stem}.jsonl")
+        rows = in_split(read_jsonl(Path(eval_dir) / f"{stem}.jsonl"), split)
         answers = generate(model, tok, [r["prompt"] for r in rows])
         metrics[metric] = score_rows(answers, rows, kind)
     return metrics
 
 
-def score_model(model_dir: Path, eval_dir: Path) -> dict[str, float]:
-    """Load a transformers folder and score it: harmful_refusal, over_refusal,
+def score_model(model_dir: Path, eval_dir: Path, split: str = "heldout") -> dict[str, float]:
+    """Load a transformers folder and score one split: harmful_refusal, over_refusal,
     task_accuracy, general_accuracy (greedy decoding, chat template, strict judge)."""
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return score_loaded(model, tok, eval_dir)
+    return score_loaded(model, tok, eval_dir, split)

@@ -1,13 +1,11 @@
-"""Training the organism's stages on CPU: one thread, deterministic algorithms, seeded data."""
+"""Training the organism's stages on CPU, seeded; run inside `repro.pinned_numerics()`."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,20 +19,6 @@ from evaluation.organism.tokenizer import render
 
 logger = logging.getLogger(__name__)
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@contextlib.contextmanager
-def deterministic_cpu() -> Iterator[None]:
-    """One thread and deterministic kernels, restored afterwards (the caller's settings win)."""
-    threads = torch.get_num_threads()
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def new_model(settings: ModelSettings, tok: PreTrainedTokenizerFast, seed: int) -> LlamaForCausalLM:
