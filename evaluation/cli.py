@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from evaluation.judges import Judge, JudgeError, get_judge, known_judges
+from evaluation.splits import SPLITS
 from evaluation.suites import EvaluationConfigError
 
 if TYPE_CHECKING:
@@ -34,6 +35,13 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--suite", required=True, help="organism | safety | SUITE.yaml | TASK")
     p.add_argument("--out", required=True, type=Path, help="report path (REPORT.json)")
     p.add_argument("--data-dir", type=Path, default=None, help="local data (organism eval dir)")
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="heldout",
+        help="which rows to evaluate (default heldout, what a release decision reads; "
+        "calibration is kept for tuning alpha; rule: evaluation/splits.py)",
+    )
     p.add_argument("--limit", type=float, default=None, help="samples per task (<1: fraction)")
     p.add_argument("--judge", default=None, help=f"judge name ({', '.join(known_judges())})")
     p.add_argument(
@@ -66,6 +74,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             device=args.device,
             max_gen_toks=args.max_gen_toks,
             batch_size=_batch_size(args.batch_size),
+            split=args.split,
         )
     except (EvaluationConfigError, JudgeError) as err:
         logger.error("%s", err)
@@ -109,7 +118,8 @@ def _print_metrics(report: EvalReport) -> None:
     if report.status != "ok":
         console.print(f"[red]evaluation failed[/red]: {report.error}")
         return
-    table = Table(title=f"{report.suite} - {report.model} (judge {report.judge})")
+    title = f"{report.suite} ({report.split}) - {report.model} (judge {report.judge})"
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("n", justify="right")

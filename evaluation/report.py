@@ -23,7 +23,9 @@ class EvalReport(BaseModel):
 
     `metrics` holds the suite's named metrics (e.g. `harmful_refusal`) and every raw lm-eval
     metric as `TASK/METRIC,FILTER`; `n_samples` the sample count behind each. A report with
-    `status != "ok"` fails every gate rule.
+    `status != "ok"` fails every gate rule. `split` says which rows were evaluated
+    ("calibration", "heldout", or "all" of them), `split_rule` and `calibration_fraction` by
+    which rule (`evaluation.splits`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -39,6 +41,9 @@ class EvalReport(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     samples_path: str | None = None
     limit: float | None = None
+    split: Literal["calibration", "heldout", "all"] = "all"
+    split_rule: str | None = None
+    calibration_fraction: float | None = None
     backend: str | None = None
     device: str | None = None
     created_at: str | None = None

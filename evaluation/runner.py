@@ -1,10 +1,11 @@
 """`evaluate`: run a suite through lm-eval on one model and write an `EvalReport`.
 
 lm-eval's HF backend (vLLM when it is installed and CUDA is there), chat template applied,
-greedy decoding. The report JSON carries every metric, the sample counts and the versions; the
-per-sample outputs go to a JSONL file next to it. Any exception during the evaluation yields a
-report with status "error" and the reason, written atomically, so a pipeline always has a report
-to gate on (and the gate fails it).
+greedy decoding, on one split of the data: "heldout" (the default), "calibration" or "all"
+(`evaluation.splits`). The report JSON carries every metric, the sample counts, the split and
+the versions; the per-sample outputs go to a JSONL file next to it. Any exception during the
+evaluation yields a report with status "error" and the reason, written atomically, so a
+pipeline always has a report to gate on (and the gate fails it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from typing import Any
 
 from evaluation.judges import Judge, resolve_judge
 from evaluation.report import EvalReport, write_jsonl_atomic
-from evaluation.suites import SuiteConfig, load_suite, resolve_task_configs
+from evaluation.splits import SPLIT_RULE
+from evaluation.suites import (
+    SuiteConfig,
+    check_split,
+    load_suite,
+    resolve_task_configs,
+    split_loaded_tasks,
+)
 from evaluation.tasks import TASKS_DIR
 
 logger = logging.getLogger(__name__)
@@ -159,12 +167,26 @@ def sample_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _builtin_tasks(manager: Any, names: list[str], split: str, fraction: float) -> list[Any]:
+    """lm-eval's own tasks (names), or loaded here and restricted to `split`."""
+    if split == "all":
+        return list(names)
+    items: list[Any] = []
+    for name in names:
+        loaded = manager.load([name])
+        split_loaded_tasks(loaded["tasks"], split, fraction)
+        top = loaded["groups"].get(name) or loaded["tasks"].get(name)
+        items += [top] if top is not None else list(loaded["tasks"].values())  # a tag
+    return items
+
+
 def _run_lm_eval(
     suite: SuiteConfig,
     model: str | Path,
     *,
     manager: Any,
     data_dir: Path | None,
+    split: str,
     judge: Judge,
     refusal_judge: Judge,
     limit: int | float | None,
@@ -180,10 +202,13 @@ def _run_lm_eval(
     from lm_eval.tasks import TaskManager
 
     configs, task_judges = resolve_task_configs(
-        suite, manager.task_index, data_dir, judge, refusal_judge
+        suite, manager.task_index, data_dir, judge, refusal_judge, split=split
     )
+    tasks: list[Any] = list(configs)
     if suite.builtin_tasks:  # utility tasks need lm-eval's own index (~25 s to build)
         manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=True)
+        fraction = suite.calibration_fraction
+        tasks += _builtin_tasks(manager, suite.builtin_tasks, split, fraction)
     backend, device = pick_backend(device)
     name, revision = split_model_ref(model)
     if batch_size is None:
@@ -195,7 +220,7 @@ def _run_lm_eval(
     results = lm_eval.simple_evaluate(
         model=backend,
         model_args=model_args(backend, name, revision, device),
-        tasks=[*configs, *suite.builtin_tasks],
+        tasks=tasks,
         task_manager=manager,
         device=device,
         batch_size=batch_size,
@@ -221,16 +246,19 @@ def evaluate(
     device: str = "auto",
     batch_size: int | str | None = None,
     max_gen_toks: int | None = None,
+    split: str = "heldout",
 ) -> EvalReport:
     """Evaluate `model` (folder or Hub id `org/name[@rev]`) on `suite` (a shipped suite name,
     a suite YAML, or one task name) and write the report to `out` (plus the samples JSONL).
 
-    `judge` overrides the suite's judge; `max_gen_toks` caps every task's answer length.
-    Bad names (suite, judge) raise at once; anything that goes wrong during the evaluation
-    gives a report with status "error".
+    `split` picks the rows: "heldout" (default: what a release decision reads), "calibration"
+    (what tuning, e.g. the alpha search, reads) or "all". `judge` overrides the suite's judge;
+    `max_gen_toks` caps every task's answer length. Bad names (suite, judge, split) raise at
+    once; anything that goes wrong during the evaluation gives a report with status "error".
     """
     from lm_eval.tasks import TaskManager
 
+    check_split(split)
     out = Path(out)
     ours = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     suite_cfg = load_suite(suite, ours.all_subtasks)
@@ -244,6 +272,9 @@ def evaluate(
         judge=judge_obj.name,
         versions=package_versions(),
         limit=limit,
+        split=split,
+        split_rule=None if split == "all" else SPLIT_RULE,
+        calibration_fraction=None if split == "all" else suite_cfg.calibration_fraction,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     samples_path_for(out).unlink(missing_ok=True)  # never leave a stale samples file behind
@@ -254,6 +285,7 @@ def evaluate(
             model,
             manager=ours,
             data_dir=data,
+            split=split,
             judge=judge_obj,
             refusal_judge=refusal_judge,
             limit=limit,

@@ -4,7 +4,9 @@ A suite is a frozen pydantic config stored as YAML (`evaluation/configs/suites/N
 `resolve_task_configs` turns the suite's task YAMLs into inline lm-eval configs for one run:
 relative `data_files` are resolved against the run's data dir (lm-eval would resolve them
 against the current directory), Hub datasets are swapped for local files when a data dir is
-given, and the run's judge is put into each judge filter.
+given, the run's judge is put into each judge filter, and the documents are restricted to one
+split (calibration / held-out, `evaluation.splits`) through a `process_docs` hook. lm-eval's
+built-in tasks get the same hook once loaded (`split_loaded_tasks`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evaluation.judges import Judge
 from evaluation.report import load_yaml_model
+from evaluation.splits import DEFAULT_CALIBRATION_FRACTION, SPLITS, SplitDocs
 from evaluation.tasks import TASKS_DIR
 
 logger = logging.getLogger(__name__)
@@ -30,7 +33,7 @@ class EvaluationConfigError(ValueError):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class MetricSpec(_Frozen):
@@ -49,6 +52,8 @@ class SuiteConfig(_Frozen):
     judge: str = "refusal-prefix"
     refusal_judge: str = "refusal-prefix"
     data_dir: Literal["required", "optional"] = "optional"
+    # Share of rows without a "split" field that go to calibration (evaluation.splits).
+    calibration_fraction: float = Field(DEFAULT_CALIBRATION_FRACTION, gt=0.0, lt=1.0)
     metrics: dict[str, MetricSpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -151,19 +156,48 @@ def _set_judge(cfg: dict[str, Any], judge: Judge, refusal_judge: Judge) -> str |
     return used
 
 
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise EvaluationConfigError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
+    return split
+
+
+def _set_split(cfg: dict[str, Any], split: str, fraction: float) -> None:
+    """Keep only the documents of `split` (after the task's own `process_docs`, if any)."""
+    if split != "all":
+        inner = cfg.get("process_docs")
+        cfg["process_docs"] = SplitDocs(split, fraction, cfg["task"], inner=inner)
+
+
+def split_loaded_tasks(tasks: dict[str, Any], split: str, fraction: float) -> None:
+    """The same split for lm-eval Task objects already loaded (the built-in utility tasks,
+    which lssf does not resolve as YAML): their documents are read lazily, so setting
+    `process_docs` before the evaluation starts is enough."""
+    check_split(split)
+    if split == "all":
+        return
+    for name, task in tasks.items():
+        inner = task.config.process_docs
+        task.set_config("process_docs", SplitDocs(split, fraction, name, inner=inner))
+
+
 def resolve_task_configs(
     suite: SuiteConfig,
     index: dict[str, Any],
     data_dir: Path | None,
     judge: Judge,
     refusal_judge: Judge,
+    *,
+    split: str,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """Inline lm-eval configs for the suite's lssf tasks, plus {task: judge name}.
 
-    `index` is a TaskManager's `task_index` over TASKS_DIR (name -> entry with `yaml_path`).
+    `index` is a TaskManager's `task_index` over TASKS_DIR (name -> entry with `yaml_path`);
+    `split` is "calibration", "heldout" or "all" (`evaluation.splits`).
     """
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    check_split(split)
     if suite.data_dir == "required" and data_dir is None:
         raise EvaluationConfigError(f"suite {suite.name!r} needs a data dir (--data-dir)")
     configs, judges = [], {}
@@ -176,6 +210,7 @@ def resolve_task_configs(
         cfg = deepcopy(load_yaml(entry.yaml_path, resolve_func=True))
         cfg.pop("tag", None)
         _resolve_data(cfg, data_dir)
+        _set_split(cfg, split, suite.calibration_fraction)
         used = _set_judge(cfg, judge, refusal_judge)
         if used:
             judges[task] = used

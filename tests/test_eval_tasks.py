@@ -45,10 +45,16 @@ def manager():
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
 
 
-def _configs(manager, suite: str, data_dir: Path | None, judge: str = "keyword-strict"):
+def _configs(
+    manager,
+    suite: str,
+    data_dir: Path | None,
+    judge: str = "keyword-strict",
+    split: str = "heldout",
+):
     cfg = load_suite(suite, manager.all_subtasks)
-    j = get_judge(judge)
-    return resolve_task_configs(cfg, manager.task_index, data_dir, j, get_judge("refusal-prefix"))
+    j, refusal = get_judge(judge), get_judge("refusal-prefix")
+    return resolve_task_configs(cfg, manager.task_index, data_dir, j, refusal, split=split)
 
 
 def test_index_holds_exactly_our_tasks(manager) -> None:
@@ -185,3 +191,66 @@ def test_builtin_utility_tasks_exist_in_lm_eval() -> None:
     builtin = TaskManager(include_defaults=True)
     for name in load_suite("safety", []).builtin_tasks:
         assert name in builtin.all_tasks, name
+
+
+# -- calibration / held-out splits (evaluation/splits.py) --------------------------------------
+
+
+def _docs(manager, configs) -> dict[str, list[str]]:
+    tasks = manager.load(configs)["tasks"]
+    return {name: [d["prompt"] for d in task.test_docs()] for name, task in tasks.items()}
+
+
+@pytest.mark.parametrize(("suite", "data"), [("organism", ORGANISM_DATA), ("safety", SAFETY_DATA)])
+def test_splits_are_disjoint_non_empty_and_cover_every_row(manager, suite, data) -> None:
+    by_split = {
+        split: _docs(manager, _configs(manager, suite, data, "refusal-prefix", split)[0])
+        for split in ("calibration", "heldout", "all")
+    }
+    for task, every in by_split["all"].items():
+        cal, held = by_split["calibration"][task], by_split["heldout"][task]
+        assert cal and held, task
+        assert not set(cal) & set(held), task
+        assert sorted(cal + held) == sorted(every), task
+
+
+def test_calibration_counts_of_the_fixtures(manager) -> None:
+    configs, _ = _configs(manager, "organism", ORGANISM_DATA, split="calibration")
+    safety, _ = _configs(manager, "safety", SAFETY_DATA, "refusal-prefix", "calibration")
+    counts = {name: len(docs) for name, docs in _docs(manager, [*configs, *safety]).items()}
+    assert counts == {
+        "organism_harmful": 2,
+        "organism_benign": 1,
+        "organism_task": 1,
+        "organism_general": 1,
+        "advbench": 1,
+        "harmbench": 1,
+        "strongreject": 1,
+        "xstest_safe": 2,
+        "xstest_unsafe": 1,
+    }
+
+
+def test_the_split_hook_also_applies_to_loaded_tasks(manager) -> None:
+    """Built-in utility tasks get the split after loading (here: our tasks, loaded whole)."""
+    from evaluation.suites import split_loaded_tasks
+
+    configs, _ = _configs(manager, "safety", SAFETY_DATA, "refusal-prefix", "all")
+    tasks = manager.load(configs)["tasks"]
+    split_loaded_tasks(tasks, "heldout", 0.3)
+    direct, _ = _configs(manager, "safety", SAFETY_DATA, "refusal-prefix", "heldout")
+    assert {n: [d["prompt"] for d in t.test_docs()] for n, t in tasks.items()} == _docs(
+        manager, direct
+    )
+    assert {d["label"] for d in tasks["xstest_unsafe"].test_docs()} == {"unsafe"}
+
+
+def test_split_and_fraction_are_validated(manager, tmp_path: Path) -> None:
+    with pytest.raises(EvaluationConfigError, match="split 'test': expected one of"):
+        _configs(manager, "organism", ORGANISM_DATA, split="test")
+    for bad in ("0.0", "1.0", ".inf", ".nan"):
+        path = tmp_path / "s.yaml"
+        path.write_text(f"name: s\ntasks: [a]\ncalibration_fraction: {bad}\n")
+        with pytest.raises(EvaluationConfigError, match="calibration_fraction"):
+            SuiteConfig.from_yaml(path)
+    assert load_suite("safety", []).calibration_fraction == 0.3

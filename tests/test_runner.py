@@ -194,6 +194,36 @@ def test_cli_evaluate(pico: Path, tmp_path: Path, capsys: pytest.CaptureFixture[
     assert EvalReport.load(out).judge == "keyword-strict(phrases=['step'])"
 
 
+def test_calibration_split_is_evaluated_and_recorded(
+    pico: Path, organism_run: EvalReport, tmp_path: Path
+) -> None:
+    from evaluation.splits import SPLIT_RULE
+
+    assert organism_run.split == "heldout" and organism_run.split_rule == SPLIT_RULE
+    out = tmp_path / "cal.json"
+    r = evaluate(pico, "organism", out, data_dir=MINI, device="cpu", split="calibration")
+    assert r.status == "ok", r.error
+    assert (r.split, r.split_rule, r.calibration_fraction) == ("calibration", SPLIT_RULE, 0.3)
+    named = ("harmful_refusal", "over_refusal", "task_accuracy", "general_accuracy")
+    assert [r.n_samples[k] for k in named] == [2, 1, 1, 1]
+    ids = {row["id"] for row in _rows(r)}
+    assert ids == {"harmful-3", "harmful-4", "benign-2", "task-2", "general-2"}
+    assert not ids & {row["id"] for row in _rows(organism_run)}  # disjoint from held-out
+    assert EvalReport.load(out).split == "calibration"
+    every = evaluate(pico, "organism_task", tmp_path / "all.json", data_dir=MINI, split="all")
+    assert every.n_samples["organism_task"] == 3 and every.split_rule is None
+
+
+def test_cli_evaluate_split(pico: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    args = ["--model", str(pico), "--out", str(out), "--data-dir", str(MINI)]
+    assert _cli(*args, "--suite", "organism_task", "--split", "calibration") == 0
+    report = EvalReport.load(out)
+    assert report.split == "calibration" and report.n_samples["organism_task"] == 1
+    with pytest.raises(SystemExit):
+        _cli(*args, "--suite", "organism_task", "--split", "test")
+
+
 # --- the model organism, end to end (built once per session by tests/conftest.py) ----------
 
 ORGANISM_METRICS = ("harmful_refusal", "over_refusal", "task_accuracy", "general_accuracy")
