@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from lssf._version import __version__
 from lssf.checkpoint import Checkpoint
+from lssf.config import check_alpha
 from lssf.errors import CheckpointError
 from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, LoraAdapter
 from lssf.outputs import atomic_folder, write_json
@@ -187,7 +188,8 @@ def write_combined_adapter(
     Returns the number of patched tensors written.
     """
     config = adapter.config
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    inputs = [adapter.folder, base.folder, patch.folder]
+    with atomic_folder(out, overwrite=overwrite, inputs=inputs) as tmp:
         writer = AdapterWriter(tmp, dtype or adapter.dtype())
         n_fused = _write_union(writer, adapter, base, patch, alpha, progress)
         n_fused += _write_overrides(writer, adapter, patch, alpha)
@@ -220,11 +222,15 @@ def export_patch_adapter(
 
     Stack it on a fine-tune's adapter at serving time, or apply it to the aligned model itself.
     """
-    patch = patch if isinstance(patch, SafetyPatch) else SafetyPatch.load(Path(patch))
+    alpha = check_alpha(alpha)
+    if isinstance(patch, SafetyPatch):
+        patch.verify()  # its files may have changed since it was loaded
+    else:
+        patch = SafetyPatch.load(Path(patch))
     manifest = patch.manifest
     names = [n for n, rec in manifest.tensors.items() if rec.rank > 0]
     modules = [patch_module(n) for n in names]  # refuse before anything is written
-    with patch, atomic_folder(Path(out), overwrite=overwrite) as tmp:
+    with patch, atomic_folder(Path(out), overwrite=overwrite, inputs=[patch.folder]) as tmp:
         writer = AdapterWriter(tmp, dtype)
         for name, module in tqdm(
             list(zip(names, modules, strict=True)),

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lssf.errors import CheckpointError, PickleRefusedError
-from lssf.st_io import Header, TensorInfo, read_header, read_tensor
+from lssf.st_io import Header, TensorInfo, read_header, read_tensor, short
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -24,25 +24,84 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 NOT_MODEL_WEIGHTS = ("adapter_model.safetensors",)
 
 
+def containment_root(folder: Path) -> Path:
+    """The folder that every file of ``folder`` must resolve inside.
+
+    A model folder's own; but a Hub cache snapshot (``models--org--name/snapshots/SHA``) holds
+    symlinks into its repo's ``blobs``, so there it is the repo's cache folder.
+    """
+    folder = Path(os.path.realpath(folder))
+    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
+        return folder.parent.parent
+    return folder
+
+
+def folder_file(folder: Path, name: str) -> Path | None:
+    """``folder/name`` when it exists, as a regular file resolving inside the folder; else None.
+
+    ``name`` comes from the folder itself or from a fixed list; anything that leaves the folder
+    (absolute path, ``..``, a symlink pointing outside) is refused, never followed.
+    """
+    folder = Path(folder)
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\0" in name:
+        raise CheckpointError(f"{folder}: file name {short(name)} leaves the folder; refused")
+    path = folder / name
+    if not os.path.lexists(path):
+        return None
+    real = Path(os.path.realpath(path))
+    if containment_root(folder) not in real.parents:
+        raise CheckpointError(
+            f"{path} is a symlink that leads outside the model folder; refused (copy the file "
+            "into the folder if it is meant to be there)"
+        )
+    if not real.is_file():
+        raise CheckpointError(f"{path} is not a regular file")
+    return path
+
+
+def _shard_name(index: Path, tensor: object, name: object) -> str:
+    if not isinstance(tensor, str) or not isinstance(name, str):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to file names (strings)")
+    plain = name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+    if not plain or not name.endswith(".safetensors"):
+        raise CheckpointError(
+            f"{index}: weight_map names {short(name)} for tensor {short(tensor)}; shards must be "
+            "*.safetensors files in the model folder itself (no paths)"
+        )
+    return name
+
+
+def read_index(index: Path) -> dict[str, str]:
+    """An index's ``weight_map`` (tensor -> shard file name), every entry checked."""
+    try:
+        raw = json.loads(Path(index).read_bytes())
+    except OSError as exc:
+        raise CheckpointError(f"unreadable index {index}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"unreadable index {index}: {exc.msg} at {exc.pos}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"unreadable index {index}: not JSON text") from exc
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"unreadable index {index}: no weight_map object")
+    return {t: _shard_name(index, t, n) for t, n in weight_map.items()}
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The safetensors files of a model folder, via the index when there is one."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    index = folder / INDEX_NAME
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"unreadable index {index}: {exc}") from exc
-        files = sorted({folder / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.exists()]
+    index = folder_file(folder, INDEX_NAME)
+    if index is not None:
+        names = sorted(set(read_index(index).values()))
+        missing = [n for n in names if folder_file(folder, n) is None]
         if missing:
             raise CheckpointError(f"{index} names missing shard(s): {', '.join(missing)}")
-        return files
+        return [folder / n for n in names]
     files = sorted(p for p in folder.glob("*.safetensors") if p.name not in NOT_MODEL_WEIGHTS)
     if files:
-        return files
+        return [f for f in files if folder_file(folder, f.name)]
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise PickleRefusedError(
@@ -53,15 +112,27 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no *.safetensors weights in {folder}")
 
 
+def check_index(folder: Path, where: dict[str, Path]) -> None:
+    """Every tensor an index lists must be in the shard it names (else loaders fail on it)."""
+    index = folder_file(folder, INDEX_NAME)
+    if index is None:
+        return
+    for tensor, shard in read_index(index).items():
+        if tensor not in where or where[tensor].name != shard:
+            raise CheckpointError(
+                f"{index} maps tensor {short(tensor)} to {shard}, which does not hold it"
+            )
+
+
 class Checkpoint:
     """Headers of every shard, read up front; tensor data read only when asked for.
 
     Use as a context manager so file descriptors are closed.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, files: list[Path] | None = None):
         self.folder = Path(folder)
-        self.files = weight_files(self.folder)
+        self.files = weight_files(self.folder) if files is None else list(files)
         self.headers: list[Header] = [read_header(f) for f in self.files]
         self._where: dict[str, tuple[Header, TensorInfo]] = {}
         for header in self.headers:
@@ -72,6 +143,8 @@ class Checkpoint:
                         f"tensor {name!r} appears in both {other} and {header.path.name}"
                     )
                 self._where[name] = (header, info)
+        if files is None:
+            check_index(self.folder, {n: h.path for n, (h, _) in self._where.items()})
         self._fds: dict[Path, int] = {}
         # Filled by iter_file: SHA-256 of each shard read through it, by file name.
         self.sha256: dict[str, str] = {}
@@ -86,6 +159,9 @@ class Checkpoint:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+    def is_float(self, name: str) -> bool:
+        return self.info(name).torch_dtype.is_floating_point
 
     def names(self) -> list[str]:
         return list(self._where)

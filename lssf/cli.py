@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lssf {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--debug", action="store_true", help="on an error, show the Python traceback too"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_core(sub)
     for ep in sorted(entry_points(group="lssf.commands"), key=lambda e: e.name):
@@ -230,9 +233,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except LssfError as exc:
+    except (LssfError, OSError) as exc:  # bad input or an unusable path: one line, exit 2
+        if args.debug:
+            raise
         print(f"lssf {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a bug in lssf: still one line; --debug shows where
+        if args.debug:
+            raise
+        print(
+            f"lssf {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(rerun with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

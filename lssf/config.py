@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,10 @@ class PatchConfig(BaseModel):
     eta: float = Field(0.85, gt=0.0, le=1.0, description="threshold of the rank rule, in (0, 1]")
     max_rank: int | None = Field(None, ge=1, description="cap on the rank of every tensor")
     weight_top: float = Field(
-        1.0, gt=0.0, description="a_1, weight of the strongest direction (1 = no weighting)"
+        1.0,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="a_1, weight of the strongest direction (1 = no weighting)",
     )
     basis: str = Field("delta-svd", description="how the safety subspace is found")
     include: tuple[str, ...] = Field(DEFAULT_INCLUDE, description="regexes of target tensors")
@@ -67,6 +72,19 @@ class PatchConfig(BaseModel):
             and any(re.search(p, name) for p in self.include)
             and not any(re.search(p, name) for p in self.exclude)
         )
+
+
+# The largest float32: torch applies alpha in float32 and fails on anything above it.
+MAX_ALPHA = 3.4028234663852886e38
+
+
+def check_alpha(alpha: object) -> float:
+    """``alpha`` as a float: a real, finite number that float32 arithmetic can hold."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        raise ConfigError(f"alpha must be a real number, got {alpha!r}")
+    if not math.isfinite(alpha) or abs(alpha) > MAX_ALPHA:
+        raise ConfigError(f"alpha must be finite and at most {MAX_ALPHA:.3g} in size, got {alpha}")
+    return float(alpha)
 
 
 def format_validation_error(source: str, exc: ValidationError) -> str:

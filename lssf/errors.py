@@ -33,3 +33,11 @@ class PatchMismatchError(LssfError):
 
 class OutputExistsError(LssfError, FileExistsError):
     """The output folder exists and overwriting was not asked for."""
+
+
+class PatchIntegrityError(CheckpointError):
+    """A safety patch's factors or manifest were changed after extraction, or disagree."""
+
+
+class OutputError(LssfError):
+    """The output folder cannot be created, written, or safely replaced."""

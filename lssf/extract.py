@@ -14,7 +14,7 @@ from lssf.config import PatchConfig
 from lssf.devices import pick_device
 from lssf.errors import NonFiniteError, ShapeMismatchError
 from lssf.methods import get_rank_rule
-from lssf.outputs import atomic_folder, write_json
+from lssf.outputs import PROVENANCE, atomic_folder, write_json
 from lssf.patch import FACTORS, MANIFEST, PatchManifest, SafetyPatch, TensorRecord, factor_names
 from lssf.sources import SIDE_FILES, hash_files, resolve_source, with_hashes
 from lssf.spectral import (
@@ -24,14 +24,27 @@ from lssf.spectral import (
     safety_factors,
     safety_spectrum,
 )
-from lssf.st_io import AppendingWriter, file_sha256
+from lssf.st_io import AppendingWriter, file_sha256, is_finite
 
 log = logging.getLogger(__name__)
 
 
+def _matched(ckpt: Checkpoint, config: PatchConfig) -> list[str]:
+    """Tensors the patterns select; only floating-point ones are targets, others are skipped."""
+    matched = [n for n in ckpt.names() if config.is_target(n, len(ckpt.info(n).shape))]
+    skipped = [n for n in matched if not ckpt.is_float(n)]
+    if skipped:
+        log.warning(
+            "%d tensor(s) match the target patterns but are not floating-point; not targeted: %s",
+            len(skipped),
+            ", ".join(f"{n} ({ckpt.info(n).dtype})" for n in skipped[:5]),
+        )
+    return [n for n in matched if ckpt.is_float(n)]
+
+
 def target_names(aligned: Checkpoint, reference: Checkpoint, config: PatchConfig) -> list[str]:
     """Target tensors of the aligned model, checked against the reference before any maths."""
-    targets = [n for n in aligned.names() if config.is_target(n, len(aligned.info(n).shape))]
+    targets = _matched(aligned, config)
     if not targets:
         raise ShapeMismatchError(
             f"no tensor of {aligned.folder} matches include={list(config.include)} "
@@ -86,6 +99,11 @@ def patch_tensor(
         top_singular_value=float(spec.s[0]) if spec.s.numel() else 0.0,
         delta_norm=float(torch.linalg.vector_norm(delta.double())),
     )
+    if not (is_finite(u) and is_finite(c)):
+        raise NonFiniteError(
+            f"safety factors of a {list(delta.shape)} tensor overflow float32 (NaN/Inf); "
+            f"weight_top={config.weight_top} is too large"
+        )
     return u.cpu(), c.cpu(), record
 
 
@@ -110,12 +128,15 @@ def extract(
     with Checkpoint(a_dir) as a_ckpt, Checkpoint(r_dir) as r_ckpt:
         targets = target_names(a_ckpt, r_ckpt, config)
         records: dict[str, TensorRecord] = {}
-        with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+        with atomic_folder(Path(out), overwrite=overwrite, inputs=[a_dir, r_dir]) as tmp:
             writer = AppendingWriter(tmp / FACTORS)
             bar = tqdm(targets, desc="extract", unit="tensor", disable=not progress)
             for name in bar:
                 delta = safety_delta(name, a_ckpt.get(name).to(dev), r_ckpt.get(name).to(dev))
-                u, c, records[name] = patch_tensor(delta, config)
+                try:
+                    u, c, records[name] = patch_tensor(delta, config)
+                except NonFiniteError as exc:
+                    raise NonFiniteError(f"tensor {name!r}: {exc}") from exc
                 u_name, c_name = factor_names(name)
                 writer.write(u_name, u)
                 writer.write(c_name, c)
@@ -127,10 +148,23 @@ def extract(
                 aligned=with_hashes(a_rec, _hashes(a_ckpt)),
                 reference=with_hashes(r_rec, _hashes(r_ckpt)),
                 tensors=records,
+                factors_sha256=file_sha256(tmp / FACTORS),
             )
             write_json(tmp / MANIFEST, manifest.model_dump(mode="json"))
+            write_json(tmp / PROVENANCE, patch_provenance(manifest))
     log.info("patch %s: %d tensors, written to %s", manifest.patch_id, len(records), out)
     return SafetyPatch.load(Path(out))
+
+
+def patch_provenance(manifest: PatchManifest) -> dict[str, object]:
+    """Marks the folder as lssf's (``--overwrite`` replaces only such folders)."""
+    return {
+        "tool": "lssf",
+        "lssf_version": __version__,
+        "kind": "patch",
+        "patch_id": manifest.patch_id,
+        "factors_sha256": manifest.factors_sha256,
+    }
 
 
 def _hashes(ckpt: Checkpoint) -> dict[str, str]:

@@ -11,10 +11,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from lssf.checkpoint import INDEX_NAME, Checkpoint
+from lssf.checkpoint import INDEX_NAME, Checkpoint, folder_file
+from lssf.config import check_alpha
 from lssf.devices import pick_device
 from lssf.errors import ConfigError, NonFiniteError, PatchMismatchError, ShapeMismatchError
 from lssf.lora import is_adapter
@@ -23,7 +23,7 @@ from lssf.patch import SafetyPatch
 from lssf.provenance import PROVENANCE, declared_base, model_card, provenance
 from lssf.sources import SIDE_FILES, SourceRecord, hash_files, resolve_source, with_hashes
 from lssf.spectral import fused_weight
-from lssf.st_io import PlannedWriter, TensorSpec
+from lssf.st_io import PlannedWriter, TensorSpec, is_finite
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ def check_compatible(ft: Checkpoint, patch: SafetyPatch) -> None:
                 f"tensor {name!r} has shape {list(shape)} in the fine-tuned model but "
                 f"{list(rec.shape)} in the patch"
             )
+        if not ft.info(name).torch_dtype.is_floating_point:
+            raise ShapeMismatchError(
+                f"tensor {name!r} is {ft.info(name).dtype} in the fine-tuned model {ft.folder}; "
+                "only floating-point tensors can be fused"
+            )
 
 
 def check_lineage(folder: Path, patch: SafetyPatch, force: bool) -> None:
@@ -58,9 +63,7 @@ def check_lineage(folder: Path, patch: SafetyPatch, force: bool) -> None:
         log.warning("%s declares no base model; cannot check it against the patch", folder)
         return
     known = {aligned.ref, aligned.name, aligned.path, aligned.ref.split("@")[0]}
-    same = declared in known or (
-        Path(declared).exists() and str(Path(declared).resolve()) == aligned.path
-    )
+    same = declared in known or _same_folder(folder, declared, aligned.path)
     if same:
         return
     msg = (
@@ -72,10 +75,25 @@ def check_lineage(folder: Path, patch: SafetyPatch, force: bool) -> None:
     log.warning("%s; fusing anyway (forced)", msg)
 
 
+def _same_folder(folder: Path, declared: str, path: str) -> bool:
+    """A path in the card, relative to the model's folder (not to where lssf runs), is ``path``."""
+    try:
+        local = folder / Path(declared).expanduser()
+        return local.exists() and str(local.resolve()) == path
+    except (OSError, ValueError):  # not a usable path (too long, NUL): a Hub id or nonsense
+        return False
+
+
+def side_files(folder: Path) -> dict[str, Path]:
+    """The index, config and tokenizer files present; any that leaves the folder is refused."""
+    found = {name: folder_file(folder, name) for name in (INDEX_NAME, *SIDE_FILES)}
+    return {name: path for name, path in found.items() if path is not None}
+
+
 def _copy_side_files(src: Path, dst: Path) -> None:
-    for name in SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
+    """Content only: the output's files get the umask's permissions, not the source's."""
+    for name, path in side_files(src).items():
+        shutil.copyfile(path, dst / name)
 
 
 def _write_shard(ft, header, dst, patch, alpha, dev, bar) -> int:
@@ -89,8 +107,7 @@ def _write_shard(ft, header, dst, patch, alpha, dev, bar) -> int:
         if info.name in patch.manifest.tensors:
             u, c = patch.factors(info.name)
             tensor = fused_weight(tensor.to(dev), u.to(dev), c.to(dev), alpha).cpu()
-            # A sum is NaN/Inf when any element is; several times cheaper than isfinite().all().
-            if not torch.isfinite(tensor.sum(dtype=torch.float32)):
+            if not is_finite(tensor):
                 raise NonFiniteError(f"fused tensor {info.name!r} has NaN/Inf values")
             fused += 1
         writer.write(info.name, tensor)
@@ -118,7 +135,11 @@ def fuse(
     PEFT LoRA adapter on ``aligned`` (default: the base its config declares); then
     ``format="adapter"`` writes one PEFT adapter holding the fine-tune and the patch instead.
     """
-    patch = patch if isinstance(patch, SafetyPatch) else SafetyPatch.load(Path(patch))
+    alpha = check_alpha(alpha)
+    if isinstance(patch, SafetyPatch):
+        patch.verify()  # its files may have changed since it was loaded
+    else:
+        patch = SafetyPatch.load(Path(patch))
     dev = pick_device(device)
     if format not in ("model", "adapter"):
         raise ConfigError(f"format must be 'model' or 'adapter', got {format!r}")
@@ -141,15 +162,15 @@ def fuse(
     with Checkpoint(folder) as ft, patch:
         check_compatible(ft, patch)
         check_lineage(folder, patch, force)
+        side_files(folder)  # refuse escaping side files before any work
         total = sum(i.nbytes for h in ft.headers for i in h.tensors.values())
-        with atomic_folder(Path(out), overwrite=overwrite) as tmp:
+        inputs = [folder, patch.folder]
+        with atomic_folder(Path(out), overwrite=overwrite, inputs=inputs) as tmp:
             bar = tqdm(total=total, desc="fuse", unit="B", unit_scale=True, disable=not progress)
             n_fused = sum(
                 _write_shard(ft, h, tmp / h.path.name, patch, alpha, dev, bar) for h in ft.headers
             )
             bar.close()
-            if (folder / INDEX_NAME).is_file():
-                shutil.copy2(folder / INDEX_NAME, tmp / INDEX_NAME)
             _copy_side_files(folder, tmp)
             files = dict(ft.sha256)
             files.update(hash_files(folder, list(SIDE_FILES)))

@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 
-from lssf.checkpoint import PICKLE_SUFFIXES, Checkpoint
+from lssf.checkpoint import PICKLE_SUFFIXES, Checkpoint, folder_file
 from lssf.errors import (
     CheckpointError,
     PickleRefusedError,
     ShapeMismatchError,
 )
-from lssf.st_io import Header, TensorInfo, read_header, read_tensor
+from lssf.st_io import Header, TensorInfo, read_header, read_tensor, short
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +121,13 @@ def merged_weight(
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """``adapter_config.json``, refused unless it describes plain LoRA."""
-    path = folder / ADAPTER_CONFIG
+    path = folder_file(folder, ADAPTER_CONFIG)
+    if path is None:
+        raise CheckpointError(f"{folder} has no {ADAPTER_CONFIG}; {SUPPORTED}")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"unreadable adapter config {path}: {exc}") from exc
+        config = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"unreadable adapter config {path}: not JSON") from exc
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     kind = config.get("peft_type")
@@ -146,18 +148,46 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
             f"{path}: init_lora_weights={init!r} also rewrites the base weights, so the adapter "
             f"alone is not the fine-tune; convert it with PEFT first. {SUPPORTED}"
         )
-    for field in ("r", "lora_alpha"):
-        if not isinstance(config.get(field), int | float) or config[field] <= 0:
-            raise CheckpointError(
-                f"{path}: {field} must be a positive number, got {config.get(field)!r}"
-            )
+    _check_numbers(path, config)
     return config
+
+
+def _positive(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
+def _check_numbers(path: Path, config: dict[str, Any]) -> None:
+    """r, lora_alpha and the patterns' values are positive finite numbers; names are strings."""
+    for field in ("r", "lora_alpha"):
+        if not _positive(config.get(field)):
+            raise CheckpointError(
+                f"{path}: {field} must be a positive number, got {short(config.get(field))}"
+            )
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict) or not all(
+            isinstance(k, str) and _positive(v) for k, v in patterns.items()
+        ):
+            raise CheckpointError(
+                f"{path}: {field} must map module patterns to positive numbers, "
+                f"got {short(patterns)}"
+            )
+    saved = config.get("modules_to_save") or []
+    if not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved):
+        raise CheckpointError(
+            f"{path}: modules_to_save must be a list of module names, got {short(saved)}"
+        )
 
 
 def adapter_weights(folder: Path) -> Path:
     """The adapter's safetensors file; pickle-only adapters are refused, never opened."""
-    path = folder / ADAPTER_WEIGHTS
-    if path.is_file():
+    path = folder_file(folder, ADAPTER_WEIGHTS)
+    if path is not None:
         return path
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -193,6 +223,11 @@ def _module(path: Path, name: str, found: dict[str, TensorInfo], config: dict) -
         shapes = {k: list(v.shape) for k, v in found.items()}
         raise ShapeMismatchError(
             f"{path}: module {name!r} needs a 2-D lora_A and lora_B, found {shapes}"
+        )
+    if not (a.torch_dtype.is_floating_point and b.torch_dtype.is_floating_point):
+        raise ShapeMismatchError(
+            f"{path}: module {name!r} has {a.dtype}/{b.dtype} LoRA factors; they must be "
+            "floating-point"
         )
     rank = a.shape[0]
     if rank == 0 or b.shape[1] != rank:
@@ -308,6 +343,12 @@ def check_against_base(adapter: LoraAdapter, base: Checkpoint) -> None:
             raise ShapeMismatchError(
                 f"adapter {adapter.path} changes tensor {name!r}, which base model "
                 f"{base.folder} does not have"
+            )
+        if name in adapter.modules and not base.is_float(name):
+            raise ShapeMismatchError(
+                f"adapter {adapter.path} has a LoRA on tensor {name!r}, which is "
+                f"{base.info(name).dtype} in base model {base.folder}; only floating-point "
+                "tensors can be merged"
             )
         if tuple(base.info(name).shape) != tuple(shape):
             raise ShapeMismatchError(

@@ -8,15 +8,14 @@ patch (``lssf.adapter_out``).
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from lssf.checkpoint import INDEX_NAME, Checkpoint
+from lssf.checkpoint import Checkpoint, folder_file
 from lssf.errors import CheckpointError, PatchMismatchError
-from lssf.fuse import FuseResult, _copy_side_files, _write_shard, check_compatible
+from lssf.fuse import FuseResult, _copy_side_files, _write_shard, check_compatible, side_files
 from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, MergedView, check_against_base
 from lssf.outputs import atomic_folder, write_json
 from lssf.patch import SafetyPatch
@@ -74,10 +73,14 @@ def check_base_lineage(
 def _same_weights(base_dir: Path, aligned: SourceRecord) -> bool:
     """A copy of the aligned model under another name: same weight files, same hashes."""
     weights = {n: h for n, h in aligned.files.items() if n.endswith(".safetensors")}
-    if not weights or any(not (base_dir / n).is_file() for n in weights):
+    try:
+        found = {n: folder_file(base_dir, n) for n in weights}
+    except CheckpointError:
+        return False
+    if not weights or any(p is None for p in found.values()):
         return False
     log.info("comparing %s with the patch's aligned model by content", base_dir)
-    return all(file_sha256(base_dir / n) == h for n, h in weights.items())
+    return all(file_sha256(found[n]) == h for n, h in weights.items())
 
 
 def adapter_record(adapter: LoraAdapter, record: SourceRecord) -> SourceRecord:
@@ -106,6 +109,7 @@ def fuse_adapter(
             check_against_base(adapter, base)
             check_compatible(base, patch)
             check_base_lineage(base_dir, base_rec, patch.manifest.aligned, force)
+            side_files(base_dir)  # refuse escaping side files before any work
             record = adapter_record(adapter, record)
             if output_format == "adapter":
                 from lssf.adapter_out import write_combined_adapter
@@ -142,15 +146,14 @@ def _write_merged(
 ) -> int:
     """The merged fine-tune with the patch fused in, shard by shard like the base."""
     total = sum(i.nbytes for h in view.headers for i in h.tensors.values())
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    inputs = [view.folder, view.adapter.folder, patch.folder]
+    with atomic_folder(out, overwrite=overwrite, inputs=inputs) as tmp:
         bar = tqdm(total=total, desc="fuse", unit="B", unit_scale=True, disable=not progress)
         n_fused = sum(
             _write_shard(view, h, tmp / h.path.name, patch, alpha, view.device, bar)
             for h in view.headers
         )
         bar.close()
-        if (view.folder / INDEX_NAME).is_file():
-            shutil.copy2(view.folder / INDEX_NAME, tmp / INDEX_NAME)
         _copy_side_files(view.folder, tmp)
         files = dict(view.sha256) | hash_files(view.folder, list(SIDE_FILES))
         prov = provenance(patch.manifest, record, alpha, patch.patch_id)

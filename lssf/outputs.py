@@ -1,41 +1,216 @@
-"""Atomic output folders: build in a hidden sibling, rename into place when complete."""
+"""Output folders that never destroy what lssf did not write.
+
+A folder is built in a hidden sibling ``.NAME.tmp-PID-RAND-HOST`` and moved into place when
+complete with a rename that cannot replace anything, so a folder that appears at ``out``
+meanwhile (another run, another user) is never deleted. ``overwrite`` replaces only a folder
+lssf itself wrote, recognised by its provenance file, and never one that is, contains or lies
+inside an input. Temp folders left by killed runs are removed by the next run to the same place.
+Folders and files are created with the process's umask, like any other tool's output.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import glob
 import json
+import logging
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+import socket
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lssf.errors import OutputExistsError
+from lssf.errors import OutputError, OutputExistsError
+
+log = logging.getLogger(__name__)
+
+PROVENANCE = "lssf_provenance.json"
+_KINDS = ("tmp", "old")
+
+
+def _renameat2() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no glibc >= 2.28 (musl, old systems)
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_RENAMEAT2 = _renameat2()
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; ``FileExistsError`` if ``dst`` exists, which is never touched.
+
+    Linux ``renameat2(RENAME_NOREPLACE)`` checks and renames in one atomic step. Where it is
+    missing (other systems, filesystems without the flag: ENOSYS/EINVAL) the fallback checks
+    first and then renames; POSIX ``rename`` of a folder replaces at most an *empty* folder
+    created in that instant, never one holding data (ENOTEMPTY), so nothing can be lost.
+    """
+    if _RENAMEAT2 is not None:
+        args = (_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE)
+        if _RENAMEAT2(*args) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+def is_lssf_output(folder: Path) -> bool:
+    """A folder lssf wrote: it holds a provenance file (a real file) naming lssf as the tool."""
+    prov = Path(folder) / PROVENANCE
+    if Path(folder).is_symlink() or prov.is_symlink() or not prov.is_file():
+        return False
+    try:
+        data = json.loads(prov.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("tool") == "lssf"
+
+
+def _overlap(out: Path, inputs: Iterable[Path]) -> str | None:
+    real = Path(os.path.realpath(out))
+    for given in inputs:
+        inp = Path(os.path.realpath(given))
+        if real == inp:
+            return f"output {out} is the input {given}"
+        if real in inp.parents:
+            return f"output {out} contains the input {given}"
+        if inp in real.parents:
+            return f"output {out} lies inside the input {given}"
+    return None
+
+
+def check_output(out: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
+    """Refuse, before any work, an ``out`` that writing or replacing would destroy data at."""
+    if not out.name or out.name in (".", ".."):
+        raise OutputError(f"output {out} must name a folder to create")
+    problem = _overlap(out, inputs)
+    if problem:
+        raise OutputError(f"{problem}; write the output outside every input folder")
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"output {out} exists; pass overwrite=True (--overwrite)")
+    if out.is_symlink() or not out.is_dir():
+        raise OutputError(f"output {out} is not a folder; lssf replaces only folders it wrote")
+    if not is_lssf_output(out):
+        raise OutputError(
+            f"output {out} exists and was not written by lssf (no {PROVENANCE}); "
+            "--overwrite replaces only lssf's own outputs: remove it yourself or pick another --out"
+        )
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    host = socket.gethostname() or "localhost"
+    return out.with_name(f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}-{host}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or not a pid we can judge: keep its folder
+    return True
+
+
+def _stale(out: Path) -> Iterator[tuple[str, Path]]:
+    """Siblings ``.NAME.tmp-*``/``.NAME.old-*`` of dead processes on this host."""
+    host = socket.gethostname() or "localhost"
+    for kind in _KINDS:
+        prefix = f".{out.name}.{kind}-"
+        for path in out.parent.glob(f"{glob.escape(prefix)}*"):
+            pid, _, rest = path.name.removeprefix(prefix).partition("-")
+            _rand, _, owner = rest.partition("-")
+            if pid.isdigit() and owner == host and not _alive(int(pid)):
+                yield kind, path
+
+
+def clean_stale(out: Path) -> None:
+    """Remove temp folders of dead runs; a dead run's previous output goes back if ``out`` is
+    missing (it was killed between moving it aside and moving the new one in)."""
+    for kind, path in _stale(out):
+        if kind == "old" and not os.path.lexists(out):
+            with contextlib.suppress(OSError):
+                rename_noreplace(path, out)
+                log.warning("restored %s from %s, left by a killed run", out, path.name)
+                continue
+        log.info("removing %s, left by a killed run", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _make_tmp(out: Path) -> Path:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _sibling(out, "tmp")
+        tmp.mkdir()  # mode 0o777 minus the umask, unlike tempfile.mkdtemp's 0o700
+    except OSError as exc:
+        raise OutputError(f"cannot create output {out}: {exc.strerror or exc}") from exc
+    return tmp
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    old = None
+    if overwrite and os.path.lexists(out):
+        check_output(out, overwrite=True, inputs=inputs)  # again: it may have changed meanwhile
+        old = _sibling(out, "old")
+        try:
+            rename_noreplace(out, old)
+        except FileNotFoundError:
+            old = None
+    try:
+        rename_noreplace(tmp, out)
+    except OSError as exc:
+        kept = ""
+        if old is not None:
+            try:
+                rename_noreplace(old, out)
+            except OSError:
+                kept = f"; the previous output is kept at {old}"
+        if isinstance(exc, FileExistsError):
+            raise OutputExistsError(
+                f"output {out} appeared while lssf was writing it; left it untouched{kept}"
+            ) from exc
+        raise OutputError(f"cannot move the output into {out}: {exc.strerror}{kept}") from exc
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def atomic_folder(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(
+    out: Path, *, overwrite: bool = False, inputs: Iterable[Path | str] = ()
+) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success it becomes ``out``.
 
-    On any exception (or a kill) the temporary folder is removed or left as a hidden
-    ``.out.tmp-*`` sibling, never as ``out``. With ``overwrite`` an existing ``out`` is replaced
-    only after the new one is complete.
+    On any exception the temporary folder is removed; after a kill it stays as a hidden
+    ``.NAME.tmp-*`` sibling until the next run to ``out`` removes it, never as ``out``. With
+    ``overwrite`` an existing ``out`` that lssf wrote is replaced only after the new one is
+    complete. ``inputs`` are the folders read: ``out`` may not be, contain or lie inside one.
     """
     out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output {out} exists; pass overwrite=True (--overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    inputs = [Path(p) for p in inputs]
+    if out.name and out.parent.is_dir():
+        clean_stale(out)  # first: it may put back a previous output a killed run moved aside
+    check_output(out, overwrite=overwrite, inputs=inputs)
+    tmp = _make_tmp(out)
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        _publish(tmp, out, overwrite, inputs)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,30 +10,39 @@ from typing import Any
 import yaml
 
 from lssf._version import __version__
+from lssf.checkpoint import folder_file
+from lssf.outputs import PROVENANCE
 from lssf.patch import PatchManifest
 from lssf.sources import SourceRecord
 
-PROVENANCE = "lssf_provenance.json"
+__all__ = ["PROVENANCE", "declared_base", "model_card", "provenance"]
 
 
 def declared_base(folder: Path) -> str | None:
-    """The base model a fine-tune declares: model card ``base_model``, else PEFT's config."""
-    card = folder / "README.md"
-    if card.is_file():
+    """The base model a fine-tune declares: model card ``base_model``, else PEFT's config.
+
+    Files that leave the folder (symlinks) are refused, as everywhere (``folder_file``).
+    """
+    card = folder_file(folder, "README.md")
+    if card is not None:
         match = re.match(r"^---\n(.*?)\n---", card.read_text(errors="replace"), re.S)
         if match:
             try:
                 meta = yaml.safe_load(match.group(1)) or {}
-            except yaml.YAMLError:
+            except (yaml.YAMLError, RecursionError):
                 meta = {}
             base = meta.get("base_model") if isinstance(meta, dict) else None
             if isinstance(base, list) and base:
                 base = base[0]
             if isinstance(base, str):
                 return base
-    adapter = folder / "adapter_config.json"
-    if adapter.is_file():
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+    adapter = folder_file(folder, "adapter_config.json")
+    if adapter is not None:
+        try:
+            config = json.loads(adapter.read_bytes())
+        except (OSError, ValueError, RecursionError):
+            return None
+        base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
         return base if isinstance(base, str) and base else None
     return None
 

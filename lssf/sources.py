@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from lssf.checkpoint import folder_file
 from lssf.errors import CheckpointError
 from lssf.st_io import file_sha256
 
@@ -64,9 +65,16 @@ class SourceRecord(BaseModel):
         return self.repo_id or self.path
 
 
+def _exists(path: str | Path) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):  # a name too long, or with a NUL: not a folder
+        return False
+
+
 def split_ref(ref: str) -> tuple[str, str | None]:
     """``"org/name@rev"`` -> ``("org/name", "rev")``; a local path never splits."""
-    if "@" in ref and not Path(ref).exists():
+    if "@" in ref and not _exists(ref):
         name, _, rev = ref.rpartition("@")
         return name, rev or None
     return ref, None
@@ -81,7 +89,9 @@ def folder_revision(files: dict[str, str]) -> str:
 
 
 def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
-    return {n: file_sha256(folder / n) for n in names if (folder / n).is_file()}
+    """SHA-256 of each named file present; names leaving the folder are refused."""
+    found = {n: folder_file(folder, n) for n in names}
+    return {n: file_sha256(p) for n, p in found.items() if p is not None}
 
 
 def _download(repo_id: str, revision: str | None, cache_dir: Path | None) -> tuple[Path, str]:
@@ -102,6 +112,11 @@ def _download(repo_id: str, revision: str | None, cache_dir: Path | None) -> tup
         raise CheckpointError(
             f"Hub download of {repo_id}@{revision or 'main'} failed: {exc}"
         ) from exc
+    except Exception as exc:  # offline mode, DNS, TLS, disk: whatever the client raises
+        raise CheckpointError(
+            f"Hub download of {repo_id}@{revision or 'main'} failed ({type(exc).__name__}: "
+            f"{exc}); check the network and HF_HUB_OFFLINE, or pass a local folder"
+        ) from exc
     if not sha:
         raise CheckpointError(f"Hub did not report a commit for {repo_id}@{revision}")
     return Path(path), sha
@@ -115,9 +130,14 @@ def resolve_source(ref: str | Path, *, cache_dir: Path | None = None) -> tuple[P
     ref = str(ref)
     name, revision = split_ref(ref)
     local = Path(name).expanduser()
-    if local.exists():
+    if _exists(local):
         if not local.is_dir():
             raise CheckpointError(f"{local} is a file; expected a model folder")
+        if revision is not None:
+            raise CheckpointError(
+                f"{ref!r}: {local} is a local folder, which has no revisions; drop @{revision} "
+                "(or name a Hub id org/name@revision)"
+            )
         folder = local.resolve()
         return folder, SourceRecord(ref=ref, kind="local", revision="", path=str(folder))
     if not HUB_ID.match(name):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lssf.errors import CheckpointError
+from lssf.errors import CheckpointError, NonFiniteError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -71,53 +72,103 @@ def _corrupt(path: Path, why: str) -> CheckpointError:
     return CheckpointError(f"corrupt or truncated safetensors file {path}: {why}")
 
 
+def short(value: object, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: messages name a bad value, never dump it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     if not isinstance(entry, dict) or {"dtype", "shape", "data_offsets"} - entry.keys():
-        raise _corrupt(path, f"tensor {name!r} has a malformed header entry {entry!r}")
+        raise _corrupt(path, f"tensor {short(name)} has a malformed header entry")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
-        raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise _corrupt(path, f"tensor {name!r} has invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1]):
-        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise _corrupt(path, f"tensor {short(name)} has unknown dtype {short(dtype)}")
+    if not (isinstance(shape, list) and all(_is_int(d) and 0 <= d < 2**62 for d in shape)):
+        raise _corrupt(path, f"tensor {short(name)} has invalid shape {short(shape)}")
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(_is_int(o) for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
+        raise _corrupt(path, f"tensor {short(name)} has invalid data_offsets {short(offsets)}")
     numel = 1
     for d in shape:
         numel *= d
     itemsize = torch.empty(0, dtype=DTYPES[dtype]).element_size()
     if offsets[1] - offsets[0] != numel * itemsize:
-        raise _corrupt(path, f"tensor {name!r} spans {offsets} bytes for shape {shape} {dtype}")
+        raise _corrupt(
+            path, f"tensor {short(name)} spans {offsets} bytes for shape {short(shape)} {dtype}"
+        )
     return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+def _metadata(path: Path, raw: object) -> dict[str, str]:
+    """``__metadata__``: absent, or strings to strings (the safetensors library refuses else)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise _corrupt(path, f"__metadata__ is a {type(raw).__name__}, not a JSON object")
+    bad = [k for k, v in raw.items() if not isinstance(v, str)]
+    if bad:
+        raise _corrupt(path, f"__metadata__ value(s) of {short(bad)} are not strings")
+    return dict(raw)
+
+
+def _raw_header(path: Path) -> tuple[dict, int, int]:
+    """The header's JSON object, its length and the file's size.
+
+    Error messages say what is wrong, never the bytes found: the file may be anything.
+    """
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise _corrupt(path, "not a regular file")
+        size = st.st_size
+        with path.open("rb") as fh:
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise _corrupt(path, "file is shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise _corrupt(path, "the header length does not fit the file")
+            text = fh.read(n).decode("utf-8")
+        raw = json.loads(text)
+    except OSError as exc:
+        raise _corrupt(path, f"unreadable ({exc.strerror or type(exc).__name__})") from exc
+    except UnicodeDecodeError as exc:
+        raise _corrupt(path, "the header is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise _corrupt(path, f"the header is not valid JSON ({exc.msg} at {exc.pos})") from exc
+    except (ValueError, RecursionError) as exc:
+        raise _corrupt(path, "the header is not valid JSON") from exc
+    if not isinstance(raw, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    return raw, n, size
 
 
 def read_header(path: Path) -> Header:
     """Parse and validate a safetensors header; the data must tile the rest of the file exactly."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            prefix = fh.read(8)
-            if len(prefix) < 8:
-                raise _corrupt(path, f"file is {size} bytes, shorter than the 8-byte prefix")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > min(MAX_HEADER_BYTES, size - 8):
-                raise _corrupt(path, f"header length {n} does not fit a {size}-byte file")
-            raw = json.loads(fh.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _corrupt(path, f"unreadable header ({exc})") from exc
-    if not isinstance(raw, dict):
-        raise _corrupt(path, "header is not a JSON object")
-    metadata = raw.pop("__metadata__", None) or {}
+    raw, n, size = _raw_header(path)
+    metadata = _metadata(path, raw.pop("__metadata__", None))
     data_start = 8 + n
     tensors = {name: _parse_entry(path, name, e, data_start) for name, e in raw.items()}
     end = data_start
     for info in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
         if info.start != end:
-            raise _corrupt(path, f"tensor {info.name!r} starts at byte {info.start}, not {end}")
+            raise _corrupt(
+                path, f"tensor {short(info.name)} starts at byte {info.start}, not {end}"
+            )
         end = info.end
     if end != size:
         raise _corrupt(path, f"data should end at byte {end} but the file has {size} bytes")
-    return Header(path, tensors, dict(metadata), data_start)
+    return Header(path, tensors, metadata, data_start)
 
 
 def read_tensor(fd: int, info: TensorInfo, hasher: hashlib._Hash | None = None) -> torch.Tensor:
@@ -158,6 +209,36 @@ class TensorSpec:
         return n
 
 
+_SUMMABLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def is_finite(tensor: torch.Tensor) -> bool:
+    """No NaN/Inf in ``tensor`` (always true for integer and bool tensors).
+
+    A sum is NaN/Inf when any element is, and several times cheaper than ``isfinite().all()``;
+    only when the sum is not finite (NaN/Inf, or finite values overflowing it) is every element
+    checked.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    t = tensor if tensor.dtype in (*_SUMMABLE, torch.float64) else tensor.float()  # float8
+    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if torch.isfinite(t.sum(dtype=acc)):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def check_finite(name: str, tensor: torch.Tensor, where: Path) -> None:
+    if not is_finite(tensor):
+        raise NonFiniteError(f"tensor {name!r} to be written to {where} has NaN/Inf values")
+
+
+def _check_metadata(path: Path, metadata: dict[str, str]) -> dict[str, str]:
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(f"{path}: safetensors metadata must map strings to strings")
+    return metadata
+
+
 def _header_bytes(specs: Iterable[TensorSpec], metadata: dict[str, str]) -> bytes:
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -189,8 +270,9 @@ class PlannedWriter:
         self.path = Path(path)
         self._specs = list(specs)
         self._next = 0
+        header = _header_bytes(self._specs, _check_metadata(path, metadata or {"format": "pt"}))
         self._fh = self.path.open("wb")
-        self._fh.write(_header_bytes(self._specs, metadata or {"format": "pt"}))
+        self._fh.write(header)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._specs):
@@ -201,6 +283,7 @@ class PlannedWriter:
                 f"{self.path}: expected {spec.name!r} {spec.dtype} {spec.shape}, "
                 f"got {name!r} {tensor.dtype} {tuple(tensor.shape)}"
             )
+        check_finite(name, tensor, self.path)
         self._fh.write(_tensor_bytes(tensor))
         self._next += 1
 
@@ -220,12 +303,17 @@ class AppendingWriter:
 
     def __init__(self, path: Path, metadata: dict[str, str] | None = None):
         self.path = Path(path)
+        self._metadata = _check_metadata(self.path, metadata or {"format": "pt"})
         self._body_path = self.path.with_name(self.path.name + ".body")
         self._body = self._body_path.open("wb")
         self._specs: list[TensorSpec] = []
-        self._metadata = metadata or {"format": "pt"}
+        self._names: set[str] = set()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is written twice")
+        check_finite(name, tensor, self.path)
+        self._names.add(name)
         self._specs.append(TensorSpec(name, tensor.dtype, tuple(tensor.shape)))
         self._body.write(_tensor_bytes(tensor))
 

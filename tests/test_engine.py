@@ -19,6 +19,7 @@ from lssf import SafetyPatch, extract, fuse
 from lssf.errors import (
     CheckpointError,
     NonFiniteError,
+    OutputError,
     OutputExistsError,
     PatchMismatchError,
     PickleRefusedError,
@@ -218,14 +219,22 @@ def test_patch_from_another_aligned_model_is_refused_unless_forced(patch, trio, 
 
 
 def test_existing_output_is_kept_unless_overwrite(patch, trio, tmp_path):
+    # --overwrite replaces only a folder lssf wrote (issue #9): the existing `out` is an earlier
+    # lssf output with a file of the user's added; a foreign folder is never replaced.
     out = tmp_path / "out"
-    out.mkdir()
+    fuse(trio["finetuned"], patch, out, alpha=0.5)
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError):
         fuse(trio["finetuned"], patch, out)
     assert (out / "keep.txt").read_text() == "mine"
     fuse(trio["finetuned"], patch, out, overwrite=True)
     assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not written by lssf"):
+        fuse(trio["finetuned"], patch, foreign, overwrite=True)
+    assert (foreign / "keep.txt").read_text() == "mine"
 
 
 def test_killed_fuse_leaves_no_output(patch, trio, tmp_path):
