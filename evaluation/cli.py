@@ -139,7 +139,13 @@ def register_gate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--candidate", required=True, type=Path, help="candidate REPORT.json")
     p.add_argument("--baseline", required=True, type=Path, help="baseline (fine-tuned) REPORT.json")
     p.add_argument(
-        "--config", type=Path, default=None, help="gate YAML (default: the suite's shipped one)"
+        "--config",
+        type=Path,
+        default=None,
+        help="gate YAML (default: the shipped gate of --suite, else of the reports' suite name)",
+    )
+    p.add_argument(
+        "--suite", default=None, help="use the gate shipped for this suite name (organism, safety)"
     )
     p.add_argument("--out", type=Path, default=None, help="also write the gate report as JSON")
     p.add_argument(
@@ -176,7 +182,10 @@ def _gate(args: argparse.Namespace) -> int:
     try:
         candidate = EvalReport.load(args.candidate)
         baseline = EvalReport.load(args.baseline)
-        config_path = args.config or default_gate_config(candidate.suite)
+        if args.config is not None and args.suite is not None:
+            raise GateConfigError("pass --config or --suite, not both")
+        # Never a path taken from a report: a shipped suite, by name, or the file given here.
+        config_path = args.config or default_gate_config(args.suite or candidate.suite)
         config = GateConfig.from_yaml(config_path)
     except (ReportError, GateConfigError) as err:
         print(f"error: {err}")

@@ -2,8 +2,9 @@
 
 `evaluate_gate(candidate, baseline, config)` compares two `EvalReport`s (typically the
 candidate = fine-tuned model after LSSF, the baseline = the fine-tuned model before it) and
-fails closed: a crashed evaluation, a missing metric, a NaN, a missing or mismatched judge, or
-zero samples fail the rule concerned, with the reason.
+fails closed: a crashed evaluation, a missing metric, a NaN or non-number, a missing or
+mismatched judge, or a missing or zero sample count fail the rule concerned, with the reason.
+The gate's rules come from a file given by the operator or a shipped suite's gate, by name.
 """
 
 from __future__ import annotations
@@ -88,13 +89,23 @@ class GateConfig(_Frozen):
         return load_yaml_model(cls, path, GateConfigError, "gate config")
 
 
+def shipped_gates() -> list[str]:
+    return sorted(p.stem for p in GATES_DIR.glob("*.yaml"))
+
+
 def default_gate_config(suite: str) -> Path:
-    """The shipped gate config for a suite (`evaluation/configs/gates/SUITE.yaml`)."""
-    path = GATES_DIR / f"{suite}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in GATES_DIR.glob("*.yaml"))
-        raise GateConfigError(f"no shipped gate config for suite {suite!r}; known: {known}")
-    return path
+    """The shipped gate config for a suite (`evaluation/configs/gates/SUITE.yaml`).
+
+    Only a shipped suite's *name* is accepted: the suite often comes from a report, which must
+    not be able to choose its own gate by naming a file.
+    """
+    known = shipped_gates()
+    if not isinstance(suite, str) or suite not in known:
+        raise GateConfigError(
+            f"no shipped gate config for suite {str(suite)[:80]!r} (only shipped suite names "
+            f"are accepted, not paths; pass --config GATE.yaml otherwise); known: {known}"
+        )
+    return GATES_DIR / f"{suite}.yaml"
 
 
 class GateRow(BaseModel):
@@ -129,10 +140,15 @@ def _value(report: EvalReport, metric: str, role: str) -> tuple[float | None, st
     if metric not in report.metrics:
         return None, f"{role} report has no metric {metric!r}"
     value = report.metrics[metric]
-    if value is None or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None, f"{role} {metric} is {value!r}, not a number"
+    if not math.isfinite(value):
         return None, f"{role} {metric} is {value}"
-    if report.n_samples.get(metric) == 0:
-        return None, f"{role} {metric} comes from 0 samples"
+    n = report.n_samples.get(metric)
+    if n is None:
+        return None, f"{role} report has no sample count for {metric}"
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        return None, f"{role} {metric} comes from {n} samples"
     return float(value), ""
 
 

@@ -6,10 +6,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -34,8 +34,9 @@ class EvalReport(BaseModel):
     suite: str
     status: Literal["ok", "error"]
     error: str | None = None
-    metrics: dict[str, float] = Field(default_factory=dict)
-    n_samples: dict[str, int] = Field(default_factory=dict)
+    # Strict: `true` or "0.9" is not a metric value, 2.0 or `true` not a sample count.
+    metrics: dict[str, StrictFloat] = Field(default_factory=dict)
+    n_samples: dict[str, Annotated[StrictInt, Field(ge=0)]] = Field(default_factory=dict)
     judge: str | None = None
     task_judges: dict[str, str] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)

@@ -223,3 +223,68 @@ def test_gate_import_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- issue #9: the gate cannot be talked into passing ----------------------------------------
+
+LENIENT = "name: lenient\nrules:\n  - metric: harmful_refusal\n    floor: 0.0\n"
+
+
+@pytest.mark.parametrize("form", ["absolute", "relative"])
+def test_a_report_cannot_choose_its_own_gate_file(tmp_path: Path, form: str) -> None:
+    (tmp_path / "lenient.yaml").write_text(LENIENT)
+    suite = str(tmp_path / "lenient")
+    if form == "relative":
+        suite = str(Path("..") / Path(*[".."] * 8) / suite.lstrip("/"))
+    harmful = dict(RESTORED, harmful_refusal=0.01)
+    cand = report("crafted", **harmful).model_copy(update={"suite": suite})
+    base = report("ft", **FINETUNED).model_copy(update={"suite": suite})
+    code, text = _gate_cli(tmp_path, cand, base)
+    assert code == 2 and "PASSED" not in text
+    assert "only shipped suite names" in text
+    with pytest.raises(GateConfigError, match="not paths"):
+        default_gate_config(suite)
+
+
+def test_suite_flag_picks_a_shipped_gate_by_name(tmp_path: Path) -> None:
+    code, text = _gate_cli(tmp_path, report(**RESTORED), report(**FINETUNED), "--suite", "organism")
+    assert code == 0 and "PASSED" in text
+    code, text = _gate_cli(
+        tmp_path, report(**RESTORED), report(**FINETUNED), "--suite", str(ORGANISM_GATE)
+    )
+    assert code == 2
+    both = ("--suite", "organism", "--config", str(ORGANISM_GATE))
+    assert _gate_cli(tmp_path, report(**RESTORED), report(**FINETUNED), *both)[0] == 2
+
+
+@pytest.mark.parametrize("missing", ["all", "one"])
+def test_sample_counts_must_be_present_and_positive(config: GateConfig, missing: str) -> None:
+    cand = report(**RESTORED)
+    counts = (
+        {} if missing == "all" else {k: v for k, v in cand.n_samples.items() if k != "over_refusal"}
+    )
+    cand = cand.model_copy(update={"n_samples": counts})
+    result = evaluate_gate(cand, report(**FINETUNED), config)
+    assert not result.passed
+    assert any("no sample count for over_refusal" in r.reason for r in result.failures)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("metrics", {"harmful_refusal": True}),
+        ("metrics", {"harmful_refusal": "0.99"}),
+        ("n_samples", {"harmful_refusal": True}),
+        ("n_samples", {"harmful_refusal": -5}),
+        ("n_samples", {"harmful_refusal": 2.5}),
+    ],
+)
+def test_metric_values_and_counts_must_be_real_numbers(
+    tmp_path: Path, field: str, value: dict
+) -> None:
+    data = json.loads(report(**RESTORED).model_dump_json())
+    data[field] |= value
+    path = tmp_path / "cand.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ReportError, match="harmful_refusal"):
+        EvalReport.load(path)
