@@ -146,10 +146,12 @@ def clean_stale(out: Path) -> None:
     missing (it was killed between moving it aside and moving the new one in)."""
     for kind, path in _stale(out):
         if kind == "old" and not os.path.lexists(out):
-            with contextlib.suppress(OSError):
+            try:
                 rename_noreplace(path, out)
                 log.warning("restored %s from %s, left by a killed run", out, path.name)
-                continue
+            except OSError:
+                log.warning("could not restore %s from %s; left it there", out, path)
+            continue
         log.info("removing %s, left by a killed run", path)
         shutil.rmtree(path, ignore_errors=True)
 
@@ -160,7 +162,11 @@ def _make_tmp(out: Path) -> Path:
         tmp = _sibling(out, "tmp")
         tmp.mkdir()  # mode 0o777 minus the umask, unlike tempfile.mkdtemp's 0o700
     except OSError as exc:
-        raise OutputError(f"cannot create output {out}: {exc.strerror or exc}") from exc
+        blocker = next((p for p in out.parents if os.path.lexists(p)), None)
+        why = exc.strerror or str(exc)
+        if blocker is not None and not blocker.is_dir():
+            why = f"{blocker} is a file, not a folder"
+        raise OutputError(f"cannot create output {out}: {why}") from exc
     return tmp
 
 

@@ -54,14 +54,15 @@ class PatchManifest(BaseModel):
 
     @property
     def patch_id(self) -> str:
-        """Id of (aligned revision, reference revision, parameters, factors' content, ranks)."""
+        """Id of the whole manifest but the tool version: sources, parameters, factors' content
+        and every tensor's record, so no edit of a patch keeps its id."""
         key = {
             "aligned": [self.aligned.name, self.aligned.revision],
             "reference": [self.reference.name, self.reference.revision],
             "config": self.config.model_dump(mode="json"),
             "format": self.format_version,
             "factors": self.factors_sha256,
-            "tensors": {n: [list(r.shape), r.rank] for n, r in sorted(self.tensors.items())},
+            "tensors": {n: r.model_dump(mode="json") for n, r in self.tensors.items()},
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 

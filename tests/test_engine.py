@@ -258,6 +258,10 @@ def test_killed_fuse_leaves_no_output(patch, trio, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()
+    # The next run removes the killed run's temp folder (issue #9).
+    assert [p for p in out.parent.iterdir() if p.name.startswith(".out.tmp-")]
+    fuse(trio["finetuned"], patch, out, progress=False)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".out.tmp-")]
 
 
 def test_non_finite_finetune_is_refused_when_fusing(patch, trio, tmp_path):

@@ -14,6 +14,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lssf import PatchConfig, SafetyPatch, export_patch_adapter, extract, fuse
+from lssf import PatchConfig, SafetyPatch, export_patch_adapter, extract, fuse, outputs
 from lssf.checkpoint import INDEX_NAME, Checkpoint
 from lssf.cli import main
 from lssf.config import load_yaml_config
@@ -130,6 +131,17 @@ def test_overwrite_rechecks_before_the_final_rename(tmp_path):
         out.mkdir()
         (out / "theirs.txt").write_text("theirs")
     assert listing(out) == ["theirs.txt"]
+
+
+def test_the_final_rename_never_replaces(tmp_path):
+    """renameat2(RENAME_NOREPLACE) on Linux; even an empty folder at the target is kept."""
+    if sys.platform.startswith("linux"):
+        assert outputs._RENAMEAT2 is not None
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    with pytest.raises(FileExistsError):
+        outputs.rename_noreplace(tmp_path / "src", tmp_path / "dst")
+    assert listing(tmp_path) == ["dst", "src"]
 
 
 def test_two_concurrent_runs_to_one_out_one_fails(tmp_path):
@@ -564,6 +576,7 @@ def test_malformed_input_is_exit_2_and_one_line(trio, patch_dir, tmp_path, capsy
     assert len(lines) == 1 and lines[0].startswith("lssf fuse: error: "), err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists()
+    print(lines[0])  # shown with -rP: the message a user gets
 
 
 def test_debug_shows_the_traceback(trio, patch_dir, tmp_path):
