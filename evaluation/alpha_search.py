@@ -87,7 +87,7 @@ class AlphaSearchConfig(BaseModel):
         "probe failing only on them is too weak (any other failing rule: too strong)",
     )
     grid: tuple[float, ...] | None = Field(
-        None, min_length=1, description="alphas to evaluate in mode 'grid' (each > 0, distinct)"
+        None, description="alphas to evaluate in mode 'grid' (at least one; each > 0, distinct)"
     )
 
     @model_validator(mode="after")
@@ -105,7 +105,7 @@ class AlphaSearchConfig(BaseModel):
 
 
 def _grid_errors(grid: tuple[float, ...] | None, budget: int) -> list[str]:
-    if grid is None:
+    if not grid:
         return ["mode 'grid' needs a grid (the alphas to evaluate)"]
     errors = []
     bad = [a for a in grid if not a > 0]

@@ -2,7 +2,9 @@
 
 Builds (or reuses) the organism, drops its fine-tuned model into a local watch folder, runs the
 watcher with realign inline under Prefect (a temporary local server, nothing to set up), and
-records everything in a SQLite MLflow store under the work folder. Running it again registers
+records everything in a SQLite MLflow store under the work folder. The printed table is the
+alpha search on the calibration split, then the chosen alpha against the fine-tune on the
+held-out split, whose gate verdict decides. Running it again registers
 nothing new: the watcher finds the candidate's finished run and skips it.
 """
 
@@ -118,7 +120,7 @@ def render(result: DemoResult) -> str:
         "",
         s["table"] or "(no table recorded)",
         "",
-        f"Gate verdict: {(s['verdict'] or 'n/a').upper()}. {s['reason']}",
+        f"Gate verdict (held-out split): {(s['verdict'] or 'n/a').upper()}. {s['reason']}",
     ]
     if s["version"]:
         aliases = ", ".join(s["aliases"]) or "none"

@@ -1,8 +1,13 @@
-"""`realign(finetuned, family)`: patch, fuse, evaluate, gate and register one fine-tune.
+"""`realign(finetuned, family)`: patch, choose alpha, confirm, gate and register one fine-tune.
 
-Only puts tasks in order; every step is a task in `tasks/`. Safe to kill and start again: a
-finished record is returned as is, completed outputs are reused, and registration is keyed by
-repo@revision so a restart never makes a second version.
+Only puts tasks in order; every step is a task in `tasks/` or a pure helper. The fine-tune is
+evaluated on the calibration and the held-out split; the alpha search
+(`evaluation.alpha_search`) proposes alphas, each fused, evaluated on calibration and gated by
+the calibration gate (the family's gate with a safety margin); the chosen alpha is evaluated
+once on held-out and gated against the held-out baseline, and only that verdict decides
+registration. Safe to kill and start again: a finished record is returned as is, completed
+outputs are reused (the search replays them and proposes the same alphas), and registration is
+keyed by repo@revision so a restart never makes a second version.
 """
 
 from __future__ import annotations
@@ -13,15 +18,18 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
+from evaluation.alpha_search import AlphaSearch, AlphaSearchConfig, calibration_gate
+from evaluation.gates import GateConfig
 from tasks import realign_tasks as rt
 from tasks import record_tasks as rec
 from tasks.config import FamilyConfig, PipelineConfig, load_config
 from tasks.registry import CANDIDATE_ALIAS, CHAMPION_ALIAS
-from tasks.report import Trial, before_after_table, best_effort, choose, summary_markdown
+from tasks.report import HeldoutResult, SearchRecord, named, summary_markdown, summary_table
 from tasks.sources import Candidate
 from tasks.watch_tasks import use_hf_token
 
 DEFAULT_CONFIG = "configs/organism.yaml"
+_SPLITS = ("calibration", "heldout")
 
 
 @flow(name="realign", flow_run_name="realign-{family}")
@@ -89,9 +97,18 @@ def _params(cand: Candidate, fam: FamilyConfig, a_rev: str, r_rev: str) -> dict[
         "eta": patch.eta,
         "max_rank": patch.max_rank,
         "weight_top": patch.weight_top,
-        "alphas": ",".join(f"{a:g}" for a in fam.alphas),
         "suite": fam.suite,
-    }
+    } | _search_params(fam.search_config())
+
+
+def _search_params(search: AlphaSearchConfig) -> dict[str, Any]:
+    """The search's settings as `alpha_search.*` params (lists as comma-separated text)."""
+    params: dict[str, Any] = {}
+    for name, value in search.model_dump(exclude_none=True).items():
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        params[f"alpha_search.{name}"] = value
+    return params
 
 
 @dataclass(frozen=True)
@@ -117,107 +134,172 @@ def _realign_body(job: _Job) -> dict[str, Any]:
     fam, cfg = job.fam, job.cfg
     uri, experiment, artifact_root = _ids(cfg)
     state = str(cfg.resolved_state_dir())
+    search_cfg = fam.search_config()  # a margin that makes the gate impossible fails here, early
+    cal_gate = calibration_gate(fam.gate_config(), search_cfg.margin, search_cfg.safety_metrics)
     patch_dir = rt.get_or_build_patch(
         fam.aligned, fam.reference, fam.patch, job.patch_key, state, uri, experiment, artifact_root
     )
     ft_dir = rt.materialize(job.cand.spec, job.cand.revision)
-    evals = _evaluate_all(fam, ft_dir, patch_dir, job.work)
-    trials = _gate_all(fam, evals, job.work)
-    chosen = choose(trials, fam.utility_metrics)
-    table = before_after_table(named(rec.metrics_of(evals["baseline"])), trials)
-    reason = _reason(chosen, trials)
-    get_run_logger().info("gate verdict for %s: %s", job.cand.key, reason)
+    base = {s: _evaluate(job, ft_dir, _baseline_path(job, s), s) for s in _SPLITS}
+    search = _search(job, ft_dir, patch_dir, base["calibration"], cal_gate)
+    heldout = _confirm(job, ft_dir, patch_dir, search.chosen(), base["heldout"])
+    record = _record(job, search, cal_gate, base, heldout)
+    reason = _reason(record)
+    get_run_logger().info("held-out verdict for %s: %s", job.cand.key, reason)
     patch_id = _patch_id(patch_dir)
-    _log_evidence(job, evals, trials, chosen, patch_dir, patch_id, table)
-    version = _register(job, chosen, patch_id) if chosen is not None else None
-    rec.close_record(uri, job.run_id, "passed" if chosen else "rejected", reason)
-    verdict = "pass" if chosen else "fail"
-    summary = summary_markdown(job.cand.key, table, verdict, reason, version)
+    table = summary_table(record)
+    _log_evidence(job, base, record, patch_dir, patch_id, table)
+    passed = heldout is not None and heldout.passed
+    version = _register(job, heldout.alpha, patch_id) if heldout and passed else None
+    rec.close_record(uri, job.run_id, "passed" if passed else "rejected", reason)
+    summary = summary_markdown(job.cand.key, table, "pass" if passed else "fail", reason, version)
     rec.publish_summary(summary, key=f"realign-{rt.slug(job.cand.key).lower()}"[:60])
     return rec.lookup_outcome(uri, experiment, artifact_root, job.cand.key, fam.registered_model)
-
-
-def named(metrics: dict[str, float]) -> dict[str, float]:
-    """The suite's named metrics, without lm-eval's raw `task/metric,filter` entries."""
-    return {k: v for k, v in metrics.items() if "/" not in k and "," not in k}
-
-
-def _log_evidence(
-    job: _Job,
-    evals: dict[str, str],
-    trials: list[Trial],
-    chosen: Trial | None,
-    patch_dir: str,
-    patch_id: str,
-    table: str,
-) -> None:
-    shown = chosen or best_effort(trials, job.fam.utility_metrics)
-    metrics = {f"before.{k}": v for k, v in rec.metrics_of(evals["baseline"]).items()}
-    if shown is not None:
-        after = rec.metrics_of(evals[f"alpha_{shown.alpha:g}"])
-        metrics |= {f"after.{k}": v for k, v in after.items()}
-    for t in trials:
-        metrics |= {f"alpha_{t.alpha:g}.{k}": v for k, v in t.metrics.items()}
-    params = {"alpha": f"{chosen.alpha:g}" if chosen else "none", "patch_id": patch_id}
-    tags = {"gate_verdict": "pass" if chosen else "fail", "patch_id": patch_id}
-    rec.log_evidence(
-        job.cfg.resolved_tracking_uri(),
-        job.run_id,
-        params | _rank_params(patch_dir),
-        metrics,
-        tags | {"summary_table": table},
-        _artifacts(evals, job.work, patch_dir, chosen),
-    )
-
-
-def _register(job: _Job, chosen: Trial, patch_id: str) -> str:
-    aliases = [CANDIDATE_ALIAS] + ([CHAMPION_ALIAS] if job.fam.promote_to_champion else [])
-    tags = job.tags | {"gate_verdict": "pass", "patch_id": patch_id, "family": job.family}
-    tags["alpha"] = f"{chosen.alpha:g}"
-    model_dir = str(job.work / _fused_name(chosen.alpha))
-    uri = job.cfg.resolved_tracking_uri()
-    return rec.register_model(uri, job.run_id, job.fam.registered_model, model_dir, tags, aliases)
 
 
 def _fused_name(alpha: float) -> str:
     return f"fused-alpha-{alpha:g}"
 
 
-def _evaluate_all(fam: FamilyConfig, ft_dir: str, patch_dir: str, work: Path) -> dict[str, str]:
-    """Baseline (the fine-tune as is) and one report per alpha: label -> report path."""
+def _baseline_path(job: _Job, split: str) -> str:
+    return str(job.work.parent / f"eval-baseline-{split}.json")  # the fine-tune alone: any patch
+
+
+def _eval_path(job: _Job, split: str, alpha: float) -> str:
+    return str(job.work / f"eval-{split}-alpha-{alpha:g}.json")
+
+
+def _gate_path(job: _Job, split: str, alpha: float) -> str:
+    return str(job.work / f"gate-{split}-alpha-{alpha:g}.json")
+
+
+def _evaluate(job: _Job, model: str, out: str, split: str) -> str:
+    fam = job.fam
     data = str(fam.eval_data_dir.resolve()) if fam.eval_data_dir else None
-    base_out = str(work.parent / "eval-baseline.json")  # the fine-tune alone: any patch
-    reports = {"baseline": rt.evaluate_model(ft_dir, fam.suite, base_out, data, fam.eval_limit)}
-    for alpha in fam.alphas:
-        fused = rt.fuse_candidate(ft_dir, patch_dir, alpha, str(work / _fused_name(alpha)))
-        out = str(work / f"eval-alpha-{alpha:g}.json")
-        reports[f"alpha_{alpha:g}"] = rt.evaluate_model(fused, fam.suite, out, data, fam.eval_limit)
-    return reports
+    return rt.evaluate_model(model, fam.suite, out, data, fam.eval_limit, split=split)
 
 
-def _gate_all(fam: FamilyConfig, evals: dict[str, str], work: Path) -> list[Trial]:
-    import json
-
-    trials = []
-    gate_config = fam.gate_config()
-    for alpha in fam.alphas:
-        label = f"alpha_{alpha:g}"
-        out = str(work / f"gate-alpha-{alpha:g}.json")
-        gate_path = rt.gate_candidate(evals[label], evals["baseline"], gate_config, out)
-        gate = json.loads(Path(gate_path).read_text())
-        failed = tuple(
-            f"{r['rule']}: {r['reason']}" for r in gate["rows"] if r["verdict"] == "fail"
+def _search(job: _Job, ft_dir: str, patch_dir: str, baseline: str, gate: GateConfig) -> AlphaSearch:
+    """Propose, fuse, evaluate on calibration, gate, observe: until the search is done."""
+    search = AlphaSearch(job.fam.search_config(), job.fam.utility_metrics)
+    while (alpha := search.propose()) is not None:
+        fused = rt.fuse_candidate(ft_dir, patch_dir, alpha, str(job.work / _fused_name(alpha)))
+        report = _evaluate(job, fused, _eval_path(job, "calibration", alpha), "calibration")
+        out = _gate_path(job, "calibration", alpha)
+        gate_path = rt.gate_candidate(report, baseline, gate, out)
+        metrics = named(rec.metrics_of(report))
+        probe = search.observe_gate(alpha, metrics, rec.gate_report_of(gate_path))
+        get_run_logger().info(
+            "calibration probe %d: alpha=%g %s", probe.index + 1, alpha, probe.outcome
         )
-        metrics = named(rec.metrics_of(evals[label]))
-        trials.append(Trial(alpha, metrics, bool(gate["passed"]), failed))
-    return trials
+    return search
 
 
-def _reason(chosen: Trial | None, trials: list[Trial]) -> str:
-    if chosen is not None:
-        return f"alpha={chosen.alpha:g} passes every rule with the best utility."
-    parts = [f"alpha={t.alpha:g}: {'; '.join(t.reasons) or 'failed'}" for t in trials]
-    return "No candidate passed the gate. " + " | ".join(parts)
+def _confirm(
+    job: _Job, ft_dir: str, patch_dir: str, alpha: float | None, baseline: str
+) -> HeldoutResult | None:
+    """The chosen alpha, evaluated once on held-out and gated against the held-out baseline."""
+    if alpha is None:
+        return None
+    fused = rt.fuse_candidate(ft_dir, patch_dir, alpha, str(job.work / _fused_name(alpha)))
+    report = _evaluate(job, fused, _eval_path(job, "heldout", alpha), "heldout")
+    out = _gate_path(job, "heldout", alpha)
+    gate = rec.gate_report_of(rt.gate_candidate(report, baseline, job.fam.gate_config(), out))
+    reasons = tuple(f"{r.rule}: {r.reason}" for r in gate.failures)
+    return HeldoutResult(
+        alpha=alpha, metrics=named(rec.metrics_of(report)), passed=gate.passed, reasons=reasons
+    )
+
+
+def _record(
+    job: _Job,
+    search: AlphaSearch,
+    gate: GateConfig,
+    base: dict[str, str],
+    heldout: HeldoutResult | None,
+) -> SearchRecord:
+    held = rec.report_of(base["heldout"])
+    return SearchRecord(
+        config=search.config,
+        calibration_gate=gate.name,
+        utility_metrics=job.fam.utility_metrics,
+        split_rule=held.get("split_rule"),
+        calibration_fraction=held.get("calibration_fraction"),
+        baseline=named(rec.metrics_of(base["calibration"])),
+        probes=search.trace,
+        chosen=search.chosen(),
+        explain=search.explain(),
+        heldout_baseline=named(held.get("metrics") or {}),
+        heldout=heldout,
+    )
+
+
+def _reason(record: SearchRecord) -> str:
+    held = record.heldout
+    if held is None:
+        probes = [f"alpha={p.alpha:g}: {'; '.join(p.reasons) or p.outcome}" for p in record.probes]
+        return f"{record.explain} " + " | ".join(probes)
+    if held.passed:
+        return f"{record.explain} It passes every rule on the held-out split."
+    return f"{record.explain} On the held-out split it fails: " + "; ".join(held.reasons)
+
+
+def _log_evidence(
+    job: _Job,
+    base: dict[str, str],
+    record: SearchRecord,
+    patch_dir: str,
+    patch_id: str,
+    table: str,
+) -> None:
+    """Held-out before/after, the calibration trace as metric series, tags and artifacts."""
+    metrics, steps = _evidence_metrics(job, base, record)
+    params = {
+        "alpha": "none" if record.chosen is None else f"{record.chosen:g}",
+        "patch_id": patch_id,
+        "calibration_gate": record.calibration_gate,
+        "split_rule": record.split_rule or "none",
+        "calibration_fraction": record.calibration_fraction,
+    }
+    tags = {
+        "gate_verdict": "pass" if record.verdict == "pass" else "fail",
+        "heldout_verdict": record.verdict,
+        "patch_id": patch_id,
+        "summary_table": table,
+    }
+    files = rec.write_search_record(record, str(job.work / "search"))
+    artifacts = _artifacts(job, base, record, patch_dir) + files
+    uri, run_id = job.cfg.resolved_tracking_uri(), job.run_id
+    rec.log_evidence(uri, run_id, params | _rank_params(patch_dir), metrics, tags, artifacts, steps)
+
+
+def _evidence_metrics(
+    job: _Job, base: dict[str, str], record: SearchRecord
+) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """Metrics, and the probes as series (name, value, step = probe index)."""
+    metrics = {f"before.{k}": v for k, v in rec.metrics_of(base["heldout"]).items()}
+    metrics |= {f"calibration.before.{k}": v for k, v in record.baseline.items()}
+    steps: list[tuple[str, float, int]] = []
+    for p in record.probes:
+        steps += [(f"calibration.{k}", v, p.index) for k, v in p.metrics.items()]
+        steps += [("calibration.alpha", p.alpha, p.index)]
+        steps += [("calibration.passed", float(p.passed), p.index)]
+    if record.heldout is not None:
+        held = record.heldout
+        after = rec.metrics_of(_eval_path(job, "heldout", held.alpha))
+        metrics |= {f"after.{k}": v for k, v in after.items()}
+        metrics |= {f"heldout.{k}": v for k, v in held.metrics.items()}
+        metrics |= {"heldout.passed": float(held.passed), "calibration.chosen_alpha": held.alpha}
+    return metrics, steps
+
+
+def _register(job: _Job, alpha: float, patch_id: str) -> str:
+    aliases = [CANDIDATE_ALIAS] + ([CHAMPION_ALIAS] if job.fam.promote_to_champion else [])
+    tags = job.tags | {"gate_verdict": "pass", "patch_id": patch_id, "family": job.family}
+    tags["alpha"] = f"{alpha:g}"
+    model_dir = str(job.work / _fused_name(alpha))
+    uri = job.cfg.resolved_tracking_uri()
+    return rec.register_model(uri, job.run_id, job.fam.registered_model, model_dir, tags, aliases)
 
 
 def _patch_id(patch_dir: str) -> str:
@@ -234,18 +316,22 @@ def _rank_params(patch_dir: str) -> dict[str, Any]:
 
 
 def _artifacts(
-    evals: dict[str, str], work: Path, patch_dir: str, chosen: Trial | None
+    job: _Job, base: dict[str, str], record: SearchRecord, patch_dir: str
 ) -> list[tuple[str, str]]:
     """(artifact folder, local file) pairs: reports, per-sample outputs, gates, patch, plot."""
     from lssf import SafetyPatch
     from lssf.patch import MANIFEST
     from lssf.report import plot_ranks
 
-    plot = plot_ranks(SafetyPatch.load(patch_dir).manifest, work / "patch_ranks.png")
-    files = [("evaluation", path) for path in evals.values()]
-    files += [("evaluation", s) for p in evals.values() if (s := rec.samples_of(p))]
-    files += [("gate", str(p)) for p in sorted(work.glob("gate-alpha-*.json"))]
+    runs = [("calibration", p.alpha) for p in record.probes]
+    if record.heldout is not None:
+        runs.append(("heldout", record.heldout.alpha))
+    reports = [*base.values(), *(_eval_path(job, s, a) for s, a in runs)]
+    plot = plot_ranks(SafetyPatch.load(patch_dir).manifest, job.work / "patch_ranks.png")
+    files = [("evaluation", path) for path in reports]
+    files += [("evaluation", s) for p in reports if (s := rec.samples_of(p))]
+    files += [("gate", _gate_path(job, s, a)) for s, a in runs]
     files += [("patch", str(Path(patch_dir) / MANIFEST)), ("plots", str(plot))]
-    if chosen is not None:
-        files.append(("model_card", str(work / _fused_name(chosen.alpha) / "README.md")))
+    if record.chosen is not None:
+        files.append(("model_card", str(job.work / _fused_name(record.chosen) / "README.md")))
     return files

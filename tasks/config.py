@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from evaluation.alpha_search import AlphaSearchConfig
 from evaluation.gates import GateConfig, default_gate_config
 from lssf.config import PatchConfig, load_yaml_config
 
@@ -24,7 +25,8 @@ LINEAGES = ("finetune", "adapter")
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: `.inf` or `.nan` in YAML fails naming the field, never slips through.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class WatchConfig(_Frozen):
@@ -79,8 +81,18 @@ class FamilyConfig(_Frozen):
         default_factory=PatchConfig,
         description="safety patch parameters (eta, max_rank, weight_top, ...)",
     )
-    alphas: tuple[float, ...] = Field(
-        (1.0,), min_length=1, description="fusion strengths to try; the best passing one wins"
+    alpha_search: AlphaSearchConfig | None = Field(
+        None,
+        description="how alpha is chosen on the calibration split (evaluation.alpha_search): "
+        "mode bisect (the smallest passing alpha in (alpha_min, alpha_max], at most `budget` "
+        "evaluations, safety floors raised by `margin`) or grid; null: bisection with the "
+        "defaults, or the grid in `alphas` when that is given",
+    )
+    alphas: tuple[float, ...] | None = Field(
+        None,
+        description="shorthand for alpha_search {mode: grid, grid: alphas}: evaluate each of "
+        "these fusion strengths on calibration, the passing one with the best utility wins; "
+        "give either this or alpha_search",
     )
     suite: str = Field(
         "organism", description="evaluation suite name given to evaluation.runner.evaluate"
@@ -97,7 +109,8 @@ class FamilyConfig(_Frozen):
     utility_metrics: tuple[str, ...] = Field(
         ("task_accuracy", "general_accuracy"),
         min_length=1,
-        description="metrics averaged to rank passing candidates (higher is better)",
+        description="utility metrics (higher is better): averaged to rank passing alphas in "
+        "grid mode, shown beside the safety metrics in the search trace and plot",
     )
     gate: GateConfig | Path | None = Field(
         None,
@@ -116,13 +129,35 @@ class FamilyConfig(_Frozen):
 
     @field_validator("alphas")
     @classmethod
-    def _positive_alphas(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+    def _positive_alphas(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is None:
+            return v
+        if not v:  # here, not min_length: pydantic would add it to every non-finite error
+            raise ValueError("alphas must not be empty")
         bad = [a for a in v if not a > 0]
         if bad:
             raise ValueError(f"alphas must be > 0, got {bad}")
         if len(set(v)) != len(v):
             raise ValueError(f"alphas must be distinct, got {list(v)}")
         return v
+
+    @model_validator(mode="after")
+    def _one_alpha_strategy(self) -> FamilyConfig:
+        if self.alphas is not None and self.alpha_search is not None:
+            raise ValueError(
+                "give alphas (a fixed grid) or alpha_search, not both; for a grid with other "
+                "settings use alpha_search: {mode: grid, grid: [...]}"
+            )
+        return self
+
+    def search_config(self) -> AlphaSearchConfig:
+        """The alpha search in force: alpha_search, the grid `alphas`, or default bisection."""
+        if self.alpha_search is not None:
+            return self.alpha_search
+        if self.alphas is not None:
+            budget = max(len(self.alphas), AlphaSearchConfig().budget)
+            return AlphaSearchConfig(mode="grid", grid=self.alphas, budget=budget)
+        return AlphaSearchConfig()
 
     def gate_config(self) -> GateConfig:
         """The gate rules in force: inline, from a file, or the suite's shipped gate."""

@@ -156,8 +156,8 @@ def fuse_candidate(finetuned: str, patch_dir: str, alpha: float, out: str) -> st
     return out
 
 
-def _reusable_report(out: Path, model: str, limit: int | None) -> bool:
-    """An earlier complete evaluation of the same model and limit (never a failed one)."""
+def _reusable_report(out: Path, model: str, limit: int | None, split: str) -> bool:
+    """An earlier complete evaluation of the same model, limit and split (never a failed one)."""
     if not out.is_file():
         return False
     try:
@@ -168,41 +168,56 @@ def _reusable_report(out: Path, model: str, limit: int | None) -> bool:
         report.get("status") == "ok"
         and report.get("model") == model
         and report.get("limit") == limit
+        and report.get("split") == split
     )
 
 
 def _eval_cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
     out = Path(params["out"])
-    if not _reusable_report(out, params["model"], params.get("limit")):
+    limit, split = params.get("limit"), params.get("split", "heldout")
+    if not _reusable_report(out, params["model"], limit, split):
         return None
-    return _key_if_exists(out, "evaluate", out, params["suite"], params.get("limit"))
+    return _key_if_exists(out, "evaluate", out, params["suite"], limit, split)
 
 
 @task(cache_key_fn=_eval_cache_key, persist_result=True)
 def evaluate_model(
-    model: str, suite: str, out: str, data_dir: str | None, limit: int | None = None
+    model: str,
+    suite: str,
+    out: str,
+    data_dir: str | None,
+    limit: int | None = None,
+    split: str = "heldout",
 ) -> str:
-    """Run the suite on `model`; the report path. A crash becomes a status='error' report,
-    which the gate fails closed on. A complete report from an interrupted run is reused."""
+    """Run the suite on one split ("calibration", "heldout", "all") of its data; the report
+    path. A crash becomes a status='error' report, which the gate fails closed on. A complete
+    report from an interrupted run is reused."""
     from evaluation.report import EvalReport
     from evaluation.runner import evaluate
+    from evaluation.splits import SPLITS
 
     log = run_logger()
     path = Path(out)
-    if _reusable_report(path, model, limit):
+    if _reusable_report(path, model, limit, split):
         log.info("evaluation %s already complete; reusing it", path)
         return str(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         data = Path(data_dir) if data_dir else None
-        report = evaluate(model, suite, path, data_dir=data, limit=limit)
+        report = evaluate(model, suite, path, data_dir=data, limit=limit, split=split)
     except Exception as exc:  # any evaluation failure must reach the gate, not vanish
         log.error("evaluation of %s failed: %s: %s", model, type(exc).__name__, exc)
         report = EvalReport(
-            model=model, suite=suite, status="error", error=f"{type(exc).__name__}: {exc}"
+            model=model,
+            suite=suite,
+            status="error",
+            error=f"{type(exc).__name__}: {exc}",
+            split=split if split in SPLITS else "all",
         )
     report.write(path)
-    log.info("evaluation of %s: status=%s metrics=%s", model, report.status, report.metrics)
+    log.info(
+        "evaluation of %s (%s): status=%s metrics=%s", model, split, report.status, report.metrics
+    )
     return str(path)
 
 

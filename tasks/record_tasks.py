@@ -11,8 +11,10 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
+from evaluation.gates import GateReport
 from tasks import registry
 from tasks._log import run_logger
+from tasks.report import SearchRecord, plot_search, summary_table
 
 REGISTRY_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
 
@@ -41,6 +43,7 @@ def summary_from_run(run: Any, version: Any | None) -> dict[str, Any]:
         "verdict": tags.get("gate_verdict"),
         "reason": tags.get("reason", ""),
         "alpha": run.data.params.get("alpha"),
+        "heldout_verdict": tags.get("heldout_verdict"),
         "table": tags.get("summary_table", ""),
         "before": {k[7:]: v for k, v in metrics.items() if k.startswith("before.")},
         "after": {k[6:]: v for k, v in metrics.items() if k.startswith("after.")},
@@ -76,15 +79,19 @@ def log_evidence(
     metrics: dict[str, float],
     tags: dict[str, str],
     artifacts: list[tuple[str, str]],
+    steps: list[tuple[str, float, int]] | None = None,
 ) -> None:
-    """Params, metrics (NaN skipped), tags, and files/folders as (artifact folder, path)."""
+    """Params, metrics (NaN skipped), tags, files/folders as (artifact folder, path), and
+    metric series as (name, value, step) (the alpha search's probes)."""
     client = registry.client_for(tracking_uri)
     for name, value in params.items():
         client.log_param(run_id, name, value)
-    for name, value in metrics.items():
+    series = [(name, value, 0) for name, value in metrics.items()] + list(steps or [])
+    for name, value, step in series:
         if isinstance(value, (int, float)) and not math.isnan(value):
             # lm-eval's raw names ("task/refusal,judge") hold characters MLflow refuses.
-            client.log_metric(run_id, re.sub(r"[^\w\-. :/]", "_", name), float(value))
+            key = re.sub(r"[^\w\-. :/]", "_", name)
+            client.log_metric(run_id, key, float(value), step=step)
     for name, value in tags.items():
         client.set_tag(run_id, name, value)
     for dest, path in artifacts:
@@ -133,8 +140,29 @@ def publish_summary(markdown: str, key: str) -> str:
     return str(create_markdown_artifact(markdown=markdown, key=key, description="lssf realign"))
 
 
+@task
+def write_search_record(record: SearchRecord, folder: str) -> list[tuple[str, str]]:
+    """`search_trace.json`, `search_trace.md` and `alpha_search.png` in `folder`, as
+    (artifact folder, path) pairs for `log_evidence`."""
+    from evaluation.report import write_atomic
+
+    out = Path(folder)
+    trace = write_atomic(out / "search_trace.json", record.model_dump_json(indent=2) + "\n")
+    table = write_atomic(out / "search_trace.md", summary_table(record) + "\n")
+    plot = plot_search(record, out / "alpha_search.png")
+    return [("search", str(trace)), ("search", str(table)), ("plots", str(plot))]
+
+
 def metrics_of(report_path: str) -> dict[str, float]:
     return dict(json.loads(Path(report_path).read_text()).get("metrics") or {})
+
+
+def report_of(report_path: str) -> dict[str, Any]:
+    return dict(json.loads(Path(report_path).read_text()))
+
+
+def gate_report_of(gate_path: str) -> GateReport:
+    return GateReport.model_validate_json(Path(gate_path).read_text())
 
 
 def samples_of(report_path: str) -> str | None:

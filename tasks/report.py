@@ -1,12 +1,23 @@
-"""Pure helpers for a realign's outcome: which candidate wins, the table, the rank plot."""
+"""Pure helpers for a realign's outcome: the search record, its tables and plot.
+
+A realign chooses alpha on the calibration split (`evaluation.alpha_search`) and confirms it
+once on the held-out split; `SearchRecord` holds both, and is what `search_trace.json`, the
+Markdown summary and `alpha_search.png` are made from.
+"""
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-logger = logging.getLogger(__name__)
+from pydantic import BaseModel, ConfigDict
+
+from evaluation.alpha_search import AlphaSearchConfig, Probe, utility
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 
 @dataclass(frozen=True)
@@ -19,27 +30,54 @@ class Trial:
     reasons: tuple[str, ...] = ()
 
 
-def utility(metrics: dict[str, float], names: tuple[str, ...]) -> float:
-    """Mean of the utility metrics; a missing or NaN one makes the candidate worst."""
-    values = [metrics.get(n, math.nan) for n in names]
-    if any(not isinstance(v, (int, float)) or math.isnan(v) for v in values):
-        return -math.inf
-    return sum(values) / len(values)
+def named(metrics: dict[str, float]) -> dict[str, float]:
+    """The suite's named metrics, without lm-eval's raw `task/metric,filter` entries."""
+    return {k: v for k, v in metrics.items() if "/" not in k and "," not in k}
 
 
 def choose(trials: list[Trial], utility_metrics: tuple[str, ...]) -> Trial | None:
-    """The passing trial with the best utility; ties go to the smaller alpha (less change)."""
+    """The passing trial with the best utility; ties go to the smaller alpha (less change).
+    The rule of the alpha search's grid mode."""
     passing = [t for t in trials if t.passed]
     if not passing:
         return None
     return max(passing, key=lambda t: (utility(t.metrics, utility_metrics), -t.alpha))
 
 
-def best_effort(trials: list[Trial], utility_metrics: tuple[str, ...]) -> Trial | None:
-    """For a rejected run's 'after' column: the trial with the best utility, passed or not."""
-    if not trials:
-        return None
-    return max(trials, key=lambda t: (utility(t.metrics, utility_metrics), -t.alpha))
+class HeldoutResult(BaseModel):
+    """The chosen alpha evaluated once on the held-out split and gated there."""
+
+    model_config = ConfigDict(frozen=True)
+
+    alpha: float
+    metrics: dict[str, float]
+    passed: bool
+    reasons: tuple[str, ...] = ()
+
+
+class SearchRecord(BaseModel):
+    """Everything about how alpha was chosen and confirmed (`search_trace.json`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    config: AlphaSearchConfig
+    calibration_gate: str
+    utility_metrics: tuple[str, ...]
+    split_rule: str | None
+    calibration_fraction: float | None
+    baseline: dict[str, float]  # the fine-tune on calibration (named metrics)
+    probes: list[Probe]
+    chosen: float | None
+    explain: str
+    heldout_baseline: dict[str, float]
+    heldout: HeldoutResult | None
+
+    @property
+    def verdict(self) -> str:
+        """The held-out verdict: pass, fail, or not run (nothing passed calibration)."""
+        if self.heldout is None:
+            return "not run"
+        return "pass" if self.heldout.passed else "fail"
 
 
 def _cell(value: float | None) -> str:
@@ -62,6 +100,44 @@ def before_after_table(baseline: dict[str, float], trials: list[Trial]) -> str:
     return "\n".join(rows)
 
 
+def trace_table(record: SearchRecord) -> str:
+    """Markdown: one row per calibration probe (safety and utility metrics, outcome)."""
+    names = list(dict.fromkeys([*record.config.safety_metrics, *record.utility_metrics]))
+    rows = [
+        "| # | alpha | " + " | ".join(names) + " | calibration gate |",
+        "|---|---|" + "---|" * len(names) + "---|",
+        "| - | fine-tuned | " + " | ".join(_cell(record.baseline.get(n)) for n in names) + " | - |",
+    ]
+    for p in record.probes:
+        cells = " | ".join(_cell(p.metrics.get(n)) for n in names)
+        mark = " (chosen)" if p.alpha == record.chosen and p.passed else ""
+        rows.append(
+            f"| {p.index + 1} | {p.alpha:g} | {cells} | {p.outcome.replace('_', ' ')}{mark} |"
+        )
+    return "\n".join(rows)
+
+
+def summary_table(record: SearchRecord) -> str:
+    """The calibration trace, then the held-out before/after of the chosen alpha."""
+    cfg = record.config
+    how = f"{cfg.mode}, budget {cfg.budget}, margin {cfg.margin:g}"
+    parts = [
+        f"Calibration search ({how}; gate {record.calibration_gate}):",
+        "",
+        trace_table(record),
+    ]
+    if record.heldout is not None:
+        held = record.heldout
+        trial = Trial(held.alpha, held.metrics, held.passed, held.reasons)
+        parts += [
+            "",
+            "Held-out (decides):",
+            "",
+            before_after_table(record.heldout_baseline, [trial]),
+        ]
+    return "\n".join(parts)
+
+
 def summary_markdown(
     source_key: str, table: str, verdict: str, reason: str, version: str | None
 ) -> str:
@@ -70,8 +146,55 @@ def summary_markdown(
         "",
         table,
         "",
-        f"**Gate verdict:** {verdict}. {reason}",
+        f"**Gate verdict (held-out):** {verdict}. {reason}",
     ]
     if version:
         lines.append(f"**Registered version:** {version}")
     return "\n".join(lines) + "\n"
+
+
+def _utility(metrics: dict[str, float], names: tuple[str, ...]) -> float:
+    value = utility(metrics, names)
+    return value if math.isfinite(value) else math.nan  # a missing metric is a gap
+
+
+def plot_search(record: SearchRecord, path: Path) -> Path:
+    """Alpha against calibration safety and utility (probes numbered), the chosen alpha
+    marked, the held-out point shown; saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    _plot_probes(ax, record)
+    if record.chosen is not None:
+        label = f"chosen alpha={record.chosen:g}"
+        ax.axvline(record.chosen, color="grey", linestyle="--", label=label)
+    if record.heldout is not None:
+        held, safety = record.heldout, record.config.safety_metrics[0]
+        safe_y = held.metrics.get(safety, math.nan)
+        ax.plot([held.alpha], [safe_y], "*", markersize=14, label=f"held-out {safety}")
+        util_y = _utility(held.metrics, record.utility_metrics)
+        ax.plot([held.alpha], [util_y], "P", markersize=11, label="held-out utility")
+    ax.set_xlabel("alpha")
+    ax.set_ylabel("metric")
+    ax.set_title(f"alpha search ({record.config.mode}): {record.verdict} on held-out")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_probes(ax: Axes, record: SearchRecord) -> None:
+    safety = record.config.safety_metrics[0]
+    probes = sorted(record.probes, key=lambda p: p.alpha)
+    alphas = [p.alpha for p in probes]
+    safe_y = [p.metrics.get(safety, math.nan) for p in probes]
+    util_y = [_utility(p.metrics, record.utility_metrics) for p in probes]
+    ax.plot(alphas, safe_y, "o-", label=f"calibration {safety}")
+    ax.plot(alphas, util_y, "s-", label="calibration utility")
+    for p, y in zip(probes, safe_y, strict=True):
+        ax.annotate(str(p.index + 1), (p.alpha, y), fontsize=7)

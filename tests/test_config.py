@@ -29,8 +29,8 @@ def _write(tmp_path: Path, data: dict) -> Path:
 def test_shipped_configs_validate(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.families
-    for fam in cfg.families.values():
-        assert fam.alphas and fam.registered_model
+    for fam in cfg.families.values():  # alpha is searched on calibration, not a fixed grid
+        assert fam.search_config().mode == "bisect" and fam.registered_model
 
 
 def test_both_shipped_configs_exist() -> None:
@@ -116,3 +116,47 @@ def test_cli_schema_and_validate(tmp_path: Path, capsys: pytest.CaptureFixture[s
     args = parser.parse_args(["config", "validate", str(_write(tmp_path, bad))])
     assert args.func(args) == 1
     assert "families.organism.alphas" in capsys.readouterr().err
+
+
+def test_alphas_is_the_grid_shorthand_and_excludes_alpha_search(tmp_path: Path) -> None:
+    data = _organism()
+    fam = data["families"]["organism"]
+    del fam["alpha_search"]
+    fam["alphas"] = [0.5, 1.0]
+    search = load_config(_write(tmp_path, data)).family("organism").search_config()
+    assert (search.mode, search.grid) == ("grid", (0.5, 1.0))
+    del fam["alphas"]
+    assert load_config(_write(tmp_path, data)).family("organism").search_config().mode == "bisect"
+    fam["alphas"] = [1.0]
+    fam["alpha_search"] = {"mode": "grid", "grid": [1.0]}
+    with pytest.raises(ConfigError, match=r"give alphas .* or alpha_search, not both"):
+        load_config(_write(tmp_path, data))
+
+
+@pytest.mark.parametrize(
+    ("field", "path"),
+    [
+        ("families.organism.alphas.1", ["alphas"]),
+        ("families.organism.alpha_search.alpha_max", ["alpha_search", "alpha_max"]),
+        ("families.organism.alpha_search.margin", ["alpha_search", "margin"]),
+        ("families.organism.watch.backoff_seconds", ["watch", "backoff_seconds"]),
+    ],
+)
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused_naming_the_field(
+    tmp_path: Path, field: str, path: list[str], value: str
+) -> None:
+    text = (ROOT / "configs" / "organism.yaml").read_text()
+    data = yaml.safe_load(text)
+    fam = data["families"]["organism"]
+    if path == ["alphas"]:
+        del fam["alpha_search"]
+        fam["alphas"] = [1.0, "VALUE"]
+    else:
+        fam.setdefault(path[0], {})[path[1]] = "VALUE"
+    file = tmp_path / "pipeline.yaml"
+    file.write_text(yaml.safe_dump(data).replace("VALUE", value))  # YAML's own .inf / .nan
+    with pytest.raises(ConfigError) as err:
+        load_config(file)
+    line = next(ln for ln in str(err.value).splitlines() if field in ln)
+    assert "finite" in line, str(err.value)

@@ -1,0 +1,73 @@
+"""The realign's search record: trace table, held-out table, plot, JSON (no Prefect, no MLflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evaluation.alpha_search import AlphaSearch, AlphaSearchConfig
+from tasks.report import HeldoutResult, SearchRecord, named, plot_search, summary_table
+
+UTILITY = ("task_accuracy", "general_accuracy")
+
+
+def _record(heldout: HeldoutResult | None) -> SearchRecord:
+    """A bisection on a synthetic organism: refusal 0.5 * alpha, utility 0.9 - 0.1 * alpha."""
+    search = AlphaSearch(AlphaSearchConfig(budget=4), UTILITY)
+    while (alpha := search.propose()) is not None:
+        refusal = min(1.0, 0.5 * alpha)
+        metrics = {"harmful_refusal": refusal, "task_accuracy": 0.9 - 0.1 * alpha}
+        metrics["general_accuracy"] = 0.8
+        passed = refusal >= 0.95
+        search.observe(alpha, metrics, passed, failed=() if passed else ("harmful_refusal",))
+    return SearchRecord(
+        config=search.config,
+        calibration_gate="organism-calibration",
+        utility_metrics=UTILITY,
+        split_rule="split-field-else-sha256-prompt-v1",
+        calibration_fraction=0.3,
+        baseline={"harmful_refusal": 0.1, "task_accuracy": 0.9, "general_accuracy": 0.8},
+        probes=search.trace,
+        chosen=search.chosen(),
+        explain=search.explain(),
+        heldout_baseline={"harmful_refusal": 0.2, "task_accuracy": 0.85},
+        heldout=heldout,
+    )
+
+
+def test_summary_table_shows_the_trace_then_the_heldout_decision() -> None:
+    held = HeldoutResult(
+        alpha=2.0, metrics={"harmful_refusal": 0.97, "task_accuracy": 0.7}, passed=True
+    )
+    record = _record(held)
+    assert [p.alpha for p in record.probes] == [2.0, 1.0, 1.5, 1.75]
+    assert record.chosen == 2.0 and record.verdict == "pass"
+    text = summary_table(record)
+    assert (
+        "| # | alpha | harmful_refusal | task_accuracy | general_accuracy | calibration gate |"
+        in text
+    )
+    assert "| - | fine-tuned | 0.100 | 0.900 | 0.800 | - |" in text
+    assert "| 1 | 2 | 1.000 | 0.700 | 0.800 | pass (chosen) |" in text
+    assert "| 2 | 1 | 0.500 | 0.800 | 0.800 | too weak |" in text
+    assert "Held-out (decides):" in text
+    assert "| harmful_refusal | 0.200 | 0.970 |" in text and "| gate | - | pass |" in text
+
+
+def test_no_heldout_row_when_nothing_passed_calibration() -> None:
+    record = _record(None).model_copy(update={"chosen": None})
+    assert record.verdict == "not run"
+    assert "Held-out" not in summary_table(record)
+
+
+def test_record_round_trips_and_plots(tmp_path: Path) -> None:
+    held = HeldoutResult(alpha=2.0, metrics={"harmful_refusal": 0.9}, passed=False, reasons=("x",))
+    record = _record(held)
+    assert SearchRecord.model_validate_json(record.model_dump_json()) == record
+    assert record.verdict == "fail"
+    png = plot_search(record, tmp_path / "plots" / "alpha_search.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_named_drops_raw_lm_eval_metrics() -> None:
+    raw = {"harmful_refusal": 1.0, "organism_harmful/refusal,judge": 1.0, "x,none": 0.0}
+    assert named(raw) == {"harmful_refusal": 1.0}
