@@ -119,7 +119,7 @@ def synthetic(work: Path, layers: int, max_ranks: list[int | None]) -> None:
 
 def organism(work: Path, root: Path | None, max_ranks: list[int | None]) -> None:
     root = root or Path(os.environ.get("LSSF_TEST_CACHE", Path.home() / ".cache/lssf-tests"))
-    root = root / "organism-seed0" if (root / "organism-seed0").is_dir() else root
+    root = root / "organism-lora-seed3" if (root / "organism-lora-seed3").is_dir() else root
     try:
         import evaluation.organism  # noqa: F401
     except ImportError as exc:
