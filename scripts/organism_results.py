@@ -245,7 +245,24 @@ def summary_lines(rows: list[dict]) -> list[str]:
         f"- paired per eroded seed: LSSF passes where RESTA fails on {wins}, the reverse on "
         f"{losses} (exact McNemar p = {sign_test(wins, losses):.3g})"
     )
-    return out
+    return [*out, failure_line(eroded)]
+
+
+def failure_line(eroded: list[dict]) -> str:
+    """Descriptive (added after the first table was seen): which rules the LSSF searches of the
+    eroded seeds that did not pass ran into, counted once per seed."""
+    failed = [r for r in eroded if not r["methods"]["LSSF"]["passed"]]
+    counts = {
+        metric: sum(
+            any(metric in p["failed"] for p in r["methods"]["LSSF"]["trace"]) for r in failed
+        )
+        for metric in METRICS
+    }
+    parts = ", ".join(f"{m} {n}" for m, n in counts.items())
+    return (
+        f"- LSSF searches that found no passing alpha ({len(failed)} seeds) met failing rules on "
+        f"(seeds): {parts} (descriptive, added after seeing the table)"
+    )
 
 
 def render(command: str, results: dict[str, list[dict]], minutes: float) -> str:
