@@ -31,11 +31,43 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from evaluation.organism import OrganismConfig
     from flows.demo import render, run_demo
 
+    log_file = args.workdir.expanduser().resolve() / "demo.log"
+    if not args.verbose:
+        _route_library_logs(log_file)
     result = run_demo(
         args.workdir, seed=args.seed, organism_config=OrganismConfig(finetune=args.finetune)
     )
     print(render(result))
+    if not args.verbose:
+        print(f"Library log (Prefect, MLflow, lm-eval): {log_file}")
     return 0 if result.summary.get("status") in ("passed", "rejected") else 1
+
+
+def _route_library_logs(log_file: Path) -> None:
+    """Send the INFO lines of Prefect, MLflow, lm-eval and transformers to `log_file`; the
+    terminal keeps warnings, errors and progress bars. Imports the libraries first, because
+    each installs its own console handlers when imported."""
+    import logging
+
+    import lm_eval  # noqa: F401
+    import mlflow  # noqa: F401
+    import prefect  # noqa: F401
+
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(log_file, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(
+                handler, logging.FileHandler
+            ):
+                handler.setLevel(logging.WARNING)
+        if lg is logging.getLogger() or (lg.handlers and not lg.propagate):
+            lg.addHandler(to_file)
+    logging.getLogger().setLevel(logging.INFO)
 
 
 def register_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -45,15 +77,22 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workdir", type=Path, default=DEFAULT_DEMO_DIR, help=f"default: {DEFAULT_DEMO_DIR}"
     )
-    # Default: the full fine-tune of seed 1, a case where docs/organism_results.md shows LSSF
-    # restoring at alpha 1, so the demo walks the whole path to a registered version. The LoRA
-    # seed-0 organism (--seed 0 --finetune lora) shows the gate rejecting instead.
-    p.add_argument("--seed", type=int, default=1, help="organism seed (default 1)")
+    # Default: the shipped LoRA organism of seed 3 (data/organisms/), the same bytes on every
+    # machine, where the held-out gate passes (docs/organism_results.md), so the demo walks
+    # the whole path to a registered version. `--seed 0 --finetune full` (trained on first use,
+    # ~17 CPU-minutes) shows the search finding no passing alpha and the gate rejecting.
+    p.add_argument("--seed", type=int, default=3, help="organism seed (default 3, shipped)")
     p.add_argument(
         "--finetune",
         choices=("full", "lora"),
-        default="full",
-        help="how the organism's fine-tune is trained (default full; lora = the paper's r=16)",
+        default="lora",
+        help="how the organism's fine-tune is trained (default lora, the paper's r=16)",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the library log lines (Prefect, MLflow, lm-eval) instead of writing them "
+        "to WORKDIR/demo.log",
     )
     p.set_defaults(func=cmd_demo)
 
