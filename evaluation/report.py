@@ -42,6 +42,7 @@ class EvalReport(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     samples_path: str | None = None
     limit: float | None = None
+    max_gen_toks: int | None = None
     split: Literal["calibration", "heldout", "all"] = "all"
     split_rule: str | None = None
     calibration_fraction: float | None = None

@@ -30,6 +30,7 @@ from evaluation.suites import (
     split_loaded_tasks,
 )
 from evaluation.tasks import TASKS_DIR
+from lssf.lora import LoraAdapter, is_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +74,20 @@ def pick_backend(device: str) -> tuple[str, str]:
 
 
 def model_args(backend: str, name: str, revision: str | None, device: str) -> dict[str, Any]:
+    """lm-eval's model arguments. A local PEFT LoRA adapter folder is evaluated on its
+    declared base (`base_model_name_or_path`) through lm-eval's `peft` argument."""
     args: dict[str, Any] = {"pretrained": name, "trust_remote_code": False}
     if revision:
         args["revision"] = revision
+    if revision is None and is_adapter(Path(name)):
+        with LoraAdapter(name) as adapter:
+            base = adapter.base
+        if base is None:
+            raise ValueError(f"adapter {name} declares no base model (base_model_name_or_path)")
+        base_name, base_revision = split_model_ref(base)
+        args.update(pretrained=base_name, peft=name)
+        if base_revision:
+            args["revision"] = base_revision
     if backend == "vllm":
         args.update(dtype="auto", gpu_memory_utilization=0.85)
     else:
@@ -253,8 +265,9 @@ def evaluate(
 
     `split` picks the rows: "heldout" (default: what a release decision reads), "calibration"
     (what tuning, e.g. the alpha search, reads) or "all". `judge` overrides the suite's judge;
-    `max_gen_toks` caps every task's answer length. Bad names (suite, judge, split) raise at
-    once; anything that goes wrong during the evaluation gives a report with status "error".
+    `max_gen_toks` caps every task's answer length (default: the suite's `max_gen_toks`). Bad
+    names (suite, judge, split) raise at once; anything that goes wrong during the evaluation
+    gives a report with status "error".
     """
     from lm_eval.tasks import TaskManager
 
@@ -264,6 +277,8 @@ def evaluate(
     suite_cfg = load_suite(suite, ours.all_subtasks)
     judge_obj = resolve_judge(judge if judge is not None else suite_cfg.judge)
     refusal_judge = resolve_judge(suite_cfg.refusal_judge)
+    if max_gen_toks is None:
+        max_gen_toks = suite_cfg.max_gen_toks
     data = Path(data_dir).resolve() if data_dir is not None else default_data_dir(suite_cfg, model)
     report = EvalReport(
         model=str(model),
@@ -272,6 +287,7 @@ def evaluate(
         judge=judge_obj.name,
         versions=package_versions(),
         limit=limit,
+        max_gen_toks=max_gen_toks,
         split=split,
         split_rule=None if split == "all" else SPLIT_RULE,
         calibration_fraction=None if split == "all" else suite_cfg.calibration_fraction,

@@ -54,6 +54,8 @@ class SuiteConfig(_Frozen):
     data_dir: Literal["required", "optional"] = "optional"
     # Share of rows without a "split" field that go to calibration (evaluation.splits).
     calibration_fraction: float = Field(DEFAULT_CALIBRATION_FRACTION, gt=0.0, lt=1.0)
+    # Cap on every task's answer length (tokens) unless the caller sets one; None: the tasks'.
+    max_gen_toks: int | None = Field(None, ge=1)
     metrics: dict[str, MetricSpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")

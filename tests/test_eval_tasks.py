@@ -29,6 +29,7 @@ ORGANISM_DATA = DATA / "organism_mini"
 SAFETY_DATA = DATA / "safety"
 ORGANISM_TASKS = ["organism_benign", "organism_general", "organism_harmful", "organism_task"]
 SAFETY_TASKS = ["advbench", "harmbench", "strongreject", "xstest_safe", "xstest_unsafe"]
+REALWORLD_TASKS = ["realworld_date"]
 HUB = {
     "advbench": ("walledai/AdvBench", None, "train"),
     "harmbench": ("walledai/HarmBench", "standard", "train"),
@@ -58,8 +59,8 @@ def _configs(
 
 
 def test_index_holds_exactly_our_tasks(manager) -> None:
-    assert manager.all_subtasks == sorted(ORGANISM_TASKS + SAFETY_TASKS)
-    assert set(manager.all_tags) == {"organism", "safety"}
+    assert manager.all_subtasks == sorted(ORGANISM_TASKS + SAFETY_TASKS + REALWORLD_TASKS)
+    assert set(manager.all_tags) == {"organism", "safety", "realworld"}
 
 
 def test_every_task_yaml_is_versioned(manager) -> None:

@@ -100,7 +100,7 @@ def build_organism(
     donors = [Path(p) for p in reuse] + (shipped_organisms() if use_shipped else [])
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{key}"  # no pid: a killed build resumes from here
-    with _locked(out.parent / f".{out.name}.lock"):
+    with build_lock(out.parent / f".{out.name}.lock"):
         if read_manifest(out).get("cache_key") == key:  # built while we waited
             return OrganismPaths.at(out, config, key, cached=True)
         whole = next((d for d in donors if read_manifest(d).get("cache_key") == key), None)
@@ -118,7 +118,7 @@ def build_organism(
 
 
 @contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def build_lock(path: Path) -> Iterator[None]:
     """One builder per output folder at a time. A waiter re-checks the cache once it holds
     the lock; the lock file is removed by its holder, so nothing is left beside the output."""
     with open(path, "w") as handle:

