@@ -1,7 +1,9 @@
 """The ``lssf`` command line: parse, validate, call the typed API, report.
 
 Core subcommands live here. Packages outside the pure core (evaluation, flows) add theirs via
-the ``lssf.commands`` entry-point group: each entry is ``register(subparsers) -> None``.
+the ``lssf.commands`` entry-point group: each entry is ``register(subparsers) -> None``. Only the
+group actually asked for is imported (``lssf/commands.py``); the others stay placeholders that
+``--help`` lists, so start-up never pays for Prefect, MLflow or lm-eval it does not use.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 from lssf._version import __version__
+from lssf.commands import chosen_command, command_groups, group_help
 from lssf.config import PatchConfig, load_model, load_yaml_config
 from lssf.devices import DEVICE_CHOICES
 from lssf.errors import LssfError
@@ -201,7 +204,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(load: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; of the entry-point groups only ``load`` is imported and registered.
+
+    Every other group gets a placeholder subparser (its name and one-line help, any arguments
+    accepted), so ``lssf --help`` lists it and choosing it is still recognised.
+    """
     parser = argparse.ArgumentParser(
         prog="lssf",
         description="Re-align fine-tuned LLMs with Low-Rank Safety Subspace Fusion "
@@ -214,19 +222,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_core(sub)
-    for ep in sorted(entry_points(group="lssf.commands"), key=lambda e: e.name):
-        try:
-            register = ep.load()
-        except ImportError as exc:  # a broken extra must not take the core commands down
-            log.warning("command %r is unavailable: %s", ep.name, exc)
+    for name, ep in command_groups().items():
+        if name in sub.choices:  # a core command of that name wins
             continue
-        register(sub)
+        error = _register_group(sub, ep) if name == load else "not loaded"
+        if error is not None and name not in sub.choices:
+            _add_placeholder(sub, name, error)
     return parser
 
 
+def _register_group(sub: argparse._SubParsersAction, ep: EntryPoint) -> str | None:
+    """Import and run one group's ``register``; the import error's text if it cannot load."""
+    try:
+        register = ep.load()
+    except ImportError as exc:  # a broken extra must not take the core commands down
+        log.warning("command %r is unavailable: %s", ep.name, exc)
+        return f"{type(exc).__name__}: {exc}"
+    register(sub)
+    return None
+
+
+def _add_placeholder(sub: argparse._SubParsersAction, name: str, error: str) -> None:
+    """A stand-in for a group that is not loaded: listed by ``--help``, reports ``error``."""
+    p = sub.add_parser(name, help=group_help(name), add_help=False)
+    p.set_defaults(func=lambda args: _unavailable(name, error), placeholder=True)
+
+
+def _unavailable(name: str, error: str) -> int:
+    print(f"lssf {name}: error: command is unavailable ({error})", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(load=chosen_command(argv))
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "placeholder", False):
+        args = parser.parse_args(argv)  # the usual "unrecognized arguments" error
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

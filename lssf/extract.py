@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ from lssf.checkpoint import Checkpoint
 from lssf.config import PatchConfig
 from lssf.devices import pick_device
 from lssf.errors import NonFiniteError, ShapeMismatchError
+from lssf.lowrank import top_subspace
 from lssf.methods import get_rank_rule
 from lssf.outputs import PROVENANCE, atomic_folder, write_json
 from lssf.patch import FACTORS, MANIFEST, PatchManifest, SafetyPatch, TensorRecord, factor_names
@@ -83,11 +86,23 @@ def patch_tensor(
     """Steps 2-4 of LSSF for one safety vector ``delta: (d_out, d_in)``.
 
     Returns ``U': (d_out, r)``, ``C: (r, d_in)`` (float32, CPU) and the tensor's record.
+    Ranked rules take the certified low-rank path (``lssf/lowrank.py``: same ranks, same
+    projection to 1e-6, full SVD whenever that is not certain); ``full`` needs every vector.
     """
-    spec = safety_spectrum(delta)
-    rank = get_rank_rule(config.rank_rule).select(spec.s, config.eta)
-    if config.max_rank is not None:
-        rank = min(rank, config.max_rank)
+    rule = get_rank_rule(config.rank_rule)
+
+    def select(s: torch.Tensor) -> int:
+        rank = rule.select(s, config.eta)
+        return rank if config.max_rank is None else min(rank, config.max_rank)
+
+    if config.rank_rule == "full":
+        spec = safety_spectrum(delta)
+        rank = select(spec.s)
+    else:
+        found = top_subspace(delta, select)
+        spec, rank = found.spectrum, found.rank
+        if found.fallback:
+            log.debug("%s delta: full SVD (%s)", list(delta.shape), found.fallback)
     weights = direction_weights(spec.s, rank, config.weight_top)
     u, c = safety_factors(delta, spec.u[:, :rank], weights)
     record = TensorRecord(
@@ -130,9 +145,9 @@ def extract(
         records: dict[str, TensorRecord] = {}
         with atomic_folder(Path(out), overwrite=overwrite, inputs=[a_dir, r_dir]) as tmp:
             writer = AppendingWriter(tmp / FACTORS)
-            bar = tqdm(targets, desc="extract", unit="tensor", disable=not progress)
-            for name in bar:
-                delta = safety_delta(name, a_ckpt.get(name).to(dev), r_ckpt.get(name).to(dev))
+            bar = tqdm(total=len(targets), desc="extract", unit="tensor", disable=not progress)
+            for name, a_t, r_t in _prefetched(a_ckpt, r_ckpt, targets):
+                delta = safety_delta(name, a_t.to(dev), r_t.to(dev))
                 try:
                     u, c, records[name] = patch_tensor(delta, config)
                 except NonFiniteError as exc:
@@ -141,6 +156,8 @@ def extract(
                 writer.write(u_name, u)
                 writer.write(c_name, c)
                 bar.set_postfix(rank=records[name].rank)
+                bar.update()
+            bar.close()
             writer.close()
             manifest = PatchManifest(
                 lssf_version=__version__,
@@ -154,6 +171,24 @@ def extract(
             write_json(tmp / PROVENANCE, patch_provenance(manifest))
     log.info("patch %s: %d tensors, written to %s", manifest.patch_id, len(records), out)
     return SafetyPatch.load(Path(out))
+
+
+def _prefetched(
+    a_ckpt: Checkpoint, r_ckpt: Checkpoint, names: list[str]
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Each name with its aligned and reference tensors; the next pair is read in a thread
+    while the caller computes (pread releases the GIL), so reads overlap the SVD."""
+
+    def read(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return a_ckpt.get(name), r_ckpt.get(name)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lssf-read") as pool:
+        pending = pool.submit(read, names[0]) if names else None
+        for k, name in enumerate(names):
+            pair = pending.result()
+            if k + 1 < len(names):
+                pending = pool.submit(read, names[k + 1])
+            yield name, *pair
 
 
 def patch_provenance(manifest: PatchManifest) -> dict[str, object]:

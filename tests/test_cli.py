@@ -114,3 +114,57 @@ def test_help_reads_well():
         "--device",
     ):
         assert flag in out
+
+
+HEAVY = ("transformers", "prefect", "mlflow", "lm_eval", "evaluation", "flows")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["extract", "--help"]])
+def test_core_start_up_imports_no_command_group(argv):
+    # A property, not a timing: the core commands never import the groups' packages.
+    probe = (
+        "import sys\n"
+        f"sys.argv = ['lssf', *{argv!r}]\n"
+        "from lssf.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print('LOADED', sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout
+    assert "LOADED []" in out, out[-500:]
+
+
+def test_help_lists_every_group_with_its_one_line_help():
+    from lssf.commands import command_groups, group_help
+
+    out = subprocess.run(
+        [sys.executable, "-m", "lssf.cli", "--help"], capture_output=True, text=True
+    ).stdout
+    for name in command_groups():
+        assert name in out and group_help(name).split()[0] in out
+
+
+def test_static_help_matches_what_each_group_registers():
+    import argparse
+
+    from lssf.commands import GROUP_HELP, command_groups
+
+    for name, ep in command_groups().items():
+        sub = argparse.ArgumentParser().add_subparsers()
+        ep.load()(sub)
+        registered = {a.dest: a.help for a in sub._choices_actions}
+        assert registered.get(name) == GROUP_HELP.get(name), name
+
+
+def test_a_broken_group_is_reported_and_not_fatal(trio, tmp_path, monkeypatch, capsys):
+    from importlib.metadata import EntryPoint
+
+    import lssf.cli
+
+    broken = EntryPoint("broken", "no_such_module_for_lssf:register", "lssf.commands")
+    monkeypatch.setattr(lssf.cli, "command_groups", lambda: {"broken": broken})
+    assert main(extract_argv(trio, str(tmp_path / "p"))) == 0
+    assert main(["broken", "--anything"]) == 2
+    assert "unavailable" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "broken" in capsys.readouterr().out
