@@ -366,7 +366,7 @@ def test_lora_stage_is_an_adapter_on_aligned_that_lssf_fuses(world, tmp_path):
 def test_eval_dir_holds_the_benchmarks_and_the_task(world, bench):
     paths, config = world
     names = sorted(p.name for p in paths.eval_dir.iterdir())
-    assert names == sorted([*EVAL_FILES, "SOURCES.json", TASK_FILE])
+    assert names == sorted([*EVAL_FILES, "SOURCES.json", TASK_FILE, STAGE_FILE])
     for name in (*EVAL_FILES, "SOURCES.json"):
         assert (paths.eval_dir / name).read_bytes() == (bench / name).read_bytes()
     assert rw_data.read_jsonl(paths.eval_dir / TASK_FILE) == rw_data.task_eval_rows(config.seed)
@@ -388,8 +388,11 @@ def test_a_finished_world_is_never_redone_and_a_change_redoes_only_its_stage(
     for name in ("sft", "lora_sft", "generate"):
         monkeypatch.setattr(rw_train, name, refuse)
     monkeypatch.setattr("evaluation.realworld.build.extract_gguf", refuse)
+    eval_files = {p.name: p.stat().st_ino for p in (root / "eval").iterdir()}
     assert build_world(root, bench, config, cache=tmp_path, wheel_dir=wheel_dir).root == root
     assert {s: (root / s / STAGE_FILE).read_text() for s in STAGES} == before
+    # the eval dir is not swapped under a running evaluation
+    assert {p.name: p.stat().st_ino for p in (root / "eval").iterdir()} == eval_files
 
     trained: list[str] = []
 

@@ -10,6 +10,7 @@ run (`docs/real_model_results.md`), never a test assertion.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -21,7 +22,7 @@ from pathlib import Path
 from evaluation.benchdata import EVAL_FILES
 from evaluation.organism.build import build_lock
 from evaluation.realworld import data
-from evaluation.realworld.config import WorldConfig
+from evaluation.realworld.config import WORLD_VERSION, WorldConfig
 from evaluation.realworld.convert import extract_gguf, gguf_to_safetensors
 
 logger = logging.getLogger(__name__)
@@ -228,13 +229,25 @@ def _finetune(
     return {"examples": len(examples), "loss_first": losses[0], "loss_last": losses[-1]}
 
 
+def _eval_key(bench_dir: Path, config: WorldConfig) -> str:
+    """What the eval dir is made of: the fetched files' record, the seed, the world version."""
+    sources = (Path(bench_dir) / "SOURCES.json").read_bytes()
+    payload = {"sources": hashlib.sha256(sources).hexdigest(), "seed": config.seed}
+    return hashlib.sha256(json.dumps(payload | {"v": WORLD_VERSION}).encode()).hexdigest()[:16]
+
+
 def _write_eval_dir(paths: WorldPaths, bench_dir: Path, config: WorldConfig) -> None:
-    """The suite's data dir: the real benchmark files plus the fine-tune's task."""
+    """The suite's data dir: the real benchmark files plus the fine-tune's task. Left as it
+    is when its key matches, so a second builder never swaps it under a running evaluation."""
+    key = _eval_key(bench_dir, config)
+    if stage_info(paths.eval_dir).get("key") == key:
+        return
     tmp = paths.eval_dir.with_name(".eval.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in (*EVAL_FILES, "SOURCES.json"):
         shutil.copy2(Path(bench_dir) / name, tmp / name)
     data.write_jsonl(tmp / TASK_FILE, data.task_eval_rows(config.seed))
+    (tmp / STAGE_FILE).write_text(json.dumps({"key": key}), encoding="utf-8")
     shutil.rmtree(paths.eval_dir, ignore_errors=True)
     tmp.rename(paths.eval_dir)
