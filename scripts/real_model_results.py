@@ -86,38 +86,47 @@ def _trace(state: Path, outcome: dict[str, Any], rank_rule: str) -> list[dict[st
     return []
 
 
-def run(
-    work: Path, finetunes: list[str], methods: list[str], world_models: list[str]
-) -> dict[str, Any]:
-    """Everything the document needs; each step reuses what an earlier run finished."""
+def build(work: Path) -> tuple[Any, dict[str, float]]:
+    """The benchmark data and the world (both cached); (world paths, timings)."""
     from evaluation.benchdata import fetch
     from evaluation.realworld import WorldConfig, build_world
-    from evaluation.realworld.build import stage_info
+    from evaluation.realworld.build import STAGES, stage_info
+
+    start = time.monotonic()
+    bench = fetch(work / "benchdata")
+    timings = {"data fetch": round(time.monotonic() - start, 1)}
+    paths = build_world(work / "world", bench.out, WorldConfig())
+    for stage in STAGES:
+        timings[f"world: {stage}"] = stage_info(paths.root / stage).get("wall_s")
+    return paths, timings
+
+
+def run(
+    paths: Any,
+    config: str,
+    finetunes: list[str],
+    methods: list[str],
+    world_models: list[str],
+) -> dict[str, Any]:
+    """Every evaluation and realign the document needs; each reuses what a run finished."""
     from flows.realign import realign
     from tasks.config import load_config
 
-    timings: dict[str, float] = {}
-    start = time.monotonic()
-    bench = fetch(work / "benchdata")
-    timings["data fetch"] = round(time.monotonic() - start, 1)
-    paths = build_world(work / "world", bench.out, WorldConfig())
-    for stage in ("reference", "distill", "aligned", "finetuned_full", "finetuned_lora"):
-        timings[f"world: {stage}"] = stage_info(paths.root / stage).get("wall_s")
-    cfg = load_config(CONFIG)
+    cfg = load_config(config)
     evals = cfg.resolved_state_dir() / "world-evals"
     evals.mkdir(parents=True, exist_ok=True)
     rows: dict[str, Any] = {}
+    timings: dict[str, float] = {}
     for name in world_models:
         fam = cfg.family(FAMILIES["LSSF"])
-        folder = getattr(paths, name)
-        rows[name] = _evaluate_heldout(folder, evals / f"{name}-heldout.json", fam)
+        rows[name] = _evaluate_heldout(getattr(paths, name), evals / f"{name}-heldout.json", fam)
         timings[f"evaluate {name} (held-out)"] = rows[name].get("wall_s")
     outcomes: dict[str, dict[str, Any]] = {}
     for ft_label in finetunes:
         for method in methods:
             family = FAMILIES[method]
             start = time.monotonic()
-            outcome = realign(str(paths.root / FINETUNES[ft_label]), family=family, config=CONFIG)
+            outcome = realign(str(paths.root / FINETUNES[ft_label]), family=family, config=config)
             outcome["wall_s"] = round(time.monotonic() - start, 1)
             rule = cfg.family(family).patch.rank_rule
             outcome["trace"] = _trace(cfg.resolved_state_dir(), outcome, rule)
@@ -304,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     os.chdir(ROOT)  # the pipeline config's paths are relative to the repository root
-    result = run(args.work, args.finetunes, args.methods, args.world_models)
+    paths, timings = build(args.work)
+    result = run(paths, CONFIG, args.finetunes, args.methods, args.world_models)
+    result["timings"] = timings | result["timings"]
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
     subsets = (

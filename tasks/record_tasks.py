@@ -136,7 +136,9 @@ def close_record(tracking_uri: str, run_id: str, status: str, reason: str) -> No
 
 @task(**REGISTRY_RETRIES)
 def publish_summary(markdown: str, key: str) -> str:
-    """The before/after table and verdict as a Prefect Markdown artifact."""
+    """The before/after table and verdict as a Prefect Markdown artifact. Prefect allows only
+    lowercase letters, digits and dashes in a key: anything else (`_`, `.`) becomes a dash."""
+    key = re.sub(r"[^a-z0-9-]+", "-", key.lower()).strip("-")
     return str(create_markdown_artifact(markdown=markdown, key=key, description="lssf realign"))
 
 

@@ -471,3 +471,15 @@ def test_hub_candidate_downloaded_realigned_registered(
     (version,) = versions(tmp_path)
     assert version.tags["source_repo"] == "acme/pico-ft"
     assert version.tags["source_revision"] == sha
+
+
+def test_summary_artifact_key_takes_any_folder_name(harness: None) -> None:
+    """A fine-tune folder named like `finetuned_full` gives a key Prefect accepts (it allows
+    only lowercase letters, digits and dashes); the artifact is really created."""
+    from prefect.artifacts import Artifact
+
+    from tasks.record_tasks import publish_summary
+
+    publish_summary("| a | b |", key="realign-Finetuned_full.v2-0a1b")
+    artifact = Artifact.get("realign-finetuned-full-v2-0a1b")
+    assert artifact is not None and "| a | b |" in str(artifact.data)
