@@ -49,7 +49,7 @@ def realign(
     if revision and rev != revision:  # a local folder edited since the watcher saw it
         raise ValueError(f"{finetuned} is at revision {rev}, not {revision} as announced")
     cand = _candidate(finetuned, rev)
-    done = rec.lookup_outcome(*ids, cand.key, fam.registered_model)
+    done = rec.lookup_outcome(*ids, cand.key, fam.registered_model, family)
     if done is not None:
         get_run_logger().info("%s was already processed (run %s)", cand.key, done["run_id"])
         return done
@@ -154,7 +154,9 @@ def _realign_body(job: _Job) -> dict[str, Any]:
     rec.close_record(uri, job.run_id, "passed" if passed else "rejected", reason)
     summary = summary_markdown(job.cand.key, table, "pass" if passed else "fail", reason, version)
     rec.publish_summary(summary, key=f"realign-{rt.slug(job.cand.key).lower()}"[:60])
-    return rec.lookup_outcome(uri, experiment, artifact_root, job.cand.key, fam.registered_model)
+    return rec.lookup_outcome(
+        uri, experiment, artifact_root, job.cand.key, fam.registered_model, job.family
+    )
 
 
 def _fused_name(alpha: float) -> str:

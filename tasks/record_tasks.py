@@ -21,12 +21,17 @@ REGISTRY_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
 
 @task(**REGISTRY_RETRIES)
 def lookup_outcome(
-    tracking_uri: str, experiment: str, artifact_root: str, source_key: str, model_name: str
+    tracking_uri: str,
+    experiment: str,
+    artifact_root: str,
+    source_key: str,
+    model_name: str,
+    family: str | None = None,
 ) -> dict[str, Any] | None:
-    """The summary of a finished realign of `source_key`, or None when there is none yet."""
+    """The summary of a finished realign of `source_key` (by `family`), or None."""
     client = registry.client_for(tracking_uri)
     exp = registry.ensure_experiment(client, experiment, Path(artifact_root))
-    run = registry.find_final_run(client, exp, source_key)
+    run = registry.find_final_run(client, exp, source_key, family)
     if run is None:
         return None
     version = registry.find_version(client, model_name, source_key)

@@ -84,12 +84,18 @@ def processed_keys(client: MlflowClient, experiment_id: str) -> set[str]:
     return done | {key for key, n in errors.items() if n >= MAX_ERROR_ATTEMPTS}
 
 
-def find_final_run(client: MlflowClient, experiment_id: str, source_key: str) -> Run | None:
-    """The finished realign run of `source_key` with a verdict, if any."""
-    query = (
-        f"tags.lssf_kind = '{KIND_REALIGN}' and tags.source_key = '{_quote(source_key)}' "
-        "and attributes.status = 'FINISHED'"
-    )
+def _realign_query(source_key: str, family: str | None) -> str:
+    """Realign runs of `source_key` (of one `family` when given: two families of one
+    experiment, e.g. LSSF and RESTA, each realign the same fine-tune)."""
+    query = f"tags.lssf_kind = '{KIND_REALIGN}' and tags.source_key = '{_quote(source_key)}'"
+    return query + (f" and tags.family = '{_quote(family)}'" if family else "")
+
+
+def find_final_run(
+    client: MlflowClient, experiment_id: str, source_key: str, family: str | None = None
+) -> Run | None:
+    """The finished realign run of `source_key` (for `family`) with a verdict, if any."""
+    query = _realign_query(source_key, family) + " and attributes.status = 'FINISHED'"
     for run in _search(client, experiment_id, query):
         if run.data.tags.get("lssf_status") in FINAL_STATUSES:
             return run
@@ -99,10 +105,7 @@ def find_final_run(client: MlflowClient, experiment_id: str, source_key: str) ->
 def start_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
     """A new realign run; earlier runs of the same key still marked RUNNING were killed."""
     key = tags["source_key"]
-    query = (
-        f"tags.lssf_kind = '{KIND_REALIGN}' and tags.source_key = '{_quote(key)}' "
-        "and attributes.status = 'RUNNING'"
-    )
+    query = _realign_query(key, tags.get("family")) + " and attributes.status = 'RUNNING'"
     for stale in _search(client, experiment_id, query):
         logger.warning("run %s of %s was interrupted; marking it KILLED", stale.info.run_id, key)
         client.set_tag(stale.info.run_id, "lssf_status", "interrupted")

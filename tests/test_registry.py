@@ -126,3 +126,19 @@ def test_patch_is_stored_once_and_fetched_by_key(client, store, tmp_path: Path) 
     dst.mkdir()
     fetched = registry.fetch_patch(client, run_id, dst)
     assert (fetched / "factors.safetensors").read_bytes() == b"12345"
+
+
+def test_two_families_realign_one_fine_tune_independently(client, store) -> None:
+    """LSSF and RESTA families of one experiment each get their own run of the same key: a
+    finished run of one family neither answers for nor kills the other's."""
+    exp = _exp(client, store, "two-families")
+    key = "org/ft@abc"
+    lssf_run = registry.start_run(client, exp, "lssf", _tags(key) | {"family": "lssf"})
+    registry.finish_run(client, lssf_run, "passed", "ok")
+    assert registry.find_final_run(client, exp, key, "resta") is None
+    resta_run = registry.start_run(client, exp, "resta", _tags(key) | {"family": "resta"})
+    assert client.get_run(lssf_run).data.tags["lssf_status"] == "passed"  # not marked killed
+    registry.finish_run(client, resta_run, "rejected", "too weak")
+    assert registry.find_final_run(client, exp, key, "lssf").info.run_id == lssf_run
+    assert registry.find_final_run(client, exp, key, "resta").info.run_id == resta_run
+    assert registry.find_final_run(client, exp, key) is not None  # any family
