@@ -33,6 +33,12 @@ def _patch_config(args: argparse.Namespace) -> PatchConfig:
         "rank_rule": args.rank_rule,
         "include": tuple(args.include) if args.include else None,
         "exclude": tuple(args.exclude) if args.exclude else None,
+        "basis": args.basis,
+        "calibration": args.calibration,
+        "calibration_limit": args.calibration_limit,
+        "calibration_max_tokens": args.calibration_max_tokens,
+        "activation_weight": args.activation_weight,
+        "rank_spectrum": args.rank_spectrum,
     }
     data = base.model_dump() | {k: v for k, v in flags.items() if v is not None}
     return load_model(PatchConfig, data, "command line")
@@ -144,6 +150,21 @@ def _add_core(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank-rule", help="entropy (default), energy or full")
     p.add_argument("--include", action="append", help="regex of target tensors (repeatable)")
     p.add_argument("--exclude", action="append", help="regex of tensors to skip (repeatable)")
+    p.add_argument(
+        "--basis", help="delta-svd (default: SVD of the safety vector) or activation (ActSVD)"
+    )
+    p.add_argument(
+        "--calibration", type=Path, metavar="FILE.jsonl",
+        help="basis activation: calibration prompts, one JSON object with 'prompt' per line",
+    )  # fmt: skip
+    p.add_argument("--calibration-limit", type=int, metavar="N", help="use the first N prompts")
+    p.add_argument(
+        "--calibration-max-tokens", type=int, help="tokens kept per prompt (default 128)"
+    )
+    p.add_argument("--activation-weight", help="W of W X^T: aligned (default, ActSVD) or delta")
+    p.add_argument(
+        "--rank-spectrum", help="spectrum the rank rule reads: delta (default) or activation"
+    )
     p.add_argument("--table", action="store_true", help="print the per-layer table after")
     _add_common(p)
     p.set_defaults(func=cmd_extract)

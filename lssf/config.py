@@ -6,17 +6,21 @@ import math
 import numbers
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
+    model_validator,
 )
+from pydantic_core import InitErrorDetails
 
 from lssf.errors import ConfigError
 from lssf.methods import BASES, RANK_RULES
@@ -25,6 +29,15 @@ from lssf.methods import BASES, RANK_RULES
 DEFAULT_INCLUDE = (r"(^|\.)(layers|h|blocks|layer)\.\d+\..*\.weight$",)
 # Norms are 1-D and skipped anyway; this keeps embeddings, heads and routers out explicitly.
 DEFAULT_EXCLUDE = (r"(embed|lm_head|norm|\.gate\.weight$)",)
+# Settings of the activation basis only; left out of a delta-svd config's dump, so delta-svd
+# manifests (and patch ids) are the same bytes as before the activation basis existed.
+ACTIVATION_FIELDS = (
+    "activation_weight",
+    "rank_spectrum",
+    "calibration",
+    "calibration_limit",
+    "calibration_max_tokens",
+)
 
 
 class PatchConfig(BaseModel):
@@ -41,7 +54,28 @@ class PatchConfig(BaseModel):
         allow_inf_nan=False,
         description="a_1, weight of the strongest direction (1 = no weighting)",
     )
-    basis: str = Field("delta-svd", description="how the safety subspace is found")
+    basis: str = Field(
+        "delta-svd", description="how the safety subspace is found: delta-svd, activation"
+    )
+    activation_weight: Literal["aligned", "delta"] = Field(
+        "aligned",
+        description="basis activation: left singular vectors of W X^T with W the aligned "
+        "weight (ActSVD) or the safety vector delta",
+    )
+    rank_spectrum: Literal["delta", "activation"] = Field(
+        "delta",
+        description="basis activation: the spectrum the rank rule reads, delta's (ranks as "
+        "delta-svd) or the activation matrix W X^T's",
+    )
+    calibration: Path | None = Field(
+        None, description="basis activation: JSONL of calibration prompts (a 'prompt' per row)"
+    )
+    calibration_limit: int | None = Field(
+        None, ge=1, description="basis activation: use the first N calibration prompts"
+    )
+    calibration_max_tokens: int = Field(
+        128, ge=1, description="basis activation: tokens kept per chat-templated prompt"
+    )
     include: tuple[str, ...] = Field(DEFAULT_INCLUDE, description="regexes of target tensors")
     exclude: tuple[str, ...] = Field(DEFAULT_EXCLUDE, description="regexes never targeted")
 
@@ -64,6 +98,45 @@ class PatchConfig(BaseModel):
             except re.error as exc:
                 raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
         return v
+
+    @model_validator(mode="after")
+    def _basis_settings(self) -> PatchConfig:
+        """Activation settings need basis activation, which needs a calibration file.
+
+        Every offending field is reported, each under its own name.
+        """
+        problems: list[tuple[str, str]] = []
+        if self.basis == "activation" and self.calibration is None:
+            problems.append(("calibration", "required when basis is 'activation'"))
+        if self.basis != "activation":
+            defaults = {f: PatchConfig.model_fields[f].default for f in ACTIVATION_FIELDS}
+            problems += [
+                (f, f"only used with basis 'activation' (basis is {self.basis!r})")
+                for f in ACTIVATION_FIELDS
+                if getattr(self, f) != defaults[f]
+            ]
+        if problems:
+            raise ValidationError.from_exception_data(
+                "PatchConfig",
+                [
+                    InitErrorDetails(
+                        type="value_error",
+                        loc=(field,),
+                        input=getattr(self, field),
+                        ctx={"error": message},
+                    )
+                    for field, message in problems
+                ],
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if self.basis != "activation":
+            for field in ACTIVATION_FIELDS:
+                data.pop(field, None)
+        return data
 
     def is_target(self, name: str, ndim: int) -> bool:
         """A 2-D tensor matched by an include and by no exclude pattern."""

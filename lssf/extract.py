@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -134,43 +134,77 @@ def extract(
 ) -> SafetyPatch:
     """Compute the safety patch of ``aligned`` against ``reference`` and write it to ``out``.
 
-    Reads both checkpoints lazily; peak memory is a few copies of the largest target tensor.
+    Reads both checkpoints lazily; peak memory is a few copies of the largest target tensor
+    (basis ``activation``: plus the calibration hidden states and one layer's weights and
+    Grams, see ``lssf/llama_forward.py``).
     """
     config = config or PatchConfig()
     dev = pick_device(device)
     a_dir, a_rec = resolve_source(aligned)
     r_dir, r_rec = resolve_source(reference)
+    calibration = None
     with Checkpoint(a_dir) as a_ckpt, Checkpoint(r_dir) as r_ckpt:
         targets = target_names(a_ckpt, r_ckpt, config)
-        records: dict[str, TensorRecord] = {}
         with atomic_folder(Path(out), overwrite=overwrite, inputs=[a_dir, r_dir]) as tmp:
             writer = AppendingWriter(tmp / FACTORS)
-            bar = tqdm(total=len(targets), desc="extract", unit="tensor", disable=not progress)
-            for name, a_t, r_t in _prefetched(a_ckpt, r_ckpt, targets):
-                delta = safety_delta(name, a_t.to(dev), r_t.to(dev))
-                try:
-                    u, c, records[name] = patch_tensor(delta, config)
-                except NonFiniteError as exc:
-                    raise NonFiniteError(f"tensor {name!r}: {exc}") from exc
+
+            def write(name: str, u: torch.Tensor, c: torch.Tensor) -> None:
                 u_name, c_name = factor_names(name)
                 writer.write(u_name, u)
                 writer.write(c_name, c)
-                bar.set_postfix(rank=records[name].rank)
-                bar.update()
-            bar.close()
+
+            if config.basis == "activation":  # imported only when used: the forward pass
+                from lssf.activation_extract import activation_patch
+
+                records, calibration = activation_patch(
+                    a_ckpt, r_ckpt, targets, config, dev, write, progress
+                )
+            else:
+                records = _delta_patch(a_ckpt, r_ckpt, targets, config, dev, write, progress)
             writer.close()
+            aligned_rec = with_hashes(a_rec, _hashes(a_ckpt))
+            if calibration is not None:
+                calibration = calibration.model_copy(
+                    update={"model_revision": aligned_rec.revision}
+                )
             manifest = PatchManifest(
                 lssf_version=__version__,
                 config=config,
-                aligned=with_hashes(a_rec, _hashes(a_ckpt)),
+                aligned=aligned_rec,
                 reference=with_hashes(r_rec, _hashes(r_ckpt)),
                 tensors=records,
                 factors_sha256=file_sha256(tmp / FACTORS),
+                calibration=calibration,
             )
             write_json(tmp / MANIFEST, manifest.model_dump(mode="json"))
             write_json(tmp / PROVENANCE, patch_provenance(manifest))
     log.info("patch %s: %d tensors, written to %s", manifest.patch_id, len(records), out)
     return SafetyPatch.load(Path(out))
+
+
+def _delta_patch(
+    a_ckpt: Checkpoint,
+    r_ckpt: Checkpoint,
+    targets: list[str],
+    config: PatchConfig,
+    dev: torch.device,
+    write: Callable[[str, torch.Tensor, torch.Tensor], None],
+    progress: bool,
+) -> dict[str, TensorRecord]:
+    """The delta-svd basis: each target's factors from its safety vector alone."""
+    records: dict[str, TensorRecord] = {}
+    bar = tqdm(total=len(targets), desc="extract", unit="tensor", disable=not progress)
+    for name, a_t, r_t in _prefetched(a_ckpt, r_ckpt, targets):
+        delta = safety_delta(name, a_t.to(dev), r_t.to(dev))
+        try:
+            u, c, records[name] = patch_tensor(delta, config)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"tensor {name!r}: {exc}") from exc
+        write(name, u, c)
+        bar.set_postfix(rank=records[name].rank)
+        bar.update()
+    bar.close()
+    return records
 
 
 def _prefetched(

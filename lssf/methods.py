@@ -15,6 +15,7 @@ from lssf.errors import ConfigError
 from lssf.spectral import energy_fractions, entropy_rank
 
 PAPER_URL = "https://arxiv.org/abs/2602.00038"
+ACTSVD_URL = "https://arxiv.org/abs/2402.05162"
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class SubspaceBasis:
     name: str
     description: str
     reference: str
+    see_also: tuple[str, ...] = ()
 
 
 BASES: dict[str, SubspaceBasis] = {
@@ -70,6 +72,13 @@ BASES: dict[str, SubspaceBasis] = {
         "delta-svd",
         "left singular vectors of the safety vector delta = W_aligned - W_reference",
         PAPER_URL,
+    ),
+    "activation": SubspaceBasis(
+        "activation",
+        "left singular vectors of W X^T: the output directions a layer uses on calibration "
+        "prompts run through the aligned model (ActSVD); W the aligned weight or delta",
+        ACTSVD_URL,
+        see_also=(PAPER_URL,),
     ),
 }
 

@@ -38,6 +38,22 @@ class TensorRecord(BaseModel):
     n_nonzero: int  # singular values above s_1 * 1e-12
     top_singular_value: float
     delta_norm: float  # Frobenius norm of the safety vector
+    # Basis activation only: ||U_r^T delta||^2 / ||delta||^2, the safety vector's share in span.
+    delta_energy_kept: float | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class CalibrationRecord(BaseModel):
+    """What the activation basis ran: which prompts, how many tokens, on which model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    rows: int  # prompts used (the first `calibration_limit` of the file)
+    tokens: int  # chat-templated tokens run through the aligned model
+    truncated: int  # prompts cut at calibration_max_tokens
+    model_revision: str  # the aligned model's revision the forward pass read
+    chat_template_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 class PatchManifest(BaseModel):
@@ -51,6 +67,7 @@ class PatchManifest(BaseModel):
     reference: SourceRecord
     tensors: dict[str, TensorRecord]
     factors_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    calibration: CalibrationRecord | None = Field(None, exclude_if=lambda v: v is None)
 
     @property
     def patch_id(self) -> str:
@@ -64,6 +81,8 @@ class PatchManifest(BaseModel):
             "factors": self.factors_sha256,
             "tensors": {n: r.model_dump(mode="json") for n, r in self.tensors.items()},
         }
+        if self.calibration is not None:  # absent for delta-svd: its ids are unchanged
+            key["calibration"] = self.calibration.model_dump(mode="json")
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 

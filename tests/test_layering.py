@@ -8,7 +8,7 @@ import sys
 
 def test_lssf_imports_no_prefect_mlflow_or_lm_eval():
     code = (
-        "import sys, lssf, lssf.cli, lssf.report, lssf.quickstart; "
+        "import sys, lssf, lssf.cli, lssf.report, lssf.quickstart, lssf.activation_extract; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "{'prefect', 'mlflow', 'lm_eval', 'evaluation', 'flows', 'tasks', 'peft'}); print(bad)"
     )

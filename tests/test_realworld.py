@@ -483,7 +483,7 @@ def test_a_lora_adapter_is_evaluated_on_its_base_through_lm_eval(world, tmp_path
         out = tmp_path / f"{name}.json"
         report = evaluate(model, "realworld_date", out, data_dir=paths.eval_dir, limit=3)
         assert report.status == "ok", report.error
-        rows = [json.loads(line) for line in open(report.samples_path)]
+        rows = [json.loads(line) for line in Path(report.samples_path).read_text().splitlines()]
         answers[name] = [r["response"] for r in rows]
     assert answers["adapter"] == answers["merged"] and len(answers["adapter"]) == 3
 

@@ -1,0 +1,65 @@
+"""The activation basis: output directions a layer uses on calibration prompts (ActSVD).
+
+For a linear map with weight ``W: (d_out, d_in)`` and calibration inputs ``X: (T, d_in)``, the
+basis is the left singular vectors of ``W X^T: (d_out, T)`` (Wei et al. 2024, arXiv 2402.05162,
+as LSSF's paper builds its subspace, arXiv 2602.00038). They are the eigenvectors of
+``W G W^T: (d_out, d_out)`` with ``G = X^T X / T`` (inputs normalised by the token count, so
+the singular values are root-mean-square outputs, comparable across calibration sizes; the
+directions and entropy ranks do not depend on it), singular values ``sqrt(eigenvalues)``.
+Only ``G`` is ever held, never ``X``. Small pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lssf.spectral import Spectrum
+
+# float64 eigenvalues of a Gram product are good to ~eps * lambda_1, so the singular values
+# (their square roots) only to ~sqrt(eps) * s_1: below that they are rounding noise.
+EIG_EPS = torch.finfo(torch.float64).eps
+
+
+def mean_gram(gram: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """``G / T`` as float64; gram: (d_in, d_in) = ``X^T X`` over ``T = n_tokens`` inputs."""
+    if n_tokens <= 0:
+        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
+    return gram.double() / n_tokens
+
+
+def output_covariance(w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``W G W^T: (d_out, d_out)`` in float64, symmetrised; w: (d_out, d_in), gram: (d_in, d_in)."""
+    if w.ndim != 2 or gram.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"weight {tuple(w.shape)} and Gram {tuple(gram.shape)} do not match")
+    w64 = w.double()
+    m = w64 @ gram.double() @ w64.T
+    return (m + m.T) / 2  # rounding leaves it a hair asymmetric; eigh reads one triangle
+
+
+def activation_spectrum(w: torch.Tensor, gram: torch.Tensor) -> Spectrum:
+    """Left singular vectors and values of ``W X^T`` from ``gram = X^T X`` (normalised or not).
+
+    w: (d_out, d_in); gram: (d_in, d_in). Returns ``u: (d_out, k)`` float32 orthonormal and
+    ``s: (k,)`` float64 descending, keeping only values above ``s_1 * sqrt(d_out * eps)``
+    (tiny negative eigenvalues from rounding are clamped to zero first).
+    """
+    evals, evecs = torch.linalg.eigh(output_covariance(w, gram))
+    evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
+    s = evals.sqrt().cpu()
+    tol = (w.shape[0] * EIG_EPS) ** 0.5
+    keep = int((s > s[0] * tol).sum()) if s.numel() and s[0] > 0 else 0
+    return Spectrum(u=evecs[:, :keep].float().contiguous(), s=s[:keep])
+
+
+def captured_energy(u: torch.Tensor, delta: torch.Tensor) -> float:
+    """``||U^T delta||_F^2 / ||delta||_F^2``: the share of the safety vector inside span(U).
+
+    u: (d_out, r) orthonormal; delta: (d_out, d_in). 1.0 for a zero delta.
+    """
+    total = float(torch.linalg.vector_norm(delta.double()) ** 2)
+    if total == 0.0:
+        return 1.0
+    if u.shape[1] == 0:
+        return 0.0
+    kept = float(torch.linalg.vector_norm(u.double().T @ delta.double()) ** 2)
+    return kept / total

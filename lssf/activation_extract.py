@@ -1,0 +1,215 @@
+"""Extraction with the activation basis: one layer-by-layer pass over the aligned model.
+
+The calibration prompts, chat-templated, run through lssf's own forward pass
+(``lssf/llama_forward.py``); at each decoder layer the Grams of its targeted linear maps'
+inputs are accumulated, every targeted tensor of the layer gets its basis
+(``lssf/activation.py``) and factors, the Grams are dropped and the hidden states move on.
+Peak memory: see ``lssf/llama_forward.py`` (1.4 GB of Grams for a 7B Llama).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lssf.activation import activation_spectrum, captured_energy, mean_gram
+from lssf.calibration import chat_template, encode_prompts, read_calibration, read_json
+from lssf.checkpoint import Checkpoint, folder_file
+from lssf.config import PatchConfig
+from lssf.errors import CheckpointError, ConfigError, NonFiniteError
+from lssf.extract import patch_tensor, safety_delta
+from lssf.llama_forward import (
+    INPUT_GROUPS,
+    DecoderSpec,
+    check_lengths,
+    embed,
+    layer_forward,
+    layer_weights,
+    read_spec,
+    rope_tables,
+)
+from lssf.methods import get_rank_rule
+from lssf.patch import CalibrationRecord, TensorRecord
+from lssf.spectral import (
+    direction_weights,
+    energy_kept,
+    entropy_ratio,
+    safety_factors,
+)
+from lssf.st_io import is_finite
+
+log = logging.getLogger(__name__)
+
+Write = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str  # checkpoint tensor name
+    module: str  # "self_attn.q_proj", relative to its layer
+    group: str  # the input it reads (a value of INPUT_GROUPS)
+
+
+def plan_targets(targets: list[str], spec: DecoderSpec) -> dict[int, list[Target]]:
+    """Targets by decoder layer; a target that is not a known linear map is refused."""
+    pattern = re.compile(re.escape(spec.prefix) + r"layers\.(\d+)\.(.+)\.weight")
+    by_layer: dict[int, list[Target]] = {}
+    for name in targets:
+        m = pattern.fullmatch(name)
+        if m is None or m.group(2) not in INPUT_GROUPS or int(m.group(1)) >= spec.layers:
+            raise ConfigError(
+                f"target tensor {name!r} is not a decoder linear map the activation basis "
+                f"knows ({', '.join(INPUT_GROUPS)}); narrow include/exclude or use delta-svd"
+            )
+        module = m.group(2)
+        by_layer.setdefault(int(m.group(1)), []).append(Target(name, module, INPUT_GROUPS[module]))
+    return by_layer
+
+
+def _group_width(spec: DecoderSpec, group: str) -> int:
+    return {
+        "attn_in": spec.hidden,
+        "o_in": spec.heads * spec.head_dim,
+        "mlp_in": spec.hidden,
+        "down_in": spec.intermediate,
+    }[group]
+
+
+def _spectrum_stats(s: torch.Tensor, rank: int) -> dict[str, float | int]:
+    """The record fields that describe the spectrum ``s: (k,)`` that set ``rank``."""
+    return {
+        "entropy_ratio": entropy_ratio(s, rank),
+        "energy_kept": energy_kept(s, rank),
+        "n_nonzero": int(s.numel()),
+        "top_singular_value": float(s[0]) if s.numel() else 0.0,
+    }
+
+
+def _delta_rank(delta: torch.Tensor, n_act: int, config: PatchConfig) -> tuple[int, dict]:
+    """delta-svd's own rank (same code path, ``patch_tensor``), capped at the activation
+    basis's ``n_act`` non-zero directions: beyond them the eigenvectors span a null space in
+    no particular order."""
+    record = patch_tensor(delta, config)[2]
+    stats = record.model_dump(include={"entropy_ratio", "energy_kept", "n_nonzero"})
+    stats["top_singular_value"] = record.top_singular_value
+    if record.rank <= n_act:
+        return record.rank, stats
+    log.warning(
+        "%s tensor: delta rank %d capped at the %d non-zero activation directions "
+        "(more calibration tokens lift the cap)",
+        list(delta.shape),
+        record.rank,
+        n_act,
+    )
+    tall = delta if delta.shape[0] >= delta.shape[1] else delta.T
+    s = torch.linalg.svdvals(tall.float()).double().cpu()[: record.n_nonzero]
+    return n_act, _spectrum_stats(s, n_act)
+
+
+def activation_tensor(
+    delta: torch.Tensor, aligned: torch.Tensor, gram: torch.Tensor, config: PatchConfig
+) -> tuple[torch.Tensor, torch.Tensor, TensorRecord]:
+    """Factors of one target: delta, aligned (d_out, d_in); gram (d_in, d_in) = X^T X / T.
+
+    Returns ``U': (d_out, r)``, ``C = U'^T delta: (r, d_in)`` (float32, CPU) and the record,
+    whose spectrum fields describe the spectrum that set the rank (``rank_spectrum``).
+    """
+    act = activation_spectrum(aligned if config.activation_weight == "aligned" else delta, gram)
+    if config.rank_spectrum == "delta":
+        rank, stats = _delta_rank(delta, int(act.s.numel()), config)
+    else:
+        rank = get_rank_rule(config.rank_rule).select(act.s, config.eta)
+        rank = rank if config.max_rank is None else min(rank, config.max_rank)
+        stats = _spectrum_stats(act.s, rank)
+    basis = act.u[:, :rank].to(delta.device)
+    u, c = safety_factors(delta, basis, direction_weights(act.s, rank, config.weight_top))
+    if not (is_finite(u) and is_finite(c)):
+        raise NonFiniteError(
+            f"safety factors of a {list(delta.shape)} tensor overflow float32 (NaN/Inf); "
+            f"weight_top={config.weight_top} is too large"
+        )
+    record = TensorRecord(
+        shape=tuple(delta.shape),
+        rank=rank,
+        delta_norm=float(torch.linalg.vector_norm(delta.double())),
+        delta_energy_kept=captured_energy(basis, delta),
+        **stats,
+    )
+    return u.cpu(), c.cpu(), record
+
+
+def _config_json(folder: Path) -> dict:
+    path = folder_file(folder, "config.json")
+    if path is None:
+        raise CheckpointError(f"{folder} has no config.json; the activation basis needs it")
+    return read_json(path)
+
+
+def activation_patch(
+    a_ckpt: Checkpoint,
+    r_ckpt: Checkpoint,
+    targets: list[str],
+    config: PatchConfig,
+    device: torch.device,
+    write: Write,
+    progress: bool = True,
+) -> tuple[dict[str, TensorRecord], CalibrationRecord]:
+    """Factors of every target (written through ``write(name, U, C)``) and the calibration
+    record (``model_revision`` left empty: the caller knows the hashed revision)."""
+    folder = a_ckpt.folder
+    spec = read_spec(_config_json(folder), a_ckpt, str(folder / "config.json"))
+    by_layer = plan_targets(targets, spec)
+    calib = read_calibration(config.calibration, config.calibration_limit)
+    full = encode_prompts(folder, calib.prompts)
+    ids = [x[: config.calibration_max_tokens] for x in full]
+    lengths = [len(x) for x in ids]
+    check_lengths(spec, lengths)
+    n_tokens = sum(lengths)
+    h = embed(a_ckpt, spec, torch.tensor([t for x in ids for t in x]), device)
+    tables = rope_tables(spec, max(lengths), device)
+    records: dict[str, TensorRecord] = {}
+    bar = tqdm(total=len(targets), desc="extract", unit="tensor", disable=not progress)
+    for layer in range(max(by_layer) + 1):
+        w = layer_weights(a_ckpt, spec, layer, device)
+        layer_targets = by_layer.get(layer, [])
+        grams = {
+            g: torch.zeros(d, d, dtype=torch.float64, device=device)
+            for g in {t.group for t in layer_targets}
+            for d in [_group_width(spec, g)]
+        }
+        h = layer_forward(h, w, spec, lengths, tables, grams)
+        if not is_finite(h):
+            raise NonFiniteError(f"hidden states of {folder} overflow at decoder layer {layer}")
+        for t in layer_targets:
+            aligned = w[f"{t.module}.weight"]
+            delta = safety_delta(t.name, aligned, r_ckpt.get(t.name).to(device))
+            try:
+                u, c, records[t.name] = activation_tensor(
+                    delta, aligned, mean_gram(grams[t.group], n_tokens), config
+                )
+            except NonFiniteError as exc:
+                raise NonFiniteError(f"tensor {t.name!r}: {exc}") from exc
+            write(t.name, u, c)
+            bar.set_postfix(layer=layer, rank=records[t.name].rank)
+            bar.update()
+        del grams, w
+    bar.close()
+    template, _ = chat_template(folder)
+    record = CalibrationRecord(
+        file=str(config.calibration),
+        sha256=calib.sha256,
+        rows=len(calib.prompts),
+        tokens=n_tokens,
+        truncated=sum(len(x) > config.calibration_max_tokens for x in full),
+        model_revision="",
+        chat_template_sha256=hashlib.sha256(template.encode()).hexdigest(),
+    )
+    log.info("activation basis: %d prompts, %d tokens", record.rows, n_tokens)
+    return {n: records[n] for n in targets}, record

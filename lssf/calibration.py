@@ -1,0 +1,168 @@
+"""Calibration prompts for the activation basis: read, chat-templated and tokenized.
+
+The file is JSONL with a ``prompt`` field per row (the user turn, as in the evaluation data);
+the first ``limit`` rows are used. Rows marked ``"split": "heldout"`` are refused: the
+release decision reads that split, so the basis must never have seen it.
+
+Each prompt is rendered with the model's own chat template (``chat_template.jinja``, else
+``tokenizer_config.json``'s ``chat_template``), ``add_generation_prompt=True``, in a sandboxed
+jinja2 environment set up as transformers' ``apply_chat_template`` sets it up, then tokenized
+with ``tokenizer.json`` and no added special tokens (the template writes them), so the ids
+equal ``AutoTokenizer.apply_chat_template(..., add_generation_prompt=True)``'s.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lssf.checkpoint import folder_file
+from lssf.errors import CheckpointError, ConfigError
+from lssf.st_io import file_sha256
+
+SPECIAL_TOKEN_KEYS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """The prompts used and the file they came from."""
+
+    path: Path
+    sha256: str
+    prompts: tuple[str, ...]
+
+
+def read_calibration(path: Path, limit: int | None = None) -> CalibrationSet:
+    """The first ``limit`` prompts of a JSONL file (all when None), every row checked."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"calibration: cannot read {path}: {exc}") from exc
+    prompts: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        if limit is not None and len(prompts) >= limit:
+            break
+        if not line.strip():
+            continue
+        prompts.append(_prompt(path, number, line))
+    if not prompts:
+        raise ConfigError(f"calibration: {path} holds no prompt")
+    return CalibrationSet(path=path, sha256=file_sha256(path), prompts=tuple(prompts))
+
+
+def _prompt(path: Path, number: int, line: str) -> str:
+    try:
+        row = json.loads(line)
+    except ValueError as exc:
+        raise ConfigError(f"calibration: {path} line {number} is not JSON: {exc}") from exc
+    prompt = row.get("prompt") if isinstance(row, dict) else None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError(f"calibration: {path} line {number} has no non-empty 'prompt' string")
+    if row.get("split") == "heldout":
+        raise ConfigError(
+            f"calibration: {path} line {number} (id {row.get('id')!r}) is in the held-out "
+            "evaluation split; calibration prompts must never come from it"
+        )
+    return prompt
+
+
+def _token_text(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or ``{"content": ...}``."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file of a model folder (config, tokenizer config)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"unreadable {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def chat_template(folder: Path) -> tuple[str, dict[str, str]]:
+    """The folder's chat template and the special tokens it may refer to (``eos_token``...)."""
+    config_path = folder_file(folder, "tokenizer_config.json")
+    config = read_json(config_path) if config_path is not None else {}
+    template = None
+    jinja = folder_file(folder, "chat_template.jinja")
+    if jinja is not None:
+        template = jinja.read_text(encoding="utf-8")
+    elif (side := folder_file(folder, "chat_template.json")) is not None:
+        template = read_json(side).get("chat_template")
+    else:
+        template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if not isinstance(template, str) or not template:
+        raise CheckpointError(
+            f"{folder} has no chat template (chat_template.jinja or tokenizer_config.json's "
+            "chat_template); the activation basis renders prompts with it"
+        )
+    specials = {k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k)))}
+    return template, specials
+
+
+def render_prompt(template: str, specials: dict[str, str], prompt: str) -> str:
+    """One user turn and the generation prompt, rendered as transformers renders it."""
+    return _compile(template).render(
+        messages=[{"role": "user", "content": prompt}],
+        tools=None,
+        documents=None,
+        add_generation_prompt=True,
+        **specials,
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    """Sandboxed jinja2 with transformers' options, filters and globals."""
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def encode_prompts(folder: Path, prompts: tuple[str, ...]) -> list[list[int]]:
+    """Token ids of each chat-templated prompt (the caller cuts them to length)."""
+    from tokenizers import Tokenizer
+
+    path = folder_file(folder, "tokenizer.json")
+    if path is None:
+        raise CheckpointError(f"{folder} has no tokenizer.json; the activation basis needs it")
+    tokenizer = Tokenizer.from_file(str(path))
+    template, specials = chat_template(folder)
+    texts = [render_prompt(template, specials, p) for p in prompts]
+    encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
+    return [list(e.ids) for e in encoded]

@@ -1,0 +1,249 @@
+"""A minimal pure-torch Llama-family decoder, driven one layer at a time from a checkpoint.
+
+Only what the activation basis needs: the hidden states of the calibration tokens and, per
+layer, the inputs of its linear maps, accumulated as Gram matrices ``G = X^T X`` (float64).
+Weights are read lazily through :class:`lssf.checkpoint.Checkpoint`, one layer at a time
+(GPTQ/ActSVD-style sequential calibration); nothing is modified, so layer ``i`` sees exactly
+the aligned model's own activations. The maths follows transformers' ``LlamaModel`` (RMSNorm
+in float32, rotate-half RoPE, GQA by repeating key/value heads, causal softmax attention,
+SwiGLU MLP); ``tests/test_activation.py`` checks hidden states against it to 1e-5.
+
+Supported: ``model_type`` llama, mistral and qwen2 with SiLU, default RoPE and optional
+biases on the linear maps (Qwen2's q/k/v). Anything else is refused naming the field.
+
+Memory at layer ``i`` (``T`` calibration tokens): the hidden states ``T x hidden`` float32, one
+layer's weights in float32, the Grams ``d_in^2`` float64 per distinct targeted input (q/k/v
+share one, gate/up share one; o_proj and down_proj one each), plus transients of ``T x
+(q + 2 kv)`` and a token chunk of the MLP. For a 7B Llama (hidden 4096, intermediate 11008):
+``3 * 4096^2 + 11008^2`` doubles = 1.4 GB of Grams, 0.8 GB of float32 layer weights, and
+``T * 16 KB`` of hidden states (65 MB for 4096 tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lssf.checkpoint import Checkpoint
+from lssf.errors import CheckpointError, ConfigError
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+# Linear maps of one decoder layer by the input they read (their Gram is shared).
+INPUT_GROUPS: dict[str, str] = {
+    "self_attn.q_proj": "attn_in",
+    "self_attn.k_proj": "attn_in",
+    "self_attn.v_proj": "attn_in",
+    "self_attn.o_proj": "o_in",
+    "mlp.gate_proj": "mlp_in",
+    "mlp.up_proj": "mlp_in",
+    "mlp.down_proj": "down_in",
+}
+# Tokens per chunk of the MLP and of the Gram updates: bounds the float64 transients.
+CHUNK = 2048
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """The shape facts of a supported decoder, read from ``config.json``."""
+
+    model_type: str
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    layers: int
+    eps: float
+    rope_theta: float
+    sliding_window: int | None
+    prefix: str  # tensor name prefix of the decoder, "model." in a CausalLM checkpoint
+
+
+def _rope_theta(config: dict[str, Any], where: str) -> float:
+    """``rope_theta`` from transformers 5's ``rope_parameters`` or 4's flat fields."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: rope_parameters must be an object, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(
+            f"{where}: rope_type {rope_type!r} is not supported by lssf's forward pass "
+            "(only 'default' RoPE); use basis delta-svd for this model"
+        )
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def _check_supported(config: dict[str, Any], where: str) -> None:
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_TYPES:
+        raise ConfigError(
+            f"{where}: model_type {model_type!r} is not supported by the activation basis "
+            f"(supported: {', '.join(SUPPORTED_TYPES)}); use basis delta-svd"
+        )
+    act = config.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{where}: hidden_act {act!r} is not supported (only 'silu')")
+    factor = config.get("partial_rotary_factor", 1.0)
+    if factor != 1.0:
+        raise ConfigError(f"{where}: partial_rotary_factor {factor!r} is not supported (only 1)")
+
+
+def read_spec(config: dict[str, Any], ckpt: Checkpoint, where: str) -> DecoderSpec:
+    """The decoder's spec, refusing (``ConfigError`` naming the field) what it cannot run."""
+    _check_supported(config, where)
+    try:
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        spec_fields = {
+            "intermediate": int(config["intermediate_size"]),
+            "layers": int(config["num_hidden_layers"]),
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: missing or invalid field {exc}") from exc
+    embed = [n for n in ckpt.names() if n.endswith("embed_tokens.weight")]
+    if len(embed) != 1:
+        raise CheckpointError(f"{ckpt.folder}: expected one embed_tokens.weight, found {embed}")
+    sliding = config.get("sliding_window")
+    if config.get("model_type") == "qwen2" and not config.get("use_sliding_window", False):
+        sliding = None
+    return DecoderSpec(
+        model_type=str(config["model_type"]),
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(config.get("num_key_value_heads") or heads),
+        head_dim=int(config.get("head_dim") or hidden // heads),
+        eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(config, where),
+        sliding_window=int(sliding) if sliding else None,
+        prefix=embed[0][: -len("embed_tokens.weight")],
+        **spec_fields,
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / rms(x) * weight`` over the last axis; x: (T, hidden), weight: (hidden,)."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def rope_tables(spec: DecoderSpec, length: int, device: torch.device) -> torch.Tensor:
+    """``(2, length, head_dim)``: cos and sin of every position, as transformers computes them."""
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return torch.stack((emb.cos(), emb.sin())).to(device)
+
+
+def _rotate(x: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x: (heads, L, head_dim)`` with ``tables[:, :L]``."""
+    cos, sin = tables[0, : x.shape[1]], tables[1, : x.shape[1]]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: DecoderSpec, tables: torch.Tensor
+) -> torch.Tensor:
+    """One sequence: q (L, heads*hd), k and v (L, kv_heads*hd) -> (L, heads*hd)."""
+    length = q.shape[0]
+    qh = _rotate(q.view(length, spec.heads, spec.head_dim).transpose(0, 1), tables)
+    kh = _rotate(k.view(length, spec.kv_heads, spec.head_dim).transpose(0, 1), tables)
+    vh = v.view(length, spec.kv_heads, spec.head_dim).transpose(0, 1)
+    groups = spec.heads // spec.kv_heads
+    kh, vh = kh.repeat_interleave(groups, dim=0), vh.repeat_interleave(groups, dim=0)
+    scores = (qh @ kh.transpose(1, 2)) / math.sqrt(spec.head_dim)
+    mask = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (probs @ vh).transpose(0, 1).reshape(length, spec.heads * spec.head_dim)
+
+
+def gram_update(grams: dict[str, torch.Tensor], group: str, x: torch.Tensor) -> None:
+    """``grams[group] += x^T x`` in float64, in token chunks; x: (T, d_in). No-op if absent."""
+    if group not in grams:
+        return
+    for start in range(0, x.shape[0], CHUNK):
+        chunk = x[start : start + CHUNK].double()
+        grams[group].addmm_(chunk.T, chunk)
+
+
+def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    bias = w.get(f"{name}.bias")
+    return F.linear(x, w[f"{name}.weight"], bias)
+
+
+def layer_forward(
+    h: torch.Tensor,
+    w: dict[str, torch.Tensor],
+    spec: DecoderSpec,
+    lengths: list[int],
+    tables: torch.Tensor,
+    grams: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """One decoder layer on the packed tokens ``h: (T, hidden)`` of sequences of ``lengths``.
+
+    ``w`` maps names relative to the layer (``self_attn.q_proj.weight``) to float32 tensors;
+    the Grams named in ``grams`` (keys of ``INPUT_GROUPS``' values) are accumulated in place.
+    """
+    x = rms_norm(h, w["input_layernorm.weight"], spec.eps)
+    gram_update(grams, "attn_in", x)
+    q, k, v = (_linear(x, w, f"self_attn.{p}_proj") for p in "qkv")
+    attn = torch.cat(
+        [
+            causal_attention(qs, ks, vs, spec, tables)
+            for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)
+        ]
+    )
+    del q, k, v
+    gram_update(grams, "o_in", attn)
+    h = h + _linear(attn, w, "self_attn.o_proj")
+    del attn
+    x = rms_norm(h, w["post_attention_layernorm.weight"], spec.eps)
+    gram_update(grams, "mlp_in", x)
+    out = torch.empty_like(h)
+    for start in range(0, x.shape[0], CHUNK):
+        xc = x[start : start + CHUNK]
+        m = F.silu(_linear(xc, w, "mlp.gate_proj")) * _linear(xc, w, "mlp.up_proj")
+        gram_update(grams, "down_in", m)
+        out[start : start + CHUNK] = h[start : start + CHUNK] + _linear(m, w, "mlp.down_proj")
+    return out
+
+
+def layer_weights(
+    ckpt: Checkpoint, spec: DecoderSpec, layer: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Every tensor of decoder layer ``layer``, float32 on ``device``, by name in the layer."""
+    prefix = f"{spec.prefix}layers.{layer}."
+    names = [n for n in ckpt.names() if n.startswith(prefix)]
+    weights = {n[len(prefix) :]: ckpt.get(n).to(device=device, dtype=torch.float32) for n in names}
+    needed = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    needed += [f"{m}.weight" for m in INPUT_GROUPS]
+    missing = [prefix + n for n in needed if n not in weights]
+    if missing:
+        raise CheckpointError(f"{ckpt.folder}: decoder layer {layer} lacks {', '.join(missing)}")
+    return weights
+
+
+def embed(ckpt: Checkpoint, spec: DecoderSpec, ids: torch.Tensor, device: torch.device):
+    """Packed token ids ``(T,)`` -> hidden states ``(T, hidden)`` float32 on ``device``."""
+    table = ckpt.get(f"{spec.prefix}embed_tokens.weight")
+    if int(ids.max()) >= table.shape[0]:
+        raise CheckpointError(
+            f"token id {int(ids.max())} is outside the embedding of {ckpt.folder} "
+            f"({table.shape[0]} rows): tokenizer and model disagree"
+        )
+    return table.index_select(0, ids).to(device=device, dtype=torch.float32)
+
+
+def check_lengths(spec: DecoderSpec, lengths: list[int]) -> None:
+    """A sliding-window model is run only on sequences that fit in its window."""
+    if spec.sliding_window is not None and max(lengths) > spec.sliding_window:
+        raise ConfigError(
+            f"calibration sequences of {max(lengths)} tokens exceed the model's "
+            f"sliding_window {spec.sliding_window}; lower calibration_max_tokens"
+        )
