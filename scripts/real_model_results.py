@@ -33,7 +33,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/smollm2-135m.yaml"
-FAMILIES = {"LSSF": "smollm2-135m", "RESTA": "smollm2-135m-resta"}
+FAMILIES = {"LSSF": "smollm2-135m", "RESTA": "smollm2-135m-resta", "LSSF-act": "smollm2-135m-act"}
 FINETUNES = {"full": "finetuned_full", "LoRA": "finetuned_lora"}
 WORLD_MODELS = ("reference", "aligned")
 COLUMNS = (
@@ -72,16 +72,16 @@ def _evaluate_heldout(model: Path, out: Path, family: Any) -> dict[str, Any]:
     return report
 
 
-def _trace(state: Path, outcome: dict[str, Any], rank_rule: str) -> list[dict[str, Any]]:
+def _trace(state: Path, outcome: dict[str, Any], method: str) -> list[dict[str, Any]]:
     """The calibration probes of a realign run, from its search record: the run folder of
-    the fine-tune, under the patch whose manifest has this rank rule."""
+    the fine-tune, under the patch whose manifest has this method's rank rule and basis."""
     from tasks.realign_tasks import slug
 
     runs = state / "runs" / slug(outcome["source_key"])
     for path in sorted(runs.glob("patch-*/search/search_trace.json")):
         patch_key = path.parent.parent.name.removeprefix("patch-")
         manifest = json.loads((state / "patches" / patch_key / "manifest.json").read_text())
-        if manifest["config"]["rank_rule"] == rank_rule:
+        if _method_of(manifest["config"]) == method:
             return json.loads(path.read_text()).get("probes", [])
     return []
 
@@ -128,8 +128,8 @@ def run(
             start = time.monotonic()
             outcome = realign(str(paths.root / FINETUNES[ft_label]), family=family, config=config)
             outcome["wall_s"] = round(time.monotonic() - start, 1)
-            rule = cfg.family(family).patch.rank_rule
-            outcome["trace"] = _trace(cfg.resolved_state_dir(), outcome, rule)
+            method_id = _method_of(cfg.family(family).patch.model_dump())
+            outcome["trace"] = _trace(cfg.resolved_state_dir(), outcome, method_id)
             outcomes[f"{ft_label}/{method}"] = outcome
             _remember_wall(evals / "realign-wall.json", f"{ft_label}/{method}", outcome)
     walls = _read_json(evals / "realign-wall.json")
@@ -149,6 +149,10 @@ def _remember_wall(path: Path, key: str, outcome: dict[str, Any]) -> None:
     path.write_text(json.dumps(walls, indent=2))
 
 
+def _method_of(patch_config: dict[str, Any]) -> str:
+    return f"{patch_config['rank_rule']}/{patch_config.get('basis') or 'delta-svd'}"
+
+
 def _ranks(cfg: Any) -> dict[str, dict[str, float]]:
     from lssf import SafetyPatch
     from lssf.report import summary
@@ -156,7 +160,7 @@ def _ranks(cfg: Any) -> dict[str, dict[str, float]]:
     out = {}
     for manifest in sorted((cfg.resolved_state_dir() / "patches").glob("*/manifest.json")):
         patch = SafetyPatch.load(manifest.parent)
-        out[patch.manifest.config.rank_rule] = summary(patch.manifest)
+        out[_method_of(patch.manifest.config.model_dump())] = summary(patch.manifest)
     return out
 
 
@@ -225,7 +229,6 @@ def document(result: dict[str, Any]) -> str:
     from evaluation.realworld import WorldConfig
 
     world = WorldConfig()
-    ranks = result["ranks"].get("entropy", {})
     timings = "\n".join(f"| {k} | {_fmt_s(v)} |" for k, v in result["timings"].items())
     return f"""# Real weights: LSSF on SmolLM2-135M-Instruct
 
@@ -250,7 +253,9 @@ Every number below comes from that run; nothing is edited by hand.
 
 ## Pre-registered settings
 Fixed before any model of the world was evaluated: `configs/smollm2-135m.yaml` (LSSF: entropy
-rank, eta 0.85; RESTA: the whole safety vector; bisection on (0, 2], at most 4 calibration
+rank, eta 0.85, the safety vector's own singular vectors; LSSF-act: the same rank, the activation
+basis from the aligned model's inputs on the first 128 Do-Not-Answer training prompts; RESTA: the
+whole safety vector; bisection on (0, 2], at most 4 calibration
 probes, safety margin 0.05), the `realworld` suite (real AdvBench, HarmBench standard and
 StrongREJECT prompts for refusal, XSTest's safe prompts for over-refusal, the `refusal-prefix`
 keyword judge on greedy answers of at most 16 tokens, the date task for utility; no lm-eval
@@ -267,11 +272,8 @@ carry their split).
 ## The alpha search (calibration split)
 
 {render_traces(result["outcomes"])}
-## The LSSF patch
-{ranks.get("tensors", "?")} weight matrices; entropy rank {ranks.get("rank_min", "?")}-\
-{ranks.get("rank_max", "?")} (mean {_fmt(ranks.get("rank_mean"))}); the factors hold \
-{_fmt(ranks.get("factor_params_fraction"))} of the safety vector's parameter count.
-
+## The patches
+{render_ranks(result["ranks"])}
 ## Cost (wall seconds on the machine above)
 | stage | seconds |
 |---|---|
@@ -280,6 +282,20 @@ carry their split).
 Training is seeded but not bit-identical across CPUs (float32 kernels differ), unlike the model
 organism: these numbers are the report of one run, and no test asserts them.
 """
+
+
+def render_ranks(ranks: dict[str, dict[str, float]]) -> str:
+    lines = [
+        "| rank rule / basis | tensors | rank min | rank mean | rank max | factor parameters "
+        "/ safety vector |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, r in sorted(ranks.items()):
+        lines.append(
+            f"| {method} | {r['tensors']} | {r['rank_min']} | {r['rank_mean']:.1f} | "
+            f"{r['rank_max']} | {r['factor_params_fraction']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _fmt_s(value: Any) -> str:

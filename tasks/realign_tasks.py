@@ -81,8 +81,14 @@ def materialize(spec: str, revision: str) -> str:
 
 
 def patch_key(aligned_rev: str, reference_rev: str, config: PatchConfig) -> str:
-    """Identity of a patch before it exists: both revisions and the parameters."""
-    blob = json.dumps([aligned_rev, reference_rev, config.model_dump(mode="json")], sort_keys=True)
+    """Identity of a patch before it exists: both revisions, the parameters and, for the
+    activation basis, the calibration file's content (its path alone could be rewritten)."""
+    from lssf.st_io import file_sha256
+
+    parts: list = [aligned_rev, reference_rev, config.model_dump(mode="json")]
+    if config.calibration is not None:
+        parts.append(file_sha256(Path(config.calibration)))
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

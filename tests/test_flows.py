@@ -483,3 +483,18 @@ def test_summary_artifact_key_takes_any_folder_name(harness: None) -> None:
     publish_summary("| a | b |", key="realign-Finetuned_full.v2-0a1b")
     artifact = Artifact.get("realign-finetuned-full-v2-0a1b")
     assert artifact is not None and "| a | b |" in str(artifact.data)
+
+
+def test_patch_key_covers_the_calibration_file_content(tmp_path: Path) -> None:
+    """An activation patch is rebuilt when its calibration file is rewritten in place."""
+    from lssf import PatchConfig
+    from tasks.realign_tasks import patch_key
+
+    calibration = tmp_path / "calibration.jsonl"
+    calibration.write_text('{"prompt": "a"}\n')
+    config = PatchConfig(basis="activation", calibration=calibration)
+    first = patch_key("a1", "r1", config)
+    assert patch_key("a1", "r1", config) == first
+    calibration.write_text('{"prompt": "b"}\n')
+    assert patch_key("a1", "r1", config) != first
+    assert patch_key("a1", "r1", PatchConfig()) != first

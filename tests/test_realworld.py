@@ -442,7 +442,10 @@ def test_pipeline_config_validates():
 
     cfg = load_config(REPO / "configs" / "smollm2-135m.yaml")
     lssf_family, resta = cfg.families["smollm2-135m"], cfg.families["smollm2-135m-resta"]
-    assert set(cfg.families) == {"smollm2-135m", "smollm2-135m-resta"}
+    assert set(cfg.families) == {"smollm2-135m", "smollm2-135m-resta", "smollm2-135m-act"}
+    act = cfg.families["smollm2-135m-act"]
+    assert act.patch.basis == "activation" and act.patch.rank_rule == "entropy"
+    assert act.search_config() == lssf_family.search_config()
     assert lssf_family.patch.rank_rule == "entropy" and resta.patch.rank_rule == "full"
     assert lssf_family.search_config() == resta.search_config()
     assert lssf_family.gate_config() == resta.gate_config()
