@@ -416,20 +416,22 @@ def test_a_finished_world_is_never_redone_and_a_change_redoes_only_its_stage(
 
 
 def test_stages_limit_what_is_trained(world, wheel_dir, bench, tmp_path, monkeypatch):
-    """Only the named stages are trained; a missing stage outside them is an error, so two
-    processes can share one world (each stage behind its lock)."""
+    """Only the named stages are built; what they are built from must exist; the rest is
+    left alone, so two processes can train the two fine-tunes side by side."""
     paths, config = world
     root = tmp_path / "copy"
     shutil.copytree(paths.root, root)
     changed = config.model_copy(update={"finetune_lora": Train(kind="lora", lr=1e-2, steps=1)})
     monkeypatch.setattr(subprocess, "run", _no_pip)
-    with pytest.raises(RuntimeError, match="finetuned_lora is not built"):
-        build_world(root, bench, changed, wheel_dir=wheel_dir, stages=("finetuned_full",))
-    assert stage_info(root / "finetuned_lora") == stage_info(paths.finetuned_lora)
+    build_world(root, bench, changed, wheel_dir=wheel_dir, stages=("finetuned_full",))
+    assert stage_info(root / "finetuned_lora") == stage_info(paths.finetuned_lora)  # left alone
     build_world(root, bench, changed, wheel_dir=wheel_dir, stages=("finetuned_lora",))
     key = changed.stage_keys(versions())["finetuned_lora"]
     assert stage_info(root / "finetuned_lora")["key"] == key
     assert not list(root.glob(".*.lock"))
+    realigned = changed.model_copy(update={"aligned": Train(kind="full", lr=1e-2, steps=1)})
+    with pytest.raises(RuntimeError, match="stage aligned is not built"):
+        build_world(root, bench, realigned, wheel_dir=wheel_dir, stages=("finetuned_lora",))
     with pytest.raises(ValueError, match="unknown stages"):
         build_world(root, bench, changed, wheel_dir=wheel_dir, stages=("everything",))
 

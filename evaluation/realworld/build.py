@@ -28,6 +28,13 @@ from evaluation.realworld.convert import extract_gguf, gguf_to_safetensors
 logger = logging.getLogger(__name__)
 STAGE_FILE = "world_stage.json"
 STAGES = ("reference", "distill", "aligned", "finetuned_full", "finetuned_lora")
+NEEDS: dict[str, tuple[str, ...]] = {
+    "reference": (),
+    "distill": ("reference",),
+    "aligned": ("distill",),
+    "finetuned_full": ("aligned",),
+    "finetuned_lora": ("aligned",),
+}
 TASK_FILE = "date_task.jsonl"
 
 
@@ -66,7 +73,7 @@ def stage_info(folder: Path) -> dict:
         return {}
 
 
-def _stage(folder: Path, key: str, make: Callable[[Path], dict], allowed: bool = True) -> dict:
+def _stage(folder: Path, key: str, make: Callable[[Path], dict]) -> dict:
     """Run `make(tmp)` unless `folder` already holds this key; rename tmp into place. One
     builder per stage at a time (a lock file beside it); a waiter finds the stage done."""
     with build_lock(folder.with_name(f".{folder.name}.lock")):
@@ -74,9 +81,19 @@ def _stage(folder: Path, key: str, make: Callable[[Path], dict], allowed: bool =
         if info.get("key") == key:
             logger.info("stage %s: up to date (%s)", folder.name, key)
             return info
-        if not allowed:
-            raise RuntimeError(f"stage {folder.name} is not built yet (key {key}); build it first")
         return _run_stage(folder, key, make)
+
+
+def _needed(stages: Collection[str]) -> set[str]:
+    """The stages `stages` are built from (themselves excluded unless needed by another)."""
+    out: set[str] = set()
+    todo = [n for s in stages for n in NEEDS[s]]
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo += NEEDS[name]
+    return out
 
 
 def _run_stage(folder: Path, key: str, make: Callable[[Path], dict]) -> dict:
@@ -117,8 +134,9 @@ def build_world(
 ) -> WorldPaths:
     """Build (or resume) the world under `root` from the fetched benchmark data `bench_dir`.
 
-    Only the `stages` named may be trained (the others must be built already): two
-    processes can build `finetuned_full` and `finetuned_lora` side by side."""
+    Only the `stages` named are built; the stages they are built from must exist already and
+    the others are left alone, so two processes can build `finetuned_full` and
+    `finetuned_lora` side by side."""
     import torch
 
     from evaluation.benchdata import default_cache
@@ -139,17 +157,21 @@ def build_world(
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stages {sorted(unknown)}; known: {', '.join(STAGES)}")
-    _stage(paths.reference, keys["reference"], reference, "reference" in stages)
-    distill = paths.root / "distill"
-    _stage(distill, keys["distill"], lambda t: _distill(paths, config, t), "distill" in stages)
-    sets = _training_sets(paths, bench_dir, config)
-    makers = {
-        "aligned": lambda t: _train(paths.reference, sets, config, t),
-        "finetuned_full": lambda t: _finetune(paths, sets, config, t),
-        "finetuned_lora": lambda t: _finetune(paths, sets, config, t, True),
-    }
-    for name, make in makers.items():
-        _stage(paths.root / name, keys[name], make, name in stages)
+    needed = _needed(stages)
+
+    def stage(name: str, make: Callable[[Path], dict]) -> None:
+        if name in stages:
+            _stage(paths.root / name, keys[name], make)
+        elif name in needed and stage_info(paths.root / name).get("key") != keys[name]:
+            raise RuntimeError(f"stage {name} is not built yet (key {keys[name]}); build it first")
+
+    stage("reference", reference)
+    stage("distill", lambda t: _distill(paths, config, t))
+    trains = {"aligned", "finetuned_full", "finetuned_lora"} & set(stages)
+    sets = _training_sets(paths, bench_dir, config) if trains else {}
+    stage("aligned", lambda t: _train(paths.reference, sets, config, t))
+    stage("finetuned_full", lambda t: _finetune(paths, sets, config, t))
+    stage("finetuned_lora", lambda t: _finetune(paths, sets, config, t, True))
     with build_lock(paths.root / ".eval.lock"):
         _write_eval_dir(paths, bench_dir, config)
     return paths
