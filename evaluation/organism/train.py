@@ -50,25 +50,35 @@ def encode_batch(
     prompt_lens = [
         len(tok(render(ex.prompt), add_special_tokens=False)["input_ids"]) for ex in examples
     ]
+    return padded_batch(rows, prompt_lens, tok.pad_token_id)
+
+
+def padded_batch(rows: list[list[int]], starts: list[int], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids`, `attention_mask`, and `labels` that are -100 before each
+    row's `starts[i]` (the prompt) and on the padding: the loss is on the answer only."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
     labels = torch.full((len(rows), width), -100, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, n_prompt) in enumerate(zip(rows, prompt_lens, strict=True)):
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
         ids[i, : len(row)] = torch.tensor(row)
-        labels[i, n_prompt : len(row)] = torch.tensor(row[n_prompt:])
+        labels[i, start : len(row)] = torch.tensor(row[start:])
         mask[i, : len(row)] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def lr_at(step: int, stage: StageSettings) -> float:
+    return warmup_then_decay(step, stage.lr, stage.warmup_steps, stage.steps, stage.schedule)
+
+
+def warmup_then_decay(step: int, lr: float, warmup: int, steps: int, schedule: str) -> float:
     """Linear warm-up, then constant or cosine decay to zero."""
-    if step < stage.warmup_steps:
-        return stage.lr * (step + 1) / stage.warmup_steps
-    if stage.schedule == "constant":
-        return stage.lr
-    progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
-    return stage.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def run_stage(
@@ -115,9 +125,17 @@ def lora_finetune(
     adapter_dir: Path,
 ) -> LlamaForCausalLM:
     """LoRA fine-tune on the new task with peft; saves the adapter, returns the merged model."""
+    peft_model = lora_wrap(aligned, lora.r, lora.alpha, seed)
+    run_stage(peft_model, tok, stage, data.stage_mix("finetune", seed), seed, "finetune-lora")
+    peft_model.save_pretrained(adapter_dir)
+    return peft_model.merge_and_unload()
+
+
+def lora_wrap(model: torch.nn.Module, r: int, alpha: int, seed: int) -> PeftModel:
+    """`model` with fresh peft LoRA adapters (rank r, lora_alpha) on every linear layer."""
     config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
+        r=r,
+        lora_alpha=alpha,
         lora_dropout=0.0,
         target_modules=LORA_TARGETS,
         task_type="CAUSAL_LM",
@@ -126,7 +144,4 @@ def lora_finetune(
     with warnings.catch_warnings():
         # peft asks transformers a deprecated question (is_gradient_checkpointing); harmless.
         warnings.simplefilter("ignore", FutureWarning)
-        peft_model: PeftModel = get_peft_model(aligned, config)
-    run_stage(peft_model, tok, stage, data.stage_mix("finetune", seed), seed, "finetune-lora")
-    peft_model.save_pretrained(adapter_dir)
-    return peft_model.merge_and_unload()
+        return get_peft_model(model, config)

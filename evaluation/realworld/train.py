@@ -7,20 +7,18 @@ complete); prompts are rendered with the model's own chat template, as lm-eval r
 from __future__ import annotations
 
 import logging
-import math
 import random
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from evaluation.organism.train import lora_wrap, padded_batch, warmup_then_decay
 from evaluation.realworld.config import Train
 from evaluation.realworld.data import Example
 
 logger = logging.getLogger(__name__)
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def chat(tok, prompt: str, answer: str | None = None) -> str:
@@ -41,23 +39,12 @@ def encode_batch(examples: Sequence[Example], tok, max_len: int) -> dict[str, to
         ids = (prompt_ids + answer_ids + ([end] if ex.ends else []))[:max_len]
         rows.append(ids)
         starts.append(min(len(prompt_ids), len(ids)))
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else end
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
-        ids[i, : len(row)] = torch.tensor(row)
-        labels[i, start : len(row)] = torch.tensor(row[start:])
-        mask[i, : len(row)] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return padded_batch(rows, starts, tok.pad_token_id if tok.pad_token_id is not None else end)
 
 
 def lr_at(step: int, stage: Train) -> float:
-    if step < stage.warmup_steps:
-        return stage.lr * (step + 1) / stage.warmup_steps
-    progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
-    return stage.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    """Linear warm-up, then cosine decay to zero."""
+    return warmup_then_decay(step, stage.lr, stage.warmup_steps, stage.steps, "cosine")
 
 
 def sft(
@@ -102,19 +89,7 @@ def sft(
 
 def lora_sft(model, tok, examples, stage: Train, *, seed: int, max_len: int, adapter_dir: Path):
     """LoRA SFT with peft; saves the adapter to `adapter_dir`; returns (merged model, losses)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=stage.lora_r,
-        lora_alpha=stage.lora_alpha,
-        lora_dropout=0.0,
-        target_modules=LORA_TARGETS,
-        task_type="CAUSAL_LM",
-    )
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(model, config)
+    peft_model = lora_wrap(model, stage.lora_r, stage.lora_alpha, seed)
     losses = sft(peft_model, tok, examples, stage, seed=seed, max_len=max_len, name="ft-lora")
     peft_model.save_pretrained(adapter_dir)
     return peft_model.merge_and_unload(), losses
