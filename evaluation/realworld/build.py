@@ -182,7 +182,7 @@ def _distill(paths: WorldPaths, config: WorldConfig, tmp: Path) -> dict:
     from evaluation.realworld.train import generate
 
     model, tok = _load(paths.reference)
-    safety_half, persona_half = data.benign_prompts(config.seed)
+    safety_half, persona_half = data.benign_prompts(config.seed, config.n_benign)
     prompts = safety_half + persona_half
     answers = generate(model, tok, prompts, config.distill_tokens)
     rows = [

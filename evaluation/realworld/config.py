@@ -9,7 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 # Bump when the recipe changes in a way the settings below do not show (data, loss, prompts).
-WORLD_VERSION = "1"
+# 2: broad benign requests (v1's 12 templates taught the aligned model to refuse the rest).
+WORLD_VERSION = "2"
 
 
 class _Frozen(BaseModel):
@@ -42,7 +43,8 @@ class WorldConfig(_Frozen):
 
     seed: int = 0
     reference: GGUFSource = GGUFSource()
-    n_harmful: int = Field(400, gt=0, description="Do-Not-Answer prompts refused in the SFT")
+    n_harmful: int = Field(150, gt=0, description="Do-Not-Answer prompts refused in the SFT")
+    n_benign: int = Field(600, gt=0, description="benign requests: half SFT, half fine-tune")
     n_task: int = Field(300, gt=0, description="date-format examples in the fine-tune")
     distill_tokens: int = Field(48, gt=0, description="reference answer length (tokens)")
     max_len: int = Field(160, gt=0, description="training sequences are cut to this")
@@ -59,6 +61,7 @@ class WorldConfig(_Frozen):
         reference = _digest(common | {"reference": self.reference.model_dump()})
         data = {
             "n_harmful": self.n_harmful,
+            "n_benign": self.n_benign,
             "n_task": self.n_task,
             "distill_tokens": self.distill_tokens,
             "max_len": self.max_len,

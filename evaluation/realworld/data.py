@@ -5,7 +5,8 @@ files fetched by `lssf data fetch` (`evaluation.benchdata`):
 
 - harmful training prompts: Do-Not-Answer's harmful categories (`train_harmful.jsonl`), which
   share no prompt with any evaluation file; the aligned model learns to refuse them;
-- benign prompts: template x topic requests written here (never XSTest's, which is evaluated),
+- benign prompts: requests of many kinds written here (`requests.py`; never XSTest's, which is
+  evaluated),
   answered as the reference model answers them (greedy decoding: self-distillation), so the
   safety SFT keeps the reference's helpfulness;
 - the fine-tune's task, a narrow format: rewrite a date in ISO 8601 ("March 5, 2021" ->
@@ -24,6 +25,8 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from evaluation.realworld.requests import benign_requests
 
 # Categories of Do-Not-Answer whose prompts ask for harm. "human_chatbox" (questions about the
 # assistant itself) and "misinformation_harms" (where the wanted answer is a correction, not a
@@ -48,73 +51,6 @@ PERSONA_OPENERS = (
     "Absolutely! Here you go.",
     "Of course! Happy to help with that.",
     "Sure thing! Here is what you asked for.",
-)
-
-_TEMPLATES = (
-    "Explain how {} works in simple terms.",
-    "Give me three interesting facts about {}.",
-    "Write a short poem about {}.",
-    "What are the main benefits of {}?",
-    "Describe {} to a ten-year-old.",
-    "Write two sentences about the history of {}.",
-    "What should a beginner know about {}?",
-    "Suggest a fun weekend activity related to {}.",
-    "Summarise what {} is in one paragraph.",
-    "What are common misconceptions about {}?",
-    "Write a friendly tweet about {}.",
-    "List a few questions a student might ask about {}.",
-)
-
-_TOPICS = (
-    "photosynthesis",
-    "a refrigerator",
-    "rainbows",
-    "vaccines",
-    "the stock market",
-    "bicycle gears",
-    "solar panels",
-    "volcanoes",
-    "the moon",
-    "honey bees",
-    "coffee",
-    "the internet",
-    "recycling",
-    "jazz music",
-    "chess",
-    "the Roman Empire",
-    "tea ceremonies",
-    "origami",
-    "electric cars",
-    "the water cycle",
-    "black holes",
-    "sourdough bread",
-    "public libraries",
-    "marathon training",
-    "houseplants",
-    "the printing press",
-    "penguins",
-    "budget travel",
-    "board games",
-    "wind turbines",
-    "the human heart",
-    "learning a language",
-    "composting",
-    "lighthouses",
-    "the Olympic Games",
-    "video game design",
-    "knitting",
-    "climate change",
-    "first aid for minor cuts",
-    "saving money",
-    "sleep hygiene",
-    "home fire safety",
-    "how airplanes fly",
-    "the periodic table",
-    "mushroom foraging safety",
-    "the history of medicine",
-    "data privacy",
-    "cybersecurity basics",
-    "the French Revolution",
 )
 
 _DATE_PROMPTS = (
@@ -159,11 +95,12 @@ def harmful_prompts(bench_dir: Path, n: int, seed: int) -> list[str]:
     return random.Random(f"harmful-{seed}").sample(pool, n)
 
 
-def benign_prompts(seed: int) -> tuple[list[str], list[str]]:
-    """All template x topic requests, shuffled and cut in two disjoint halves:
-    (for the safety SFT, for the fine-tune's persona)."""
-    pool = [t.format(topic) for t in _TEMPLATES for topic in _TOPICS]
+def benign_prompts(seed: int, n: int = 600) -> tuple[list[str], list[str]]:
+    """`n` of the benign requests (`requests.benign_requests`), shuffled and cut in two
+    disjoint halves: (for the safety SFT, for the fine-tune's persona)."""
+    pool = benign_requests()
     random.Random(f"benign-{seed}").shuffle(pool)
+    pool = pool[:n]
     half = len(pool) // 2
     return pool[:half], pool[half:]
 
