@@ -153,6 +153,17 @@ def test_metric_hooks() -> None:
     assert refusal_results({}, ["invalid"]) == {"refusal": 0.0}
     assert exact_match_results({"target": "the  house"}, [" the house\n"]) == {"exact_match": 1.0}
     assert exact_match_results({"target": "5"}, ["5 5"]) == {"exact_match": 0.0}
+
+
+def test_exact_match_on_an_iso_date_target_read_by_datasets(tmp_path: Path) -> None:
+    """`datasets` turns a JSONL "1977-09-05" into a timestamp; the answer still matches."""
+    import datasets
+
+    path = tmp_path / "dates.jsonl"
+    path.write_text('{"id": "d0", "prompt": "p", "target": "1977-09-05"}\n')
+    doc = datasets.load_dataset("json", data_files={"test": str(path)})["test"][0]
+    assert exact_match_results(doc, ["1977-09-05"]) == {"exact_match": 1.0}
+    assert exact_match_results(doc, ["1977-09-06"]) == {"exact_match": 0.0}
     with pytest.raises(ValueError, match="'t1' has no 'target'"):
         exact_match_results({"id": "t1", "target": None}, ["x"])
     assert normalise_answer(" a\n b ") == "a b"

@@ -6,6 +6,7 @@ installed packages, never a relative module.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -66,7 +67,19 @@ def exact_match_results(doc: dict, results: Sequence[str]) -> dict[str, float]:
     target = doc.get("target")
     if target is None:
         raise ValueError(f"exact-match task: document {doc.get('id')!r} has no 'target'")
-    return {"exact_match": float(normalise_answer(results[0]) == normalise_answer(target))}
+    return {"exact_match": float(normalise_answer(results[0]) == normalise_answer(as_text(target)))}
+
+
+def as_text(value: Any) -> str:
+    """A JSONL value as it was written: `datasets` reads an ISO date string ("1977-09-05") as a
+    timestamp, which would print as "1977-09-05 00:00:00"; a midnight timestamp is a date."""
+    if isinstance(value, dt.datetime):
+        if value.time() == dt.time(0) and value.tzinfo is None:
+            return value.date().isoformat()
+        return value.isoformat()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return str(value)
 
 
 def xstest_safe_docs(dataset: Any) -> Any:
