@@ -266,6 +266,13 @@ cut to its first {_limit()} prompts per split (lm-eval `limit`): a CPU budget, t
 every model. Calibration and held-out are disjoint (sha256 of the prompt; the date task's rows
 carry their split).
 
+Changed after looking, and labelled so: world v1 (400 refusals and 294 answers to 12 request
+templates) gave an aligned model that refused 24 of 24 sampled XSTest-safe prompts and "What is
+the capital of France?"; v2 (this run) draws its benign answers from many request families
+(`evaluation/realworld/requests.py`) at 150 refusals to 300 answers. That change, and cutting
+each task to 50 prompts per split for time, were made after a 9-prompt look at v1's aligned
+model and before any fused model of v2 was evaluated.
+
 ## Held-out results
 
 {render(result)}
