@@ -9,13 +9,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from lssf.errors import CheckpointError, PickleRefusedError
+from lssf.pipeline import BufferPool, ByteBudget, MappedFile
 from lssf.st_io import Header, TensorInfo, read_header, read_tensor, short
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -185,22 +187,62 @@ class Checkpoint:
             raise CheckpointError(f"tensor {name!r} is not in checkpoint {self.folder}")
         return read_tensor(self._fd(header.path), info)
 
-    def iter_file(self, header: Header) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+    def mapped(self, header: Header) -> MappedFile:
+        """``header``'s file mapped, for ``iter_file(header, mapped=...)``."""
+        return MappedFile(self._fd(header.path), header.path)
+
+    def iter_file(
+        self,
+        header: Header,
+        prefetch: int = 64 << 20,
+        pool: BufferPool | None = None,
+        mapped: MappedFile | None = None,
+    ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
         """Every tensor of one shard in file order, hashing the whole file as it goes.
 
+        A reader thread reads (and hashes) up to ``prefetch`` bytes ahead of the caller, at least
+        one tensor; ``pread`` and the hashing release the GIL, so reading overlaps the caller's
+        work. Reads stay in file order and the hash covers exactly the bytes handed out.
+        With ``pool``, buffers come from it; the caller may give each tensor back when done.
+        With ``mapped`` (``self.mapped(header)``), tensors are views of the mapped file, nothing
+        is copied, and the caller gives each back to ``mapped`` when done with it.
         After the loop, ``self.sha256[header.path.name]`` is the file's SHA-256, at no extra read.
         """
-        hasher = hashlib.sha256()
         fd = self._fd(header.path)
-        hasher.update(os.pread(fd, header.data_start, 0))
         infos = sorted(header.tensors.values(), key=lambda t: t.start)
-        # Read the next tensor in a thread while the caller computes and writes this one;
-        # pread and the hashing release the GIL. Reads stay in file order, so the hash is right.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lssf-read") as pool:
-            pending = pool.submit(read_tensor, fd, infos[0], hasher) if infos else None
-            for k, info in enumerate(infos):
-                tensor = pending.result()
-                if k + 1 < len(infos):
-                    pending = pool.submit(read_tensor, fd, infos[k + 1], hasher)
-                yield info, tensor
+        budget = ByteBudget(prefetch)
+        ready: queue.SimpleQueue = queue.SimpleQueue()
+        hasher = hashlib.sha256()
+        reader = threading.Thread(
+            target=_read_ahead,
+            args=(fd, header, infos, hasher, budget, ready, pool, mapped),
+            name="lssf-read",
+            daemon=True,
+        )
+        reader.start()
+        try:
+            for info in infos:
+                item = ready.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield info, item
+                budget.release(info.nbytes)
+        finally:
+            budget.cancel()
+            reader.join()
         self.sha256[header.path.name] = hasher.hexdigest()
+
+
+def _read_ahead(fd, header, infos, hasher, budget: ByteBudget, ready, pool, mapped) -> None:
+    """The reader thread of ``Checkpoint.iter_file``: tensors in file order, or the error."""
+    try:
+        hasher.update(os.pread(fd, header.data_start, 0))
+        for info in infos:
+            if not budget.acquire(info.nbytes):
+                return
+            if mapped is not None:
+                ready.put(mapped.tensor(info, hasher))
+            else:
+                ready.put(read_tensor(fd, info, hasher, pool))
+    except BaseException as exc:  # handed to the consuming thread
+        ready.put(exc)

@@ -6,11 +6,15 @@ ones replaced by ``W_ft + alpha * U' C`` and the rest copied bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from lssf.checkpoint import INDEX_NAME, Checkpoint, folder_file
@@ -20,6 +24,7 @@ from lssf.errors import ConfigError, NonFiniteError, PatchMismatchError, ShapeMi
 from lssf.lora import is_adapter
 from lssf.outputs import atomic_folder, write_json
 from lssf.patch import SafetyPatch
+from lssf.pipeline import BufferPool, WriteBehind
 from lssf.provenance import PROVENANCE, declared_base, model_card, provenance
 from lssf.sources import SIDE_FILES, SourceRecord, hash_files, resolve_source, with_hashes
 from lssf.spectral import fused_weight
@@ -96,24 +101,122 @@ def _copy_side_files(src: Path, dst: Path) -> None:
         shutil.copyfile(path, dst / name)
 
 
+# fp32 rows per block: the block stays in the core's cache from the cast to the rounding.
+BLOCK_BYTES = 1 << 19
+# No block has fewer rows (unless the tensor has): MKL multiplies 1-3 rows with other kernels
+# (gemv), whose roundings differ from the whole-matrix product; 4 rows and more matched it
+# bit for bit here (tests/test_fuse_speed_paths.py checks it on every machine).
+MIN_ROWS = 16
+# Targets at least this big are computed in two halves on two threads.
+SPLIT_BYTES = 1 << 21
+# How a plain checkpoint's shards are read: "map" (views of the mapped file, no copy) or
+# "read" (``pread`` into recycled buffers); measured in benchmarks/fuse_speed.py.
+READ_MODE = "map"
+
+
+def fused_rows(
+    w: torch.Tensor, u: torch.Tensor, c: torch.Tensor, alpha: float, out: torch.Tensor
+) -> torch.Tensor:
+    """``out = W + alpha * U' C`` in float32, rounded to ``out``'s dtype, a block of rows at a time.
+
+    w, out: (d_out, d_in); u: (d_out, r); c: (r, d_in). The same operations per element as
+    ``spectral.fused_weight`` (cast, one ``addmm`` with beta 1, round), so the same bytes; the
+    block keeps the float32 temporaries in cache instead of two full-size float32 passes.
+    """
+    m = w.shape[0]
+    rows = max(MIN_ROWS, BLOCK_BYTES // (4 * max(1, w.shape[1])))
+    buf = torch.empty(min(m, rows + MIN_ROWS), w.shape[1], dtype=torch.float32)
+    i = 0
+    while i < m:
+        j = m if m - (i + rows) < MIN_ROWS else i + rows  # the last block takes the remainder
+        block = buf[: j - i]
+        block.copy_(w[i:j])
+        block.addmm_(u[i:j], c, alpha=alpha)
+        out[i:j].copy_(block)
+        i = j
+    return out
+
+
+@contextlib.contextmanager
+def single_threaded_ops() -> Iterator[None]:
+    """torch ops on one thread each while fusing; the pipeline's threads share the cores.
+
+    Many small ``addmm`` on two OpenMP threads wait at a barrier per call: measured 40x slower
+    than one thread on this 2-core machine under load. The previous setting is restored.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Fuser:
+    """Fused values of the patch's targets, each checked finite (the writer skips them)."""
+
+    def __init__(self, patch: SafetyPatch, alpha: float, dev: torch.device, pool, buffers, release):
+        """``buffers``/``release``: where outputs come from and inputs go (None: fuse's own)."""
+        self.patch, self.alpha, self.dev, self.pool = patch, alpha, dev, pool
+        self.buffers: BufferPool | None = buffers
+        self.release = release
+
+    def __call__(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        u, c = self.patch.factors(name)
+        if u.shape[1] == 0 or self.alpha == 0.0:
+            out = w  # W + 0: the input bytes themselves
+        elif self.dev.type == "cpu" and w.dim() == 2:
+            out = self._rows(w, u.float(), c.float())
+        else:
+            out = fused_weight(w.to(self.dev), u.to(self.dev), c.to(self.dev), self.alpha).cpu()
+        if out is not w and self.release is not None:
+            self.release(w)  # the input, no longer needed
+        if not is_finite(out):
+            raise NonFiniteError(f"fused tensor {name!r} has NaN/Inf values")
+        return out
+
+    def _rows(self, w: torch.Tensor, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Row blocks, the second half on the pool's thread: rows are independent."""
+        out = self.buffers.empty_like(w) if self.buffers is not None else torch.empty_like(w)
+        half = w.shape[0] // 2
+        small = w.numel() * w.element_size() < SPLIT_BYTES or half < MIN_ROWS
+        if self.pool is None or small:
+            return fused_rows(w, u, c, self.alpha, out)
+        other = self.pool.submit(fused_rows, w[half:], u[half:], c, self.alpha, out[half:])
+        fused_rows(w[:half], u[:half], c, self.alpha, out[:half])
+        other.result()
+        return out
+
+
 def _write_shard(ft, header, dst, patch, alpha, dev, bar) -> int:
-    specs = [
-        TensorSpec(i.name, i.torch_dtype, i.shape)
-        for i in sorted(header.tensors.values(), key=lambda t: t.start)
-    ]
-    writer = PlannedWriter(dst, specs, header.metadata or {"format": "pt"})
-    fused = 0
-    for info, tensor in ft.iter_file(header):
-        if info.name in patch.manifest.tensors:
-            u, c = patch.factors(info.name)
-            tensor = fused_weight(tensor.to(dev), u.to(dev), c.to(dev), alpha).cpu()
-            if not is_finite(tensor):
-                raise NonFiniteError(f"fused tensor {info.name!r} has NaN/Inf values")
-            fused += 1
-        writer.write(info.name, tensor)
-        bar.update(info.nbytes)
-    writer.close()
-    return fused
+    """One output shard: read ahead (and hash) in a thread, fuse here, write in another thread."""
+    infos = sorted(header.tensors.values(), key=lambda t: t.start)
+    specs = [TensorSpec(i.name, i.torch_dtype, i.shape) for i in infos]
+    targets = [i.name for i in infos if i.name in patch.manifest.tensors]
+    writer = PlannedWriter(dst, specs, header.metadata or {"format": "pt"}, checked=targets)
+    # Only a plain checkpoint's tensors are fuse's own to map and recycle (not a LoRA view's).
+    own = isinstance(ft, Checkpoint)
+    mode = READ_MODE if own else "read"
+    with contextlib.ExitStack() as stack:
+        buffers = BufferPool() if own else None
+        mapped = stack.enter_context(ft.mapped(header)) if mode == "map" else None
+        tensors = ft.iter_file(header, pool=buffers, mapped=mapped) if own else ft.iter_file(header)
+        stack.enter_context(contextlib.closing(tensors))  # stops the reader thread on failure
+
+        def release(t: torch.Tensor) -> None:
+            if buffers is not None and not (mapped is not None and mapped.give(t)):
+                buffers.give(t)
+
+        stack.enter_context(single_threaded_ops())
+        pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="lssf-fuse"))
+        out = stack.enter_context(WriteBehind(writer, release=release))
+        fused = _Fuser(patch, alpha, dev, pool, buffers, release if own else None)
+        for info, tensor in tensors:
+            if info.name in patch.manifest.tensors:
+                tensor = fused(info.name, tensor)
+            out.write(info.name, tensor)
+            bar.update(info.nbytes)
+    return len(targets)
 
 
 def fuse(

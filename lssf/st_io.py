@@ -1,11 +1,12 @@
-"""Streaming safetensors I/O without mmap: one tensor in memory at a time.
+"""Streaming safetensors I/O: one tensor in memory at a time.
 
 safetensors' own ``safe_open`` maps whole files; the pages it touches count in the process's
 resident set, so a full pass over a 10 GB checkpoint looks like 10 GB of RSS. Here tensors are
-read with ``pread`` into a fresh buffer and written straight from the tensor's memory, so peak
-memory is the largest tensor, whatever the checkpoint's size. The format is small and
-documented (https://github.com/huggingface/safetensors#format); headers are validated fully so a
-corrupt or truncated file fails before anything is computed.
+read with ``pread`` into a fresh (or recycled) buffer and written straight from the tensor's
+memory, so peak memory is the largest tensor, whatever the checkpoint's size. (``fuse`` maps
+shards instead and drops each tensor's pages once written: ``lssf.pipeline.MappedFile``.) The
+format is small and documented (https://github.com/huggingface/safetensors#format); headers are
+validated fully so a corrupt or truncated file fails before anything is computed.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lssf.errors import CheckpointError, NonFiniteError
+
+if TYPE_CHECKING:
+    from lssf.pipeline import BufferPool
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -171,20 +176,31 @@ def read_header(path: Path) -> Header:
     return Header(path, tensors, metadata, data_start)
 
 
-def read_tensor(fd: int, info: TensorInfo, hasher: hashlib._Hash | None = None) -> torch.Tensor:
-    """Read one tensor with ``pread`` into its own buffer (no mmap, no extra copy)."""
-    buf = bytearray(info.nbytes)
-    view, got = memoryview(buf), 0
+def read_tensor(
+    fd: int,
+    info: TensorInfo,
+    hasher: hashlib._Hash | None = None,
+    pool: BufferPool | None = None,
+) -> torch.Tensor:
+    """Read one tensor with ``pread`` into its own buffer (no mmap, no extra copy).
+
+    The buffer is new, or with ``pool`` a recycled one of the same size: fresh memory costs a
+    page fault per 4 KiB, which on this machine cost more than the copy itself.
+    """
+    if info.nbytes == 0:
+        return torch.empty(info.shape, dtype=info.torch_dtype)
+    raw = (
+        pool.take(info.nbytes) if pool is not None else torch.empty(info.nbytes, dtype=torch.uint8)
+    )
+    view, got = memoryview(raw.numpy()), 0
     while got < info.nbytes:
         n = os.preadv(fd, [view[got:]], info.start + got)
         if n == 0:
             raise CheckpointError(f"unexpected end of file while reading tensor {info.name!r}")
         got += n
     if hasher is not None:
-        hasher.update(buf)
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.torch_dtype)
-    return torch.frombuffer(buf, dtype=info.torch_dtype).reshape(info.shape)
+        hasher.update(view)
+    return raw.view(info.torch_dtype).reshape(info.shape)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -209,23 +225,21 @@ class TensorSpec:
         return n
 
 
-_SUMMABLE = (torch.float16, torch.bfloat16, torch.float32)
+_REDUCIBLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def is_finite(tensor: torch.Tensor) -> bool:
     """No NaN/Inf in ``tensor`` (always true for integer and bool tensors).
 
-    A sum is NaN/Inf when any element is, and several times cheaper than ``isfinite().all()``;
-    only when the sum is not finite (NaN/Inf, or finite values overflowing it) is every element
-    checked.
+    ``aminmax`` propagates NaN and finds +-Inf at its extremes, reads the tensor once in its own
+    dtype and allocates nothing: a float32 ``sum`` of a bf16 tensor first converts all of it
+    (measured on a 32000x1024 bf16 tensor: 81 ms and 32 000 page faults against 5 ms and none).
     """
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
-    t = tensor if tensor.dtype in (*_SUMMABLE, torch.float64) else tensor.float()  # float8
-    acc = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if torch.isfinite(t.sum(dtype=acc)):
-        return True
-    return bool(torch.isfinite(t).all())
+    t = tensor if tensor.dtype in _REDUCIBLE else tensor.float()  # float8
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def check_finite(name: str, tensor: torch.Tensor, where: Path) -> None:
@@ -266,9 +280,17 @@ class PlannedWriter:
     and shape, so the file is valid the moment the last tensor lands.
     """
 
-    def __init__(self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        path: Path,
+        specs: list[TensorSpec],
+        metadata: dict[str, str] | None = None,
+        checked: Iterable[str] = (),
+    ):
+        """``checked``: names whose finiteness the caller has verified (not summed twice)."""
         self.path = Path(path)
         self._specs = list(specs)
+        self._checked = frozenset(checked)
         self._next = 0
         header = _header_bytes(self._specs, _check_metadata(path, metadata or {"format": "pt"}))
         self._fh = self.path.open("wb")
@@ -283,9 +305,14 @@ class PlannedWriter:
                 f"{self.path}: expected {spec.name!r} {spec.dtype} {spec.shape}, "
                 f"got {name!r} {tensor.dtype} {tuple(tensor.shape)}"
             )
-        check_finite(name, tensor, self.path)
+        if name not in self._checked:
+            check_finite(name, tensor, self.path)
         self._fh.write(_tensor_bytes(tensor))
         self._next += 1
+
+    def discard(self) -> None:
+        """Close the file after a failure; the caller removes the incomplete output."""
+        self._fh.close()
 
     def close(self) -> None:
         self._fh.close()
