@@ -87,9 +87,9 @@ OPS = {
         "from lssf import fuse",
         "fuse('{d}/finetuned', '{d}/patch', '{d}/fused', overwrite=True, progress=False)",
     ),
-    "fuse, pread instead of mmap": (
+    "fuse, mmap instead of pread": (
         "import importlib\nfrom lssf import fuse\n"
-        "importlib.import_module('lssf.fuse').READ_MODE = 'read'",
+        "importlib.import_module('lssf.fuse').READ_MODE = 'map'",
         "fuse('{d}/finetuned', '{d}/patch', '{d}/fused', overwrite=True, progress=False)",
     ),
     "sha256 only": (

@@ -109,9 +109,11 @@ BLOCK_BYTES = 1 << 19
 MIN_ROWS = 16
 # Targets at least this big are computed in two halves on two threads.
 SPLIT_BYTES = 1 << 21
-# How a plain checkpoint's shards are read: "map" (views of the mapped file, no copy) or
-# "read" (``pread`` into recycled buffers); measured in benchmarks/fuse_speed.py.
-READ_MODE = "map"
+# How a plain checkpoint's shards are read: "read" (``pread`` into recycled buffers: the bytes
+# hashed are the bytes fused) or "map" (views of the mapped file, no copy). Measured on 1 GB
+# (benchmarks/fuse_speed.py, 2026-12-01): "read" 3.3 s, "map" 3.6 s quiet; under load the
+# other way round (5.3 s, 4.6 s). No clear win, so the simpler guarantee is the default.
+READ_MODE = "read"
 
 
 def fused_rows(
