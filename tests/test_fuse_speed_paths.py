@@ -2,8 +2,10 @@
 
 The reference below is the fuse loop as it was before the pipeline (commit 573ab62): per tensor
 in file order, ``spectral.fused_weight`` on the whole tensor, written with ``PlannedWriter``.
-The fast path (row blocks, two threads, read-ahead, write-behind, recycled buffers) must write
-the same files byte for byte, whatever the block size, split threshold and thread count.
+The fast path (row blocks, two threads, read-ahead, write-behind, recycled buffers) writes the
+same files byte for byte here, whatever the block size, split threshold and thread count; on a
+CPU whose gemm kernels block rows differently a fused value may differ by one unit in the last
+place (the issue's stated tolerance), never an untouched tensor.
 """
 
 from __future__ import annotations
@@ -62,6 +64,30 @@ def world(request, tmp_path_factory):
     return trio, patch
 
 
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The largest distance in units of the last place between two same-dtype tensors."""
+    ints = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+    if a.dtype not in ints:
+        return 0 if torch.equal(a, b) else 1 << 30
+    return int((a.view(ints[a.dtype]).long() - b.view(ints[b.dtype]).long()).abs().max())
+
+
+def assert_same_or_one_ulp(got: Path, want: Path, targets) -> None:
+    """Same bytes (what this machine's MKL gives: row blocks round like the whole product);
+    elsewhere a gemm kernel may block differently, so a fused value may differ by one unit in
+    the last place, the issue's stated tolerance. Untouched tensors are always the same bytes."""
+    if sha(got) == sha(want):
+        return
+    a, b = load_file(got), load_file(want)
+    assert a.keys() == b.keys(), got.name
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        if key in targets:
+            assert _ulps(a[key], b[key]) <= 1, (got.name, key)
+        else:
+            assert torch.equal(a[key], b[key]), (got.name, key)
+
+
 @pytest.mark.parametrize(
     ("block", "split", "threads", "alpha", "read"),
     [
@@ -90,7 +116,7 @@ def test_fast_paths_write_the_reference_bytes(
     shards = sorted(p.name for p in ref.glob("*.safetensors"))
     assert len(shards) > 1
     for name in shards:
-        assert sha(tmp_path / "out" / name) == sha(ref / name), name
+        assert_same_or_one_ulp(tmp_path / "out" / name, ref / name, patch.manifest.tensors)
     if alpha == 0.0:
         for name in shards:
             assert sha(ref / name) == sha(trio["finetuned"] / name)
