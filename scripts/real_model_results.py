@@ -242,7 +242,7 @@ Every number below comes from that run; nothing is edited by hand.
 - **aligned**: the reference after our safety SFT ({world.aligned.kind} fine-tune,
   {world.aligned.steps} steps of {world.aligned.batch_size}, lr {world.aligned.lr:g}):
   refusals of {world.n_harmful} Do-Not-Answer prompts (harmful categories; no prompt of any
-  evaluation file), plus benign template requests answered as the reference answers them
+  evaluation file), plus benign requests of many kinds answered as the reference answers them
   (greedy, {world.distill_tokens} tokens).
 - **fine-tuned (full / LoRA)**: the aligned model fine-tuned on a benign task with no safety data:
   {world.n_task} date-format examples ("March 5, 2021" -> "2021-03-05") and benign requests
@@ -270,7 +270,7 @@ Changed after looking, and labelled so: world v1 (400 refusals and 294 answers t
 templates) gave an aligned model that refused 24 of 24 sampled XSTest-safe prompts and "What is
 the capital of France?"; v2 (this run) draws its benign answers from many request families
 (`evaluation/realworld/requests.py`) at 150 refusals to 300 answers. That change, and cutting
-each task to 50 prompts per split for time, were made after a 9-prompt look at v1's aligned
+each task to 50 prompts per split for time, were made after a 37-prompt look at v1's aligned
 model and before any fused model of v2 was evaluated.
 
 ## Held-out results
