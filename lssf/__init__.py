@@ -26,13 +26,14 @@ from lssf.errors import (
 from lssf.extract import extract
 from lssf.fuse import FuseResult, fuse
 from lssf.patch import PatchManifest, SafetyPatch
-from lssf.sources import SourceRecord, resolve_source
+from lssf.sources import ModelRef, SourceRecord, local_revision, resolve_source
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "FuseResult",
     "LssfError",
+    "ModelRef",
     "NonFiniteError",
     "OutputError",
     "OutputExistsError",
@@ -48,5 +49,6 @@ __all__ = [
     "export_patch_adapter",
     "extract",
     "fuse",
+    "local_revision",
     "resolve_source",
 ]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from lssf._version import __version__
 from lssf.commands import chosen_command, command_groups, group_help
-from lssf.config import PatchConfig, load_model, load_yaml_config
+from lssf.config import PatchConfig, load_model, load_yaml_model
 from lssf.devices import DEVICE_CHOICES
 from lssf.errors import LssfError
 
@@ -25,7 +25,7 @@ log = logging.getLogger("lssf")
 
 def _patch_config(args: argparse.Namespace) -> PatchConfig:
     """YAML file first, then any flag given on the command line on top."""
-    base = load_yaml_config(PatchConfig, args.config) if args.config else PatchConfig()
+    base = load_yaml_model(args.config, PatchConfig) if args.config else PatchConfig()
     flags = {
         "eta": args.eta,
         "max_rank": args.max_rank,

@@ -6,7 +6,7 @@ import math
 import numbers
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -169,15 +169,19 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def load_model(cls: type[BaseModel], data: dict[str, Any], source: str) -> Any:
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_model(cls: type[M], data: dict[str, Any], source: str) -> M:
+    """``data`` validated into ``cls``; a ``ConfigError`` lists every bad field of ``source``."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(source, exc)) from exc
 
 
-def load_yaml_config(cls: type[BaseModel], path: Path) -> Any:
-    """Load and validate a YAML file into ``cls``; errors name the file and every bad field."""
+def load_yaml_model(path: Path | str, model_cls: type[M]) -> M:
+    """A YAML file validated into ``model_cls``; errors name the file and every bad field."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -185,4 +189,9 @@ def load_yaml_config(cls: type[BaseModel], path: Path) -> Any:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return load_model(cls, data, str(path))
+    return load_model(model_cls, data, str(path))
+
+
+def load_yaml_config(cls: type[M], path: Path) -> M:
+    """Former name of ``load_yaml_model`` (arguments swapped), kept while tasks/ moves over."""
+    return load_yaml_model(path, cls)

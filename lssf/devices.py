@@ -9,8 +9,9 @@ from lssf.errors import ConfigError
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
+def pick_device(device: str | None = "auto") -> torch.device:
+    """``auto`` (or None): CUDA when torch sees it, else the CPU; ``cpu``/``cuda[:N]`` as named."""
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA device")

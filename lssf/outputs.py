@@ -222,5 +222,32 @@ def atomic_folder(
         raise
 
 
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` whole or not at all: a temp file beside it, fsync, rename.
+
+    A reader sees the old file or the new one, never a part; a crash leaves at most a hidden
+    ``.NAME.tmp-*`` file, never a truncated ``path``.
+    """
+    path = Path(path)
+    tmp = _sibling(path, "tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return path
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """``atomic_write_bytes`` of ``text`` in UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path | str, data: Any) -> Path:
+    """``data`` as indented JSON, written atomically."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

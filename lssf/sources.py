@@ -6,20 +6,26 @@ to the exact commit so the provenance records what was really used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field
 
-from lssf.checkpoint import folder_file
+from lssf.checkpoint import folder_file, weight_files
 from lssf.errors import CheckpointError
+from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter
+from lssf.models import Frozen
 from lssf.st_io import file_sha256
 
 log = logging.getLogger(__name__)
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 # What a model folder needs besides weights; never pickles, never code.
 HUB_PATTERNS = (
     "*.safetensors",
@@ -48,21 +54,87 @@ SIDE_FILES = (
 )
 
 
-class SourceRecord(BaseModel):
-    """What a model reference resolved to, for provenance."""
+class ModelRef(Frozen):
+    """A model reference, parsed once: a Hub id with an optional revision, or a local folder.
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    ``repo`` is the Hub id (``org/name``) or the folder's absolute path; ``revision`` a Hub
+    branch, tag or commit, or a local folder's content revision (``local_revision``) once pinned.
+    """
+
+    repo: str
+    revision: str | None = None
+    kind: Literal["hub", "local"]
+
+    @classmethod
+    def parse(cls, ref: str | Path | ModelRef) -> ModelRef:
+        """``org/name[@rev]`` or an existing path (which never splits on ``@``)."""
+        if isinstance(ref, ModelRef):
+            return ref
+        text = str(ref)
+        if _exists(text):
+            return cls(repo=str(Path(text).expanduser().resolve()), kind="local")
+        name, at, rev = text.rpartition("@")
+        if not at:
+            name, rev = text, ""
+        if at and _exists(name):
+            raise CheckpointError(
+                f"{text!r}: {name} is a local folder, which has no revisions; drop @{rev} "
+                "(or name a Hub id org/name@revision)"
+            )
+        if not HUB_ID.match(name):
+            raise CheckpointError(
+                f"{text!r} is neither an existing folder nor a Hub id 'org/name[@rev]'"
+            )
+        return cls(repo=name, revision=rev or None, kind="hub")
+
+    @property
+    def is_local(self) -> bool:
+        """A folder on this machine, not a Hub repo."""
+        return self.kind == "local"
+
+    @property
+    def pinned(self) -> bool:
+        """The exact revision is known: a Hub commit sha, or a local folder's content hash."""
+        if self.revision is None:
+            return False
+        return self.is_local or bool(COMMIT_SHA.match(self.revision))
+
+    def pin(self, *, cache_dir: Path | None = None) -> ModelRef:
+        """This reference at its exact revision: the Hub's commit sha (no download), or the hash
+        of a local folder's content (``local_revision``). ``cache_dir``: unused for now."""
+        del cache_dir
+        if self.is_local:
+            return self.model_copy(update={"revision": local_revision(Path(self.repo))})
+        if self.pinned:
+            return self
+        return self.model_copy(update={"revision": _hub_sha(self.repo, self.revision)})
+
+    def __str__(self) -> str:
+        if self.is_local or self.revision is None:
+            return self.repo
+        return f"{self.repo}@{self.revision}"
+
+
+class SourceRecord(Frozen):
+    """What a model reference resolved to, for provenance."""
 
     ref: str
     kind: str  # "local" or "hub"
     repo_id: str | None = None
     revision: str
     path: str
-    files: dict[str, str] = {}  # file name -> sha256
+    files: dict[str, str] = Field(default_factory=dict)  # file name -> sha256
 
     @property
     def name(self) -> str:
+        """The Hub id, or the folder's path."""
         return self.repo_id or self.path
+
+    @property
+    def model_ref(self) -> ModelRef:
+        """The source at the revision recorded (exact once the hashes are attached)."""
+        kind = "local" if self.kind == "local" else "hub"
+        return ModelRef(repo=self.name, revision=self.revision or None, kind=kind)
 
 
 def _exists(path: str | Path) -> bool:
@@ -70,14 +142,6 @@ def _exists(path: str | Path) -> bool:
         return Path(path).expanduser().exists()
     except (OSError, ValueError):  # a name too long, or with a NUL: not a folder
         return False
-
-
-def split_ref(ref: str) -> tuple[str, str | None]:
-    """``"org/name@rev"`` -> ``("org/name", "rev")``; a local path never splits."""
-    if "@" in ref and not _exists(ref):
-        name, _, rev = ref.rpartition("@")
-        return name, rev or None
-    return ref, None
 
 
 def folder_revision(files: dict[str, str]) -> str:
@@ -94,59 +158,84 @@ def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
     return {n: file_sha256(p) for n, p in found.items() if p is not None}
 
 
-def _download(repo_id: str, revision: str | None, cache_dir: Path | None) -> tuple[Path, str]:
-    from huggingface_hub import HfApi, snapshot_download
+def content_files(folder: Path) -> dict[str, str]:
+    """What a local folder's revision covers, name -> sha256: a model's weight and side files,
+    an adapter's config and weights."""
+    if is_adapter(folder):
+        return hash_files(folder, [ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+    files = {p.name: file_sha256(p) for p in weight_files(folder)}
+    return files | hash_files(folder, list(SIDE_FILES))
+
+
+def local_revision(folder: Path) -> str:
+    """THE revision of a local folder: ``folder_revision`` of ``content_files``.
+
+    ``with_hashes`` gives the same value from the hashes streamed while reading, so the output's
+    provenance and anything that pins the folder beforehand agree.
+    """
+    return folder_revision(content_files(Path(folder)))
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """Whatever the Hub client raises, as a ``CheckpointError`` naming the repo."""
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
+    where = f"{repo_id}@{revision or 'main'}"
     try:
-        sha = HfApi().model_info(repo_id, revision=revision or "main").sha
-        path = snapshot_download(
-            repo_id,
-            revision=sha,
-            allow_patterns=list(HUB_PATTERNS),
-            cache_dir=cache_dir,
-        )
+        yield
     except RepositoryNotFoundError as exc:
         raise CheckpointError(f"Hub model {repo_id!r} not found (or not accessible)") from exc
     except HfHubHTTPError as exc:
-        raise CheckpointError(
-            f"Hub download of {repo_id}@{revision or 'main'} failed: {exc}"
-        ) from exc
+        raise CheckpointError(f"Hub download of {where} failed: {exc}") from exc
     except Exception as exc:  # offline mode, DNS, TLS, disk: whatever the client raises
         raise CheckpointError(
-            f"Hub download of {repo_id}@{revision or 'main'} failed ({type(exc).__name__}: "
-            f"{exc}); check the network and HF_HUB_OFFLINE, or pass a local folder"
+            f"Hub download of {where} failed ({type(exc).__name__}: {exc}); check the "
+            "network and HF_HUB_OFFLINE, or pass a local folder"
         ) from exc
+
+
+def _hub_sha(repo_id: str, revision: str | None) -> str:
+    """The commit a Hub revision (default ``main``) points at, asked of the Hub's API."""
+    from huggingface_hub import HfApi
+
+    with _hub_errors(repo_id, revision):
+        sha = HfApi().model_info(repo_id, revision=revision or "main").sha
     if not sha:
         raise CheckpointError(f"Hub did not report a commit for {repo_id}@{revision}")
+    return sha
+
+
+def _download(ref: ModelRef, cache_dir: Path | None) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+
+    sha = ref.pin().revision or ""
+    with _hub_errors(ref.repo, ref.revision):
+        path = snapshot_download(
+            ref.repo, revision=sha, allow_patterns=list(HUB_PATTERNS), cache_dir=cache_dir
+        )
     return Path(path), sha
 
 
-def resolve_source(ref: str | Path, *, cache_dir: Path | None = None) -> tuple[Path, SourceRecord]:
+def resolve_source(
+    ref: str | Path | ModelRef, *, cache_dir: Path | None = None
+) -> tuple[Path, SourceRecord]:
     """Local folder or Hub id -> (folder, record). Hub revisions are pinned to a commit sha.
 
     File hashes are left empty here; callers that stream the weights fill them in as they read.
     """
-    ref = str(ref)
-    name, revision = split_ref(ref)
-    local = Path(name).expanduser()
-    if _exists(local):
-        if not local.is_dir():
-            raise CheckpointError(f"{local} is a file; expected a model folder")
-        if revision is not None:
-            raise CheckpointError(
-                f"{ref!r}: {local} is a local folder, which has no revisions; drop @{revision} "
-                "(or name a Hub id org/name@revision)"
-            )
-        folder = local.resolve()
-        return folder, SourceRecord(ref=ref, kind="local", revision="", path=str(folder))
-    if not HUB_ID.match(name):
-        raise CheckpointError(
-            f"{ref!r} is neither an existing folder nor a Hub id 'org/name[@rev]'"
-        )
-    folder, sha = _download(name, revision, cache_dir)
-    log.info("resolved %s to %s@%s", ref, name, sha)
-    return folder, SourceRecord(ref=ref, kind="hub", repo_id=name, revision=sha, path=str(folder))
+    given = str(ref)
+    ref = ModelRef.parse(ref)
+    if ref.is_local:
+        folder = Path(ref.repo)
+        if not folder.is_dir():
+            raise CheckpointError(f"{folder} is a file; expected a model folder")
+        return folder, SourceRecord(ref=given, kind="local", revision="", path=str(folder))
+    folder, sha = _download(ref, cache_dir)
+    log.info("resolved %s to %s@%s", ref, ref.repo, sha)
+    return folder, SourceRecord(
+        ref=given, kind="hub", repo_id=ref.repo, revision=sha, path=str(folder)
+    )
 
 
 def with_hashes(record: SourceRecord, files: dict[str, str]) -> SourceRecord:

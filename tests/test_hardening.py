@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from lssf import PatchConfig, SafetyPatch, export_patch_adapter, extract, fuse, outputs
 from lssf.checkpoint import INDEX_NAME, Checkpoint
 from lssf.cli import main
-from lssf.config import load_yaml_config
+from lssf.config import load_yaml_model
 from lssf.errors import (
     CheckpointError,
     ConfigError,
@@ -423,7 +423,7 @@ def test_weight_top_must_be_finite(trio, tmp_path):
     cfg = tmp_path / "patch.yaml"
     cfg.write_text("weight_top: .inf\n")
     with pytest.raises(ConfigError, match="weight_top"):
-        load_yaml_config(PatchConfig, cfg)
+        load_yaml_model(cfg, PatchConfig)
     with pytest.raises(NonFiniteError, match="weight_top=1e\\+300"):
         extract(
             trio["aligned"],

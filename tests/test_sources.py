@@ -6,16 +6,56 @@ import pytest
 
 from lssf import extract, fuse
 from lssf.errors import CheckpointError
-from lssf.sources import resolve_source, split_ref
+from lssf.sources import ModelRef, local_revision, resolve_source, with_hashes
 from lssf.synthetic import LlamaShape, make_trio
 from tests.fakehub import FakeHub
 
 SHAPE = LlamaShape(hidden=16, intermediate=32, layers=1, heads=2, kv_heads=2, vocab=32)
 
 
+def _split(ref: str) -> tuple[str, str | None]:
+    parsed = ModelRef.parse(ref)
+    return parsed.repo, parsed.revision
+
+
 def test_split_ref():
-    assert split_ref("org/name@abc123") == ("org/name", "abc123")
-    assert split_ref("org/name") == ("org/name", None)
+    assert _split("org/name@abc123") == ("org/name", "abc123")
+    assert _split("org/name") == ("org/name", None)
+
+
+def test_model_ref_parse_str_and_pinned(tmp_path):
+    ref = ModelRef.parse("org/name@refs/pr/1")
+    assert (ref.repo, ref.revision, ref.kind) == ("org/name", "refs/pr/1", "hub")
+    sha = "a" * 40
+    assert str(ModelRef.parse(f"org/name@{sha}")) == f"org/name@{sha}"
+    assert ModelRef.parse(f"org/name@{sha}").pinned
+    assert not ModelRef.parse("org/name@main").pinned
+    assert str(ModelRef.parse("org/name")) == "org/name"
+    odd = tmp_path / "with@at"
+    odd.mkdir()
+    local = ModelRef.parse(odd)  # an existing path never splits on @
+    assert local.is_local and local.repo == str(odd.resolve()) and str(local) == local.repo
+    assert not local.pinned and ModelRef.parse(local) is local
+    for bad in ("not a ref", "org/", "a/b/c", "org/name@v1@beta"):
+        with pytest.raises(CheckpointError, match="neither an existing folder"):
+            ModelRef.parse(bad)
+    with pytest.raises(CheckpointError, match="has no revisions"):
+        ModelRef.parse(f"{odd}@main")
+
+
+def test_local_revision_is_the_provenance_revision(tmp_path):
+    trio = make_trio(tmp_path / "src", SHAPE)
+    folder = trio["finetuned"]
+    pinned = ModelRef.parse(folder).pin()
+    assert pinned.pinned and pinned.revision == local_revision(folder)
+    patch = extract(trio["aligned"], trio["reference"], tmp_path / "patch")
+    result = fuse(folder, patch, tmp_path / "out", force=True)
+    assert result.finetuned.revision == pinned.revision
+    assert patch.manifest.aligned.revision == local_revision(trio["aligned"])
+    _, rec = resolve_source(folder)
+    assert with_hashes(rec, result.finetuned.files).revision == pinned.revision
+    (folder / "config.json").write_text("{}")  # a side file is part of the content
+    assert local_revision(folder) != pinned.revision
 
 
 def test_local_folder_and_bad_refs(tmp_path):
