@@ -4,6 +4,11 @@ Computed once per aligned model, applied to any of its fine-tunes in one streami
 On disk: ``manifest.json`` and ``factors.safetensors`` (float32, ``NAME.U`` and ``NAME.C``).
 The manifest records the factors file's SHA-256 and the patch id covers it, so a patch edited
 after extraction is refused on load (or, if its manifest was re-hashed, carries another id).
+
+The sharded variant (``format_version`` 2, written by a distributed extraction) has no
+``factors.safetensors``: its manifest lists factor shards instead, each a file name, its
+SHA-256 and the target tensors it holds; every target is in exactly one shard and the patch id
+covers the list. ``SafetyPatch`` reads both variants the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lssf.checkpoint import Checkpoint, folder_file
 from lssf.config import PatchConfig, format_validation_error
@@ -21,9 +26,12 @@ from lssf.errors import CheckpointError, PatchIntegrityError
 from lssf.sources import SourceRecord
 from lssf.st_io import Header, file_sha256, read_header, short
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # one factors.safetensors
+SHARDED_FORMAT_VERSION = 2  # factor shards listed in the manifest
+FORMAT_VERSIONS = (FORMAT_VERSION, SHARDED_FORMAT_VERSION)
 MANIFEST = "manifest.json"
 FACTORS = "factors.safetensors"
+SHA256 = r"^[0-9a-f]{64}$"
 
 
 class TensorRecord(BaseModel):
@@ -56,6 +64,27 @@ class CalibrationRecord(BaseModel):
     chat_template_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class FactorShard(BaseModel):
+    """One factor file of a sharded patch: its name in the patch folder, hash and targets."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file: str
+    sha256: str = Field(pattern=SHA256)
+    tensors: tuple[str, ...] = Field(min_length=1)
+
+    @field_validator("file")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        plain = name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
+        if not plain or not name.endswith(".safetensors") or name == FACTORS:
+            raise ValueError(
+                f"shard file {short(name)} must be a *.safetensors file name in the patch "
+                f"folder itself (no path, not {FACTORS})"
+            )
+        return name
+
+
 class PatchManifest(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -66,8 +95,20 @@ class PatchManifest(BaseModel):
     aligned: SourceRecord
     reference: SourceRecord
     tensors: dict[str, TensorRecord]
-    factors_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # Exactly one of the two: factors_sha256 (format 1) or shards (format 2).
+    factors_sha256: str | None = Field(None, pattern=SHA256, exclude_if=lambda v: v is None)
     calibration: CalibrationRecord | None = Field(None, exclude_if=lambda v: v is None)
+    shards: tuple[FactorShard, ...] | None = Field(None, exclude_if=lambda v: v is None)
+
+    @model_validator(mode="after")
+    def _one_variant(self) -> PatchManifest:
+        sharded = self.format_version == SHARDED_FORMAT_VERSION
+        if sharded != (self.shards is not None) or sharded == (self.factors_sha256 is not None):
+            raise ValueError(
+                f"format_version {self.format_version} needs "
+                f"{'shards' if sharded else 'factors_sha256'} and not the other"
+            )
+        return self
 
     @property
     def patch_id(self) -> str:
@@ -78,12 +119,25 @@ class PatchManifest(BaseModel):
             "reference": [self.reference.name, self.reference.revision],
             "config": self.config.model_dump(mode="json"),
             "format": self.format_version,
-            "factors": self.factors_sha256,
             "tensors": {n: r.model_dump(mode="json") for n, r in self.tensors.items()},
         }
+        if self.shards is None:  # format 1: the key it always had
+            key["factors"] = self.factors_sha256
+        else:
+            key["shards"] = [[s.file, s.sha256, list(s.tensors)] for s in self.shards]
         if self.calibration is not None:  # absent for delta-svd: its ids are unchanged
             key["calibration"] = self.calibration.model_dump(mode="json")
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+    def factor_files(self) -> list[FactorShard]:
+        """The factor files and what each holds, for either variant."""
+        if self.shards is not None:
+            return list(self.shards)
+        return [
+            FactorShard.model_construct(
+                file=FACTORS, sha256=self.factors_sha256, tensors=tuple(self.tensors)
+            )
+        ]
 
 
 def factor_names(tensor: str) -> tuple[str, str]:
@@ -114,16 +168,20 @@ class SafetyPatch:
 
         Raises ``PatchIntegrityError`` naming what differs; run before any work.
         """
-        factors = folder_file(self.folder, FACTORS)
-        if factors is None:
-            raise CheckpointError(f"{self.folder} is not a safety patch: {FACTORS} is missing")
-        actual = file_sha256(factors)
-        if actual != self.manifest.factors_sha256:
-            raise PatchIntegrityError(
-                f"{factors} was changed after extraction: its SHA-256 is {actual[:16]}..., the "
-                f"manifest records {self.manifest.factors_sha256[:16]}...; re-extract the patch"
-            )
-        check_factors(read_header(factors), self.manifest)
+        check_shards(self.folder, self.manifest)
+        for shard in self.manifest.factor_files():
+            factors = folder_file(self.folder, shard.file)
+            if factors is None:
+                raise CheckpointError(
+                    f"{self.folder} is not a safety patch: {shard.file} is missing"
+                )
+            actual = file_sha256(factors)
+            if actual != shard.sha256:
+                raise PatchIntegrityError(
+                    f"{factors} was changed after extraction: its SHA-256 is {actual[:16]}..., "
+                    f"the manifest records {shard.sha256[:16]}...; re-extract the patch"
+                )
+            check_factors(read_header(factors), self.manifest, shard.tensors)
 
     @property
     def patch_id(self) -> str:
@@ -140,7 +198,8 @@ class SafetyPatch:
     def factors(self, tensor: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(U', C)`` of one target tensor, float32."""
         if self._factors is None:
-            self._factors = Checkpoint(self.folder, files=[self.folder / FACTORS])
+            files = [self.folder / s.file for s in self.manifest.factor_files()]
+            self._factors = Checkpoint(self.folder, files=files)
         u_name, c_name = factor_names(tensor)
         return self._factors.get(u_name), self._factors.get(c_name)
 
@@ -154,15 +213,22 @@ def _read_manifest(path: Path) -> PatchManifest:
     except (OSError, ValueError, RecursionError) as exc:
         raise CheckpointError(f"unreadable patch manifest {path}: not JSON") from exc
     version = raw.get("format_version") if isinstance(raw, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS or isinstance(version, bool):
         raise CheckpointError(
             f"{path}: patch format_version {short(version)} is not supported "
-            f"(this lssf reads {FORMAT_VERSION})"
+            f"(this lssf reads {', '.join(map(str, FORMAT_VERSIONS))})"
         )
-    if "factors_sha256" not in raw:
+    sharded = version == SHARDED_FORMAT_VERSION
+    needs, other = ("shards", "factors_sha256") if sharded else ("factors_sha256", "shards")
+    if needs not in raw:
         raise PatchIntegrityError(
-            f"{path} records no factors_sha256, so its factors cannot be verified (made by an "
+            f"{path} records no {needs}, so its factors cannot be verified (made by an "
             "older lssf, or edited); re-extract the patch"
+        )
+    if other in raw:
+        raise PatchIntegrityError(
+            f"{path}: format_version {version} patches record {needs}, not {other}; "
+            "re-extract the patch"
         )
     try:
         return PatchManifest.model_validate(raw)
@@ -170,10 +236,43 @@ def _read_manifest(path: Path) -> PatchManifest:
         raise CheckpointError(format_validation_error(str(path), exc)) from exc
 
 
-def check_factors(header: Header, manifest: PatchManifest) -> None:
-    """Every manifest tensor has float32 ``U (d_out, r)`` and ``C (r, d_in)``; nothing else."""
+def check_shards(folder: Path, manifest: PatchManifest) -> None:
+    """A sharded manifest lists every target in exactly one shard, and nothing else."""
+    if manifest.shards is None:
+        return
+    where: dict[str, str] = {}
+    files = [s.file for s in manifest.shards]
+    if len(set(files)) != len(files):
+        raise PatchIntegrityError(f"{folder / MANIFEST} lists a shard file twice: {files}")
+    for shard in manifest.shards:
+        for name in shard.tensors:
+            if name in where:
+                raise PatchIntegrityError(
+                    f"{folder / MANIFEST}: tensor {name!r} is in shards {where[name]} and "
+                    f"{shard.file}; each target must be in exactly one"
+                )
+            where[name] = shard.file
+    unknown = sorted(set(where) - set(manifest.tensors))
+    if unknown:
+        raise PatchIntegrityError(
+            f"{folder / MANIFEST}: its shards hold factors the manifest does not list: "
+            f"{short(unknown, 200)}"
+        )
+    missing = sorted(set(manifest.tensors) - set(where))
+    if missing:
+        raise PatchIntegrityError(
+            f"{folder / MANIFEST}: no shard holds tensor(s) {short(missing, 200)}"
+        )
+
+
+def check_factors(
+    header: Header, manifest: PatchManifest, names: tuple[str, ...] | None = None
+) -> None:
+    """Every tensor of ``names`` (default: the manifest's) has float32 ``U (d_out, r)`` and
+    ``C (r, d_in)`` in this file; nothing else."""
     expected: dict[str, tuple[int, int]] = {}
-    for name, rec in manifest.tensors.items():
+    for name in manifest.tensors if names is None else names:
+        rec = manifest.tensors[name]
         d_out, d_in = rec.shape
         if not 0 <= rec.rank <= min(d_out, d_in):
             raise PatchIntegrityError(
