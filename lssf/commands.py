@@ -22,6 +22,7 @@ GROUP_HELP: dict[str, str] = {
     "gate": "compare a candidate report with a baseline; exit 0 pass, 1 fail",
     "organism": "the tiny model organism (base/aligned/ft)",
     "promote": "point the 'champion' alias at a passing version",
+    "webhook": "receive Hugging Face Hub webhooks and emit lssf.finetune.discovered",
     "world": "the real-weights world (SmolLM2-135M reference/aligned/fine-tuned)",
 }
 

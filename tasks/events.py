@@ -63,3 +63,21 @@ def emit_discovered(candidate: Candidate, family: str, config: str) -> str | Non
 
     event = emit_event(**discovered_event(candidate, family, config))
     return str(event.id) if event is not None else None
+
+
+async def send_discovered(
+    candidate: Candidate, family: str, config: str, reconnection_attempts: int = 2
+) -> str:
+    """Send the event to the server at `PREFECT_API_URL` and return its id; raise if it fails.
+
+    For the webhook receiver, which answers the Hub and records the delivery as done only
+    once the event has left: `emit_event` queues to a background worker that turns a failed
+    send into a log line, so a Hub retry would then find the delivery already recorded.
+    """
+    from prefect.events import Event
+    from prefect.events.clients import get_events_client
+
+    event = Event(**discovered_event(candidate, family, config))
+    async with get_events_client(reconnection_attempts=reconnection_attempts) as client:
+        await client.emit(event)
+    return str(event.id)
