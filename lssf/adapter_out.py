@@ -17,15 +17,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lssf._version import __version__
 from lssf.checkpoint import Checkpoint
 from lssf.config import check_alpha
 from lssf.errors import CheckpointError
-from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, LoraAdapter
+from lssf.finetune import finetune_sources, open_patch
+from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, LoraAdapter, MergedView
 from lssf.outputs import atomic_folder, write_json
 from lssf.patch import SafetyPatch
-from lssf.provenance import PROVENANCE, provenance
-from lssf.sources import SourceRecord
+from lssf.provenance import Provenance, model_card, write_outputs
 from lssf.spectral import fused_weight
 from lssf.st_io import AppendingWriter
 
@@ -170,26 +169,25 @@ def _write_overrides(
 
 
 def write_combined_adapter(
-    adapter: LoraAdapter,
-    base: Checkpoint,
+    ft: MergedView,
     patch: SafetyPatch,
     out: Path,
     *,
     alpha: float,
-    finetuned: SourceRecord,
-    base_record: SourceRecord,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
     progress: bool = True,
-) -> int:
+) -> tuple[int, Provenance]:
     """One PEFT adapter on the aligned model: the LoRA fine-tune plus ``alpha`` times the patch.
 
-    Shapes have been checked by the caller (``check_against_base``, ``check_compatible``).
-    Returns the number of patched tensors written.
+    Shapes have been checked by the caller (``MergedView``, ``check_compatible``).
+    Returns the number of patched tensors written and the provenance recorded.
     """
+    adapter, base = ft.adapter, ft.base
     config = adapter.config
-    inputs = [adapter.folder, base.folder, patch.folder]
-    with atomic_folder(out, overwrite=overwrite, inputs=inputs) as tmp:
+    sources = finetune_sources(ft, None)
+    base_record = sources["finetuned_base"]
+    with atomic_folder(out, overwrite=overwrite, inputs=[*ft.folders, patch.folder]) as tmp:
         writer = AdapterWriter(tmp, dtype or adapter.dtype())
         n_fused = _write_union(writer, adapter, base, patch, alpha, progress)
         n_fused += _write_overrides(writer, adapter, patch, alpha)
@@ -200,12 +198,9 @@ def write_combined_adapter(
             fan_in_fan_out=bool(config.get("fan_in_fan_out")),
             modules_to_save=config.get("modules_to_save") or None,
         )
-        prov = provenance(patch.manifest, finetuned, alpha, patch.patch_id)
-        prov["sources"]["finetuned_base"] = base_record.model_dump(mode="json")
-        prov |= {"finetuned_kind": "lora", "format": "adapter", "adapter_ranks": writer.ranks}
-        write_json(tmp / PROVENANCE, prov)
-        (tmp / "README.md").write_text(adapter_card(patch, written, alpha, finetuned.name))
-    return n_fused
+        prov = Provenance.build(patch.manifest, alpha, sources, adapter_ranks=writer.ranks)
+        write_outputs(tmp, prov, model_card(prov, patch.manifest, written))
+    return n_fused, prov
 
 
 def export_patch_adapter(
@@ -223,10 +218,7 @@ def export_patch_adapter(
     Stack it on a fine-tune's adapter at serving time, or apply it to the aligned model itself.
     """
     alpha = check_alpha(alpha)
-    if isinstance(patch, SafetyPatch):
-        patch.verify()  # its files may have changed since it was loaded
-    else:
-        patch = SafetyPatch.load(Path(patch))
+    patch = open_patch(patch)
     manifest = patch.manifest
     names = [n for n, rec in manifest.tensors.items() if rec.rank > 0]
     modules = [patch_module(n) for n in names]  # refuse before anything is written
@@ -240,56 +232,7 @@ def export_patch_adapter(
         ):
             writer.module(module, safety_lora(*patch.factors(name), alpha, fan_in_fan_out))
         written = writer.close(manifest.aligned.name, fan_in_fan_out=fan_in_fan_out)
-        write_json(tmp / PROVENANCE, _patch_provenance(patch, alpha, writer.ranks))
-        (tmp / "README.md").write_text(adapter_card(patch, written, alpha, None))
+        prov = Provenance.build(manifest, alpha, adapter_ranks=writer.ranks)
+        write_outputs(tmp, prov, model_card(prov, manifest, written))
     log.info("patch %s (alpha=%s) written as a LoRA adapter to %s", patch.patch_id, alpha, out)
     return Path(out)
-
-
-def _patch_provenance(patch: SafetyPatch, alpha: float, ranks: dict[str, int]) -> dict[str, Any]:
-    m = patch.manifest
-    return {
-        "tool": "lssf",
-        "lssf_version": __version__,
-        "method": m.method,
-        "format": "adapter",
-        "alpha": alpha,
-        "patch_id": patch.patch_id,
-        "patch_config": m.config.model_dump(mode="json"),
-        "sources": {
-            "aligned": m.aligned.model_dump(mode="json"),
-            "reference": m.reference.model_dump(mode="json"),
-        },
-        "adapter_ranks": ranks,
-    }
-
-
-def adapter_card(patch: SafetyPatch, config: dict[str, Any], alpha: float, ft: str | None) -> str:
-    """A short model card for an adapter folder (PEFT and vLLM read only the config)."""
-    what = (
-        f"the LoRA fine-tune `{ft}` with its safety subspace restored"
-        if ft
-        else "the safety patch alone"
-    )
-    ranks = list(config["rank_pattern"].values())
-    return "\n".join(
-        [
-            "---",
-            f"base_model: {config['base_model_name_or_path']}",
-            "library_name: peft",
-            "tags: [lssf, safety-realignment, lora]",
-            "---",
-            "",
-            f"# LSSF adapter: {what}",
-            "",
-            f"A PEFT LoRA adapter on `{config['base_model_name_or_path']}` holding {what} by",
-            "[LSSF](https://arxiv.org/abs/2602.00038) (patch "
-            f"`{patch.patch_id}`, alpha = {alpha}). {len(ranks)} modules, rank "
-            f"{min(ranks, default=0)}-{max(ranks, default=0)}; every module's scale is 1.",
-            "Load it with `PeftModel.from_pretrained(aligned_model, this_folder)` or serve it",
-            f"with vLLM (`--enable-lora --max-lora-rank` >= {config['r']}).",
-            "",
-            f"Made with lssf {__version__}; full record in `{PROVENANCE}`.",
-            "",
-        ]
-    )

@@ -13,12 +13,16 @@ import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from lssf.errors import CheckpointError, PickleRefusedError
 from lssf.pipeline import BufferPool, ByteBudget, MappedFile
 from lssf.st_io import Header, TensorInfo, read_header, read_tensor, short
+
+if TYPE_CHECKING:
+    from lssf.sources import SourceRecord
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -126,14 +130,46 @@ def check_index(folder: Path, where: dict[str, Path]) -> None:
             )
 
 
+class TensorSource(Protocol):
+    """A model's tensors, read lazily: a ``Checkpoint``, or a LoRA fine-tune (``MergedView``).
+
+    ``headers`` are the shards in the order an output mirrors them; ``iter_file`` streams one
+    shard (buffers from ``pool``, or views of ``mapped``; each may be given back when done) and
+    afterwards ``sha256[shard]`` is the hash of the bytes read. ``record`` is what the model
+    reference resolved to (None when opened from a bare folder); ``folders`` are the folders read.
+    """
+
+    folder: Path
+    headers: list[Header]
+    sha256: dict[str, str]
+    record: SourceRecord | None
+
+    @property
+    def folders(self) -> list[Path]: ...
+    def names(self) -> list[str]: ...
+    def __contains__(self, name: str) -> bool: ...
+    def info(self, name: str) -> TensorInfo: ...
+    def get(self, name: str) -> torch.Tensor: ...
+    def mapped(self, header: Header) -> MappedFile: ...
+    def iter_file(
+        self, header: Header, pool: BufferPool | None = None, mapped: MappedFile | None = None
+    ) -> Iterator[tuple[TensorInfo, torch.Tensor]]: ...
+    def __enter__(self) -> TensorSource: ...
+    def __exit__(self, *exc: object) -> None: ...
+
+
 class Checkpoint:
     """Headers of every shard, read up front; tensor data read only when asked for.
 
     Use as a context manager so file descriptors are closed.
     """
 
-    def __init__(self, folder: Path, files: list[Path] | None = None):
+    def __init__(
+        self, folder: Path, files: list[Path] | None = None, record: SourceRecord | None = None
+    ) -> None:
+        """``files``: the shards to read (default: the folder's); ``record``: where it came from."""
         self.folder = Path(folder)
+        self.record = record
         self.files = weight_files(self.folder) if files is None else list(files)
         self.headers: list[Header] = [read_header(f) for f in self.files]
         self._where: dict[str, tuple[Header, TensorInfo]] = {}
@@ -157,7 +193,13 @@ class Checkpoint:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def folders(self) -> list[Path]:
+        """The folders read: this one."""
+        return [self.folder]
+
     def close(self) -> None:
+        """Close the shards' file descriptors (reopened if read again)."""
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -194,9 +236,10 @@ class Checkpoint:
     def iter_file(
         self,
         header: Header,
-        prefetch: int = 64 << 20,
         pool: BufferPool | None = None,
         mapped: MappedFile | None = None,
+        *,
+        prefetch: int = 64 << 20,
     ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
         """Every tensor of one shard in file order, hashing the whole file as it goes.
 

@@ -78,7 +78,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         aligned=args.aligned,
-        format=args.format,
+        output_format=args.format,
     )
     print(
         f"fused {result.n_fused} tensors of {result.finetuned.name}@{result.finetuned.revision} "

@@ -9,84 +9,50 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from lssf.checkpoint import INDEX_NAME, Checkpoint, folder_file
+from lssf.adapter_out import write_combined_adapter
+from lssf.checkpoint import INDEX_NAME, TensorSource, folder_file
 from lssf.config import check_alpha
 from lssf.devices import pick_device
-from lssf.errors import ConfigError, NonFiniteError, PatchMismatchError, ShapeMismatchError
-from lssf.lora import is_adapter
-from lssf.outputs import atomic_folder, write_json
+from lssf.errors import ConfigError, NonFiniteError
+from lssf.finetune import (
+    check_compatible,
+    check_lineage,
+    finetune_sources,
+    open_finetune,
+    open_patch,
+)
+from lssf.lora import MergedView
+from lssf.outputs import atomic_folder
 from lssf.patch import SafetyPatch
-from lssf.pipeline import BufferPool, WriteBehind
-from lssf.provenance import PROVENANCE, declared_base, model_card, provenance
-from lssf.sources import SIDE_FILES, SourceRecord, hash_files, resolve_source, with_hashes
+from lssf.pipeline import BufferPool, MappedFile, WriteBehind, give_back
+from lssf.provenance import Provenance, model_card, write_outputs
+from lssf.sources import SIDE_FILES, ModelRef, SourceRecord, hash_files
 from lssf.spectral import fused_weight
-from lssf.st_io import PlannedWriter, TensorSpec, is_finite
+from lssf.st_io import Header, PlannedWriter, TensorSpec, is_finite
 
 log = logging.getLogger(__name__)
+
+OutputFormat = Literal["model", "adapter"]
 
 
 @dataclass(frozen=True)
 class FuseResult:
+    """Where the fused output went, from what, and how many tensors the patch changed."""
+
     out: Path
     patch_id: str
     alpha: float
     finetuned: SourceRecord
     n_fused: int
-
-
-def check_compatible(ft: Checkpoint, patch: SafetyPatch) -> None:
-    """Every patched tensor must exist in the fine-tune with the shape the patch was built for."""
-    for name, rec in patch.manifest.tensors.items():
-        if name not in ft:
-            raise ShapeMismatchError(f"patch tensor {name!r} is missing from {ft.folder}")
-        shape = ft.info(name).shape
-        if tuple(shape) != tuple(rec.shape):
-            raise ShapeMismatchError(
-                f"tensor {name!r} has shape {list(shape)} in the fine-tuned model but "
-                f"{list(rec.shape)} in the patch"
-            )
-        if not ft.info(name).torch_dtype.is_floating_point:
-            raise ShapeMismatchError(
-                f"tensor {name!r} is {ft.info(name).dtype} in the fine-tuned model {ft.folder}; "
-                "only floating-point tensors can be fused"
-            )
-
-
-def check_lineage(folder: Path, patch: SafetyPatch, force: bool) -> None:
-    """Refuse a patch built from another aligned model than the one the fine-tune declares."""
-    aligned = patch.manifest.aligned
-    declared = declared_base(folder)
-    if declared is None:
-        log.warning("%s declares no base model; cannot check it against the patch", folder)
-        return
-    known = {aligned.ref, aligned.name, aligned.path, aligned.ref.split("@")[0]}
-    same = declared in known or _same_folder(folder, declared, aligned.path)
-    if same:
-        return
-    msg = (
-        f"{folder} declares base model {declared!r}, but the patch was built from "
-        f"aligned model {aligned.name!r}"
-    )
-    if not force:
-        raise PatchMismatchError(msg + "; pass force=True (--force) to fuse anyway")
-    log.warning("%s; fusing anyway (forced)", msg)
-
-
-def _same_folder(folder: Path, declared: str, path: str) -> bool:
-    """A path in the card, relative to the model's folder (not to where lssf runs), is ``path``."""
-    try:
-        local = folder / Path(declared).expanduser()
-        return local.exists() and str(local.resolve()) == path
-    except (OSError, ValueError):  # not a usable path (too long, NUL): a Hub id or nonsense
-        return False
 
 
 def side_files(folder: Path) -> dict[str, Path]:
@@ -157,13 +123,21 @@ def single_threaded_ops() -> Iterator[None]:
 class _Fuser:
     """Fused values of the patch's targets, each checked finite (the writer skips them)."""
 
-    def __init__(self, patch: SafetyPatch, alpha: float, dev: torch.device, pool, buffers, release):
-        """``buffers``/``release``: where outputs come from and inputs go (None: fuse's own)."""
+    def __init__(
+        self,
+        patch: SafetyPatch,
+        alpha: float,
+        dev: torch.device,
+        pool: ThreadPoolExecutor,
+        buffers: BufferPool,
+        release: Callable[[torch.Tensor], None],
+    ) -> None:
+        """``buffers``/``release``: where outputs come from and inputs go once fused."""
         self.patch, self.alpha, self.dev, self.pool = patch, alpha, dev, pool
-        self.buffers: BufferPool | None = buffers
-        self.release = release
+        self.buffers, self.release = buffers, release
 
     def __call__(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """``w + alpha * U' C`` for patch tensor ``name``."""
         u, c = self.patch.factors(name)
         if u.shape[1] == 0 or self.alpha == 0.0:
             out = w  # W + 0: the input bytes themselves
@@ -171,7 +145,7 @@ class _Fuser:
             out = self._rows(w, u.float(), c.float())
         else:
             out = fused_weight(w.to(self.dev), u.to(self.dev), c.to(self.dev), self.alpha).cpu()
-        if out is not w and self.release is not None:
+        if out is not w:
             self.release(w)  # the input, no longer needed
         if not is_finite(out):
             raise NonFiniteError(f"fused tensor {name!r} has NaN/Inf values")
@@ -179,10 +153,9 @@ class _Fuser:
 
     def _rows(self, w: torch.Tensor, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Row blocks, the second half on the pool's thread: rows are independent."""
-        out = self.buffers.empty_like(w) if self.buffers is not None else torch.empty_like(w)
+        out = self.buffers.empty_like(w)
         half = w.shape[0] // 2
-        small = w.numel() * w.element_size() < SPLIT_BYTES or half < MIN_ROWS
-        if self.pool is None or small:
+        if w.numel() * w.element_size() < SPLIT_BYTES or half < MIN_ROWS:
             return fused_rows(w, u, c, self.alpha, out)
         other = self.pool.submit(fused_rows, w[half:], u[half:], c, self.alpha, out[half:])
         fused_rows(w[:half], u[:half], c, self.alpha, out[:half])
@@ -190,29 +163,35 @@ class _Fuser:
         return out
 
 
-def _write_shard(ft, header, dst, patch, alpha, dev, bar) -> int:
+def _write_shard(
+    ft: TensorSource,
+    header: Header,
+    dst: Path,
+    patch: SafetyPatch,
+    alpha: float,
+    dev: torch.device,
+    bar: tqdm,
+) -> int:
     """One output shard: read ahead (and hash) in a thread, fuse here, write in another thread."""
     infos = sorted(header.tensors.values(), key=lambda t: t.start)
     specs = [TensorSpec(i.name, i.torch_dtype, i.shape) for i in infos]
     targets = [i.name for i in infos if i.name in patch.manifest.tensors]
     writer = PlannedWriter(dst, specs, header.metadata or {"format": "pt"}, checked=targets)
-    # Only a plain checkpoint's tensors are fuse's own to map and recycle (not a LoRA view's).
-    own = isinstance(ft, Checkpoint)
-    mode = READ_MODE if own else "read"
     with contextlib.ExitStack() as stack:
-        buffers = BufferPool() if own else None
-        mapped = stack.enter_context(ft.mapped(header)) if mode == "map" else None
-        tensors = ft.iter_file(header, pool=buffers, mapped=mapped) if own else ft.iter_file(header)
+        buffers = BufferPool()
+        mapped: MappedFile | None = None
+        if READ_MODE == "map":
+            mapped = stack.enter_context(ft.mapped(header))
+        tensors = ft.iter_file(header, pool=buffers, mapped=mapped)
         stack.enter_context(contextlib.closing(tensors))  # stops the reader thread on failure
 
         def release(t: torch.Tensor) -> None:
-            if buffers is not None and not (mapped is not None and mapped.give(t)):
-                buffers.give(t)
+            give_back(t, buffers, mapped)
 
         stack.enter_context(single_threaded_ops())
         pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="lssf-fuse"))
         out = stack.enter_context(WriteBehind(writer, release=release))
-        fused = _Fuser(patch, alpha, dev, pool, buffers, release if own else None)
+        fused = _Fuser(patch, alpha, dev, pool, buffers, release)
         for info, tensor in tensors:
             if info.name in patch.manifest.tensors:
                 tensor = fused(info.name, tensor)
@@ -221,8 +200,33 @@ def _write_shard(ft, header, dst, patch, alpha, dev, bar) -> int:
     return len(targets)
 
 
+def _write_model(
+    ft: TensorSource,
+    patch: SafetyPatch,
+    out: Path,
+    alpha: float,
+    dev: torch.device,
+    *,
+    overwrite: bool,
+    progress: bool,
+) -> tuple[int, Provenance]:
+    """The fine-tune with the patch fused in, shard by shard like its (base) model folder."""
+    side_files(ft.folder)  # refuse escaping side files before any work
+    total = sum(i.nbytes for h in ft.headers for i in h.tensors.values())
+    with atomic_folder(out, overwrite=overwrite, inputs=[*ft.folders, patch.folder]) as tmp:
+        with tqdm(total=total, desc="fuse", unit="B", unit_scale=True, disable=not progress) as bar:
+            n_fused = sum(
+                _write_shard(ft, h, tmp / h.path.name, patch, alpha, dev, bar) for h in ft.headers
+            )
+        _copy_side_files(ft.folder, tmp)
+        streamed = dict(ft.sha256) | hash_files(ft.folder, list(SIDE_FILES))
+        prov = Provenance.build(patch.manifest, alpha, finetune_sources(ft, streamed))
+        write_outputs(tmp, prov, model_card(prov, patch.manifest, None))
+    return n_fused, prov
+
+
 def fuse(
-    finetuned: str | Path,
+    finetuned: str | Path | ModelRef,
     patch: SafetyPatch | str | Path,
     out: str | Path,
     *,
@@ -231,57 +235,36 @@ def fuse(
     device: str = "auto",
     overwrite: bool = False,
     progress: bool = True,
-    aligned: str | Path | None = None,
-    format: str = "model",
+    aligned: str | Path | ModelRef | None = None,
+    output_format: OutputFormat = "model",
 ) -> FuseResult:
     """Write ``finetuned`` with ``alpha * P' @ delta`` added to every patched tensor to ``out``.
 
     ``out`` is a complete transformers model folder, written atomically. ``finetuned`` may be a
     PEFT LoRA adapter on ``aligned`` (default: the base its config declares); then
-    ``format="adapter"`` writes one PEFT adapter holding the fine-tune and the patch instead.
+    ``output_format="adapter"`` writes one PEFT adapter holding the fine-tune and the patch.
     """
     alpha = check_alpha(alpha)
-    if isinstance(patch, SafetyPatch):
-        patch.verify()  # its files may have changed since it was loaded
-    else:
-        patch = SafetyPatch.load(Path(patch))
+    patch = open_patch(patch)
     dev = pick_device(device)
-    if format not in ("model", "adapter"):
-        raise ConfigError(f"format must be 'model' or 'adapter', got {format!r}")
-    folder, record = resolve_source(finetuned)
-    if is_adapter(folder):
-        from lssf.lora_fuse import fuse_adapter
-
-        return fuse_adapter(
-            folder, record, patch, Path(out), alpha=alpha, aligned=aligned,
-            output_format=format, force=force, device=dev, overwrite=overwrite, progress=progress,
-        )  # fmt: skip
-    if format == "adapter":
-        raise ConfigError(
-            f"format='adapter' (--format adapter) is not applicable to {folder}: it is a full "
-            "fine-tune, not a LoRA adapter. Use format='model', or `lssf patch export-adapter` "
-            "for the safety patch alone as an adapter"
-        )
-    if aligned is not None:
-        log.warning("aligned=%s is only used for adapter fine-tunes; ignored", aligned)
-    with Checkpoint(folder) as ft, patch:
-        check_compatible(ft, patch)
-        check_lineage(folder, patch, force)
-        side_files(folder)  # refuse escaping side files before any work
-        total = sum(i.nbytes for h in ft.headers for i in h.tensors.values())
-        inputs = [folder, patch.folder]
-        with atomic_folder(Path(out), overwrite=overwrite, inputs=inputs) as tmp:
-            bar = tqdm(total=total, desc="fuse", unit="B", unit_scale=True, disable=not progress)
-            n_fused = sum(
-                _write_shard(ft, h, tmp / h.path.name, patch, alpha, dev, bar) for h in ft.headers
+    if output_format not in ("model", "adapter"):
+        raise ConfigError(f"format must be 'model' or 'adapter', got {output_format!r}")
+    with open_finetune(finetuned, aligned=aligned, device=dev) as ft, patch:
+        if output_format == "adapter" and not isinstance(ft, MergedView):
+            raise ConfigError(
+                f"format='adapter' (--format adapter) is not applicable to {ft.folder}: it is a "
+                "full fine-tune, not a LoRA adapter. Use format='model', or `lssf patch "
+                "export-adapter` for the safety patch alone as an adapter"
             )
-            bar.close()
-            _copy_side_files(folder, tmp)
-            files = dict(ft.sha256)
-            files.update(hash_files(folder, list(SIDE_FILES)))
-            record = with_hashes(record, files)
-            prov = provenance(patch.manifest, record, alpha, patch.patch_id)
-            write_json(tmp / PROVENANCE, prov)
-            (tmp / "README.md").write_text(model_card(patch.manifest, record, alpha))
-    log.info("fused %d tensors (alpha=%s) into %s", n_fused, alpha, out)
-    return FuseResult(Path(out), patch.patch_id, alpha, record, n_fused)
+        check_compatible(ft, patch)
+        check_lineage(ft, patch.manifest.aligned, force)
+        if isinstance(ft, MergedView) and output_format == "adapter":
+            n_fused, prov = write_combined_adapter(
+                ft, patch, Path(out), alpha=alpha, overwrite=overwrite, progress=progress
+            )
+        else:
+            n_fused, prov = _write_model(
+                ft, patch, Path(out), alpha, dev, overwrite=overwrite, progress=progress
+            )
+    log.info("fused %d tensors (alpha=%s, %s) into %s", n_fused, alpha, output_format, out)
+    return FuseResult(Path(out), patch.patch_id, alpha, prov.sources["finetuned"], n_fused)

@@ -15,6 +15,7 @@ LoRA stored as safetensors is read. The PEFT format, as PEFT writes it:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,7 +34,11 @@ from lssf.errors import (
     PickleRefusedError,
     ShapeMismatchError,
 )
+from lssf.pipeline import BufferPool, MappedFile, give_back
 from lssf.st_io import Header, TensorInfo, read_header, read_tensor, short
+
+if TYPE_CHECKING:
+    from lssf.sources import SourceRecord
 
 log = logging.getLogger(__name__)
 
@@ -358,35 +363,53 @@ def check_against_base(adapter: LoraAdapter, base: Checkpoint) -> None:
 
 
 class MergedView:
-    """The fine-tune ``W_base + scale * B @ A`` seen as a checkpoint.
+    """The fine-tune ``W_base + scale * B @ A`` seen as a checkpoint (a ``TensorSource``).
 
     Same headers, names and shapes as the base; each tensor is merged as it is read, so a pass
     over the fine-tune holds one tensor at a time. ``fuse`` streams it like any checkpoint.
+    Closing it closes the base and the adapter.
     """
 
-    def __init__(self, base: Checkpoint, adapter: LoraAdapter, device: torch.device):
+    def __init__(
+        self,
+        base: Checkpoint,
+        adapter: LoraAdapter,
+        device: torch.device,
+        record: SourceRecord | None = None,
+    ) -> None:
+        """``record``: the adapter's source; the base's is ``base.record``."""
+        check_against_base(adapter, base)
         self.base = base
         self.adapter = adapter
         self.device = device
+        self.record = record
         self.folder = base.folder
         self.headers = base.headers
         self.files = base.files
 
     @property
     def sha256(self) -> dict[str, str]:
+        """Hashes of the base's shards streamed so far (the adapter is hashed when opened)."""
         return self.base.sha256
+
+    @property
+    def folders(self) -> list[Path]:
+        """The folders read: the base's and the adapter's."""
+        return [self.base.folder, self.adapter.folder]
 
     def __contains__(self, name: str) -> bool:
         return name in self.base
 
     def names(self) -> list[str]:
+        """The base's tensor names, which are the fine-tune's."""
         return self.base.names()
 
     def info(self, name: str) -> TensorInfo:
+        """The base's header entry: merging keeps shape and dtype."""
         return self.base.info(name)
 
     def merge(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """The fine-tuned value of base tensor ``name``."""
+        """The fine-tuned value of base tensor ``name`` (``tensor`` itself when untouched)."""
         if name in self.adapter.overrides:
             tensor = self.adapter.tensor(self.adapter.overrides[name]).to(tensor.dtype)
         module = self.adapter.modules.get(name)
@@ -397,8 +420,27 @@ class MergedView:
         return tensor
 
     def get(self, name: str) -> torch.Tensor:
+        """One merged tensor."""
         return self.merge(name, self.base.get(name))
 
-    def iter_file(self, header: Header) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-        for info, tensor in self.base.iter_file(header):
-            yield info, self.merge(info.name, tensor)
+    def mapped(self, header: Header) -> MappedFile:
+        """The base shard mapped (see ``Checkpoint.mapped``)."""
+        return self.base.mapped(header)
+
+    def iter_file(
+        self, header: Header, pool: BufferPool | None = None, mapped: MappedFile | None = None
+    ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+        """The base shard's tensors merged; a base tensor replaced by its merge is given back."""
+        with contextlib.closing(self.base.iter_file(header, pool, mapped)) as tensors:
+            for info, tensor in tensors:
+                merged = self.merge(info.name, tensor)
+                if merged is not tensor:
+                    give_back(tensor, pool, mapped)
+                yield info, merged
+
+    def __enter__(self) -> MergedView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.adapter.__exit__()
+        self.base.close()

@@ -56,6 +56,14 @@ class BufferPool:
                 self._held += nbytes
 
 
+def give_back(t: torch.Tensor, pool: BufferPool | None, mapped: MappedFile | None) -> None:
+    """A tensor the caller is done with: its pages dropped if ``mapped`` made it, else pooled."""
+    if mapped is not None and mapped.give(t):
+        return
+    if pool is not None:
+        pool.give(t)
+
+
 class MappedFile:
     """One shard mapped copy-on-write (never written): tensors are views, no copy is read.
 

@@ -1,21 +1,102 @@
-"""Provenance that travels with the weights: a JSON record and a model card."""
+"""Provenance that travels with the weights: one record (``lssf_provenance.json``) and a card.
+
+Every output kind (a fused model, a LoRA fine-tune fused as a model or as an adapter, the patch
+exported alone as an adapter) writes the same ``Provenance`` model, built once, and a model card
+made with huggingface_hub's ``ModelCard``, whose front matter is read back the same way.
+"""
 
 from __future__ import annotations
 
 import json
-import re
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import Field
 
 from lssf._version import __version__
 from lssf.checkpoint import folder_file
-from lssf.outputs import PROVENANCE
+from lssf.config import PatchConfig
+from lssf.models import Frozen
+from lssf.outputs import PROVENANCE, atomic_write_text, write_json
 from lssf.patch import PatchManifest
 from lssf.sources import SourceRecord
 
-__all__ = ["PROVENANCE", "declared_base", "model_card", "provenance"]
+__all__ = ["PROVENANCE", "Provenance", "declared_base", "model_card", "write_outputs"]
+
+log = logging.getLogger(__name__)
+PAPER = "[LSSF](https://arxiv.org/abs/2602.00038)"
+
+
+class Provenance(Frozen):
+    """What an output was made from: patch, alpha, every source at its exact revision."""
+
+    tool: Literal["lssf"] = "lssf"
+    lssf_version: str = __version__
+    method: str
+    alpha: float
+    patch_id: str
+    patch_config: PatchConfig
+    # finetuned (absent for the patch alone), aligned, reference, finetuned_base (a LoRA's)
+    sources: dict[str, SourceRecord]
+    ranks: dict[str, int] | None = None  # a fused model's: patch rank per tensor
+    finetuned_kind: Literal["full", "lora"] | None = None
+    output_format: Literal["model", "adapter"] = Field("model", alias="format")
+    adapter_ranks: dict[str, int] | None = None  # an adapter's: LoRA rank per module
+
+    @classmethod
+    def build(
+        cls,
+        manifest: PatchManifest,
+        alpha: float,
+        finetune: dict[str, SourceRecord] | None = None,
+        adapter_ranks: dict[str, int] | None = None,
+    ) -> Provenance:
+        """The record of an output of ``manifest``'s patch: ``finetune`` are the fine-tune's
+        sources (None: the patch alone), ``adapter_ranks`` those of an adapter written."""
+        finetune = finetune or {}
+        sources = {"finetuned": finetune["finetuned"]} if "finetuned" in finetune else {}
+        sources |= {"aligned": manifest.aligned, "reference": manifest.reference}
+        sources |= {k: v for k, v in finetune.items() if k != "finetuned"}
+        kind = None if not finetune else "lora" if "finetuned_base" in finetune else "full"
+        return cls(
+            method=manifest.method,
+            alpha=alpha,
+            patch_id=manifest.patch_id,
+            patch_config=manifest.config,
+            sources=sources,
+            ranks={n: r.rank for n, r in manifest.tensors.items()} if finetune else None,
+            finetuned_kind=kind,
+            format="model" if adapter_ranks is None else "adapter",
+            adapter_ranks=adapter_ranks,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The on-disk form: the keys above, ``format`` by its name, unset ones left out."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def write_outputs(folder: Path, provenance: Provenance, card: str) -> None:
+    """``lssf_provenance.json`` and ``README.md``, each written atomically."""
+    write_json(folder / PROVENANCE, provenance.to_json())
+    atomic_write_text(folder / "README.md", card)
+
+
+def _card_base(path: Path) -> str | None:
+    """``base_model`` from a model card's front matter (the first, if a list)."""
+    from huggingface_hub import ModelCard
+
+    text = path.read_text(errors="replace")
+    if not text.startswith("---"):
+        return None
+    try:
+        base = ModelCard(text, ignore_metadata_errors=True).data.base_model
+    except (ValueError, TypeError, yaml.YAMLError, RecursionError):
+        return None
+    if isinstance(base, list) and base:
+        base = base[0]
+    return base if isinstance(base, str) and base else None
 
 
 def declared_base(folder: Path) -> str | None:
@@ -24,84 +105,80 @@ def declared_base(folder: Path) -> str | None:
     Files that leave the folder (symlinks) are refused, as everywhere (``folder_file``).
     """
     card = folder_file(folder, "README.md")
-    if card is not None:
-        match = re.match(r"^---\n(.*?)\n---", card.read_text(errors="replace"), re.S)
-        if match:
-            try:
-                meta = yaml.safe_load(match.group(1)) or {}
-            except (yaml.YAMLError, RecursionError):
-                meta = {}
-            base = meta.get("base_model") if isinstance(meta, dict) else None
-            if isinstance(base, list) and base:
-                base = base[0]
-            if isinstance(base, str):
-                return base
+    base = _card_base(card) if card is not None else None
+    if base is not None:
+        return base
     adapter = folder_file(folder, "adapter_config.json")
-    if adapter is not None:
-        try:
-            config = json.loads(adapter.read_bytes())
-        except (OSError, ValueError, RecursionError):
-            return None
-        base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
-        return base if isinstance(base, str) and base else None
-    return None
+    if adapter is None:
+        return None
+    try:
+        config = json.loads(adapter.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return base if isinstance(base, str) and base else None
 
 
-def provenance(
-    manifest: PatchManifest, finetuned: SourceRecord, alpha: float, patch_id: str
-) -> dict[str, Any]:
-    return {
-        "tool": "lssf",
-        "lssf_version": __version__,
-        "method": manifest.method,
-        "alpha": alpha,
-        "patch_id": patch_id,
-        "patch_config": manifest.config.model_dump(mode="json"),
-        "sources": {
-            "finetuned": finetuned.model_dump(mode="json"),
-            "aligned": manifest.aligned.model_dump(mode="json"),
-            "reference": manifest.reference.model_dump(mode="json"),
-        },
-        "ranks": {name: rec.rank for name, rec in manifest.tensors.items()},
-    }
+def _card(base_model: str | None, library: str, tags: list[str], body: list[str]) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(base_model=base_model, library_name=library, tags=tags)
+    footer = [f"Made with lssf {__version__}; full record in `{PROVENANCE}`.", ""]
+    return str(ModelCard("\n".join(["---", data.to_yaml(), "---", "", *body, "", *footer])))
 
 
 def _source_line(label: str, rec: SourceRecord) -> str:
     return f"| {label} | `{rec.name}` | `{rec.revision}` |"
 
 
-def model_card(manifest: PatchManifest, finetuned: SourceRecord, alpha: float) -> str:
+def model_card(prov: Provenance, manifest: PatchManifest, adapter: dict[str, Any] | None) -> str:
+    """The card of an output: a fused model, or an adapter (``adapter``: its PEFT config)."""
+    finetuned = prov.sources.get("finetuned")
+    if adapter is not None:
+        return _adapter_card(prov, adapter, finetuned.name if finetuned else None)
     ranks = [rec.rank for rec in manifest.tensors.values()]
     cfg = manifest.config
-    front = {
-        "base_model": manifest.aligned.name,
-        "tags": ["lssf", "safety-realignment"],
-        "library_name": "transformers",
-    }
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "---",
+    ft_name = finetuned.name if finetuned else "?"
+    body = [
+        f"# Safety re-aligned: {ft_name}",
         "",
-        f"# Safety re-aligned: {finetuned.name}",
-        "",
-        "This model is the fine-tune below with its safety subspace restored by",
-        "[LSSF](https://arxiv.org/abs/2602.00038) (Low-Rank Safety Subspace Fusion):",
+        f"This model is the fine-tune below with its safety subspace restored by {PAPER}",
+        "(Low-Rank Safety Subspace Fusion):",
         "`W = W_ft + alpha * P' @ (W_aligned - W_reference)` on every targeted weight.",
         "",
         "| role | model | revision |",
         "|---|---|---|",
-        _source_line("fine-tuned", finetuned),
-        _source_line("aligned", manifest.aligned),
-        _source_line("reference", manifest.reference),
+        *(_source_line(label, prov.sources[key]) for key, label in _ROLES if key in prov.sources),
         "",
         f"Method parameters: rank rule `{cfg.rank_rule}`, eta = {cfg.eta}, "
-        f"max rank = {cfg.max_rank}, a_1 = {cfg.weight_top}, alpha = {alpha}.",
+        f"max rank = {cfg.max_rank}, a_1 = {cfg.weight_top}, alpha = {prov.alpha}.",
         f"Patch `{manifest.patch_id}`: {len(ranks)} tensors, rank "
         f"min {min(ranks, default=0)} / mean {sum(ranks) / max(len(ranks), 1):.1f} / "
         f"max {max(ranks, default=0)}.",
-        "",
-        f"Made with lssf {__version__}; full record in `{PROVENANCE}`.",
-        "",
     ]
-    return "\n".join(lines)
+    tags = ["lssf", "safety-realignment"]
+    return _card(manifest.aligned.name, "transformers", tags, body)
+
+
+_ROLES = (("finetuned", "fine-tuned"), ("aligned", "aligned"), ("reference", "reference"))
+
+
+def _adapter_card(prov: Provenance, config: dict[str, Any], ft: str | None) -> str:
+    """A short card for an adapter folder (PEFT and vLLM read only the config)."""
+    what = (
+        f"the LoRA fine-tune `{ft}` with its safety subspace restored"
+        if ft
+        else "the safety patch alone"
+    )
+    base = config["base_model_name_or_path"]
+    ranks = list(config["rank_pattern"].values())
+    body = [
+        f"# LSSF adapter: {what}",
+        "",
+        f"A PEFT LoRA adapter on `{base}` holding {what} by",
+        f"{PAPER} (patch `{prov.patch_id}`, alpha = {prov.alpha}). {len(ranks)} modules, rank "
+        f"{min(ranks, default=0)}-{max(ranks, default=0)}; every module's scale is 1.",
+        "Load it with `PeftModel.from_pretrained(aligned_model, this_folder)` or serve it",
+        f"with vLLM (`--enable-lora --max-lora-rank` >= {config['r']}).",
+    ]
+    return _card(base, "peft", ["lssf", "safety-realignment", "lora"], body)

@@ -482,7 +482,7 @@ def test_every_output_kind_round_trips(trio, patch_dir, tmp_path):
         "model": fuse(trio["finetuned"], patch_dir, tmp_path / "model", progress=False).out,
         "lora-model": fuse(tmp_path / "lora", patch_dir, tmp_path / "lm", progress=False).out,
         "combined": fuse(
-            tmp_path / "lora", patch_dir, tmp_path / "ca", format="adapter", progress=False
+            tmp_path / "lora", patch_dir, tmp_path / "ca", output_format="adapter", progress=False
         ).out,
         "patch-adapter": export_patch_adapter(patch_dir, tmp_path / "pa", progress=False),
     }

@@ -158,7 +158,7 @@ def test_combined_adapter_in_peft_matches_merged_fused_model(
     trio: dict[str, Path], lora_ft: dict[str, Path], patch_dir: Path, fused_merged: Path, work: Path
 ) -> None:
     out = work / "combined"
-    fuse(lora_ft["adapter"], patch_dir, out, alpha=0.8, format="adapter", progress=False)
+    fuse(lora_ft["adapter"], patch_dir, out, alpha=0.8, output_format="adapter", progress=False)
     config = json.loads((out / ADAPTER_CONFIG).read_text())
     assert config["rank_pattern"] == config["alpha_pattern"]  # every module's scale is 1
     assert config["lora_alpha"] == config["r"] and not config["use_rslora"]
@@ -249,7 +249,7 @@ def test_bad_adapters_are_refused_and_nothing_is_written(
         mutate(bad)
     out = tmp_path / "out"
     with pytest.raises(error, match=message) as info:
-        fuse(bad, patch_dir, out, format=output_format, progress=False)
+        fuse(bad, patch_dir, out, output_format=output_format, progress=False)
     if case in {"loha", "dora", "pickle"}:
         assert "lssf reads plain LoRA" in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
@@ -262,7 +262,7 @@ def test_adapter_on_another_base_is_refused_unless_forced(
         fuse(lora_ft["adapter"], patch_dir, tmp_path / "out", aligned=trio["reference"])
     assert not (tmp_path / "out").exists()
     fuse(lora_ft["adapter"], patch_dir, tmp_path / "out", aligned=trio["reference"], force=True,
-         format="adapter", progress=False)  # fmt: skip
+         output_format="adapter", progress=False)  # fmt: skip
     assert (tmp_path / "out" / ADAPTER_WEIGHTS).is_file()
 
 
@@ -270,7 +270,7 @@ def test_a_copy_of_the_aligned_model_is_recognised_by_content(
     trio: dict[str, Path], lora_ft: dict[str, Path], patch_dir: Path, tmp_path: Path
 ) -> None:
     copy = shutil.copytree(trio["aligned"], tmp_path / "aligned-copy")
-    fuse(lora_ft["adapter"], patch_dir, tmp_path / "out", aligned=copy, format="adapter",
+    fuse(lora_ft["adapter"], patch_dir, tmp_path / "out", aligned=copy, output_format="adapter",
          progress=False)  # fmt: skip
     prov = json.loads((tmp_path / "out" / "lssf_provenance.json").read_text())
     assert prov["sources"]["finetuned_base"]["path"] == str(copy.resolve())
@@ -280,7 +280,7 @@ def test_full_finetune_as_adapter_is_not_applicable(
     trio: dict[str, Path], patch_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     with pytest.raises(ConfigError, match="not applicable"):
-        fuse(trio["finetuned"], patch_dir, tmp_path / "out", format="adapter")
+        fuse(trio["finetuned"], patch_dir, tmp_path / "out", output_format="adapter")
     argv = ["fuse", "--finetuned", str(trio["finetuned"]), "--patch", str(patch_dir)]
     assert main([*argv, "--out", str(tmp_path / "out"), "--format", "adapter"]) == 2
     assert "not applicable" in capsys.readouterr().err
@@ -320,7 +320,7 @@ def test_fan_in_fan_out_adapter_in_and_out(gpt2_pair: dict[str, Path], work: Pat
     with Checkpoint(work / "gpt2_got") as got, Checkpoint(work / "gpt2_want") as want:
         for name in want.names():
             torch.testing.assert_close(got.get(name), want.get(name), rtol=1e-5, atol=1e-6)
-    fuse(work / "gpt2_lora", patch, work / "gpt2_adapter", format="adapter", progress=False)
+    fuse(work / "gpt2_lora", patch, work / "gpt2_adapter", output_format="adapter", progress=False)
     base = transformers.GPT2LMHeadModel.from_pretrained(str(gpt2_pair["aligned"]))
     model = peft.PeftModel.from_pretrained(base, str(work / "gpt2_adapter"))
     want_model = transformers.GPT2LMHeadModel.from_pretrained(str(work / "gpt2_want"))

@@ -1,0 +1,181 @@
+"""The inputs of a fuse: the fine-tune as a ``TensorSource`` and the patch, checked together.
+
+A fine-tune is a model folder (a ``Checkpoint``) or a PEFT LoRA adapter, which is opened as its
+base with the adapter merged in as each tensor is read (a ``MergedView``); ``fuse`` writes both
+the same way. The lineage check refuses a patch built from another aligned model than the one
+the fine-tune was trained from.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from lssf.checkpoint import Checkpoint, TensorSource, folder_file
+from lssf.devices import pick_device
+from lssf.errors import CheckpointError, PatchMismatchError, ShapeMismatchError
+from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, MergedView, is_adapter
+from lssf.patch import SafetyPatch
+from lssf.provenance import declared_base
+from lssf.sources import (
+    ModelRef,
+    SourceRecord,
+    hash_files,
+    resolve_source,
+    with_hashes,
+)
+from lssf.st_io import file_sha256
+
+log = logging.getLogger(__name__)
+
+
+def open_patch(patch: SafetyPatch | str | Path) -> SafetyPatch:
+    """A patch folder loaded and verified, or a loaded patch verified again (files may change)."""
+    if isinstance(patch, SafetyPatch):
+        patch.verify()
+        return patch
+    return SafetyPatch.load(Path(patch))
+
+
+def open_finetune(
+    ref: str | Path | ModelRef,
+    *,
+    aligned: str | Path | ModelRef | None = None,
+    device: str | torch.device | None = None,
+) -> TensorSource:
+    """A fine-tune's tensors: the model folder, or a LoRA adapter merged onto its base.
+
+    The base of an adapter is ``aligned`` when given, else the one its config declares;
+    ``device`` is where LoRA factors are merged. Use the result as a context manager.
+    """
+    folder, record = resolve_source(ref)
+    if not is_adapter(folder):
+        if aligned is not None:
+            log.warning("aligned=%s is only used for adapter fine-tunes; ignored", aligned)
+        return Checkpoint(folder, record=record)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    adapter = LoraAdapter(folder)
+    try:
+        base_dir, base_record = resolve_base(adapter, aligned)
+        base = Checkpoint(base_dir, record=base_record)
+        record = with_hashes(record, hash_files(folder, [ADAPTER_CONFIG, ADAPTER_WEIGHTS]))
+        return MergedView(base, adapter, dev, record=record)
+    except BaseException:
+        adapter.__exit__()
+        raise
+
+
+def resolve_base(
+    adapter: LoraAdapter, aligned: str | Path | ModelRef | None
+) -> tuple[Path, SourceRecord]:
+    """The adapter's base: ``aligned`` when given, else its config's base_model_name_or_path
+    (at the config's revision)."""
+    declared = adapter.base
+    ref = str(aligned) if aligned is not None else declared
+    if ref is None:
+        raise CheckpointError(
+            f"{adapter.folder / ADAPTER_CONFIG} names no base model (base_model_name_or_path is "
+            f"{adapter.config.get('base_model_name_or_path')!r}); pass the aligned model with "
+            "aligned= (--aligned PATH_OR_ID)"
+        )
+    if aligned is not None and declared is not None and declared != ref:
+        log.warning("adapter %s declares base %r; using %r as asked", adapter.folder, declared, ref)
+    try:
+        return resolve_source(ref)
+    except CheckpointError as exc:
+        where = "aligned=" if aligned is not None else f"{ADAPTER_CONFIG} base_model_name_or_path"
+        raise CheckpointError(
+            f"base model {ref!r} of adapter {adapter.folder} (from {where}) cannot be resolved: "
+            f"{exc}. Pass the aligned model with --aligned PATH_OR_ID"
+        ) from exc
+
+
+def check_compatible(ft: TensorSource, patch: SafetyPatch) -> None:
+    """Every patched tensor must exist in the fine-tune with the shape the patch was built for."""
+    for name, rec in patch.manifest.tensors.items():
+        if name not in ft:
+            raise ShapeMismatchError(f"patch tensor {name!r} is missing from {ft.folder}")
+        info = ft.info(name)
+        if tuple(info.shape) != tuple(rec.shape):
+            raise ShapeMismatchError(
+                f"tensor {name!r} has shape {list(info.shape)} in the fine-tuned model but "
+                f"{list(rec.shape)} in the patch"
+            )
+        if not info.torch_dtype.is_floating_point:
+            raise ShapeMismatchError(
+                f"tensor {name!r} is {info.dtype} in the fine-tuned model {ft.folder}; "
+                "only floating-point tensors can be fused"
+            )
+
+
+def check_lineage(ft: TensorSource, aligned: SourceRecord, force: bool) -> None:
+    """Refuse a fine-tune whose base is not the aligned model the patch was built from.
+
+    A LoRA's base is the folder it is merged onto; a full fine-tune's is what its model card
+    (or PEFT config) declares, a Hub id or a path relative to the model's folder.
+    """
+    if isinstance(ft, MergedView):
+        base = ft.base.record
+        declared = base.ref if base is not None else str(ft.base.folder)
+        where = f"the adapter {ft.adapter.folder}"
+    else:
+        declared, where = declared_base(ft.folder), str(ft.folder)
+    if declared is None:
+        log.warning("%s declares no base model; cannot check it against the patch", ft.folder)
+        return
+    if _is_aligned(ft, declared, aligned):
+        return
+    msg = (
+        f"{where} declares base model {declared!r}, which is not the aligned model "
+        f"{aligned.name!r} the patch was built from"
+    )
+    if not force:
+        raise PatchMismatchError(msg + "; pass force=True (--force) to fuse anyway")
+    log.warning("%s; fusing anyway (forced)", msg)
+
+
+def _is_aligned(ft: TensorSource, declared: str, aligned: SourceRecord) -> bool:
+    names = {aligned.ref, aligned.name, aligned.path}  # name: the Hub id without @revision
+    if isinstance(ft, MergedView):
+        base = ft.base.record
+        found = {declared, str(ft.base.folder)} | ({base.name} if base else set())
+        return bool(found & names) or _same_weights(ft.base.folder, aligned)
+    return declared in names or _same_folder(ft.folder, declared, aligned.path)
+
+
+def _same_folder(folder: Path, declared: str, path: str) -> bool:
+    """A path in the card, relative to the model's folder (not to where lssf runs), is ``path``."""
+    try:
+        local = folder / Path(declared).expanduser()
+        return local.exists() and str(local.resolve()) == path
+    except (OSError, ValueError):  # not a usable path (too long, NUL): a Hub id or nonsense
+        return False
+
+
+def _same_weights(base_dir: Path, aligned: SourceRecord) -> bool:
+    """A copy of the aligned model under another name: same weight files, same hashes."""
+    weights = {n: h for n, h in aligned.files.items() if n.endswith(".safetensors")}
+    try:
+        found = {n: folder_file(base_dir, n) for n in weights}
+    except CheckpointError:
+        return False
+    if not weights or any(p is None for p in found.values()):
+        return False
+    log.info("comparing %s with the patch's aligned model by content", base_dir)
+    return all(file_sha256(found[n]) == h for n, h in weights.items())
+
+
+def finetune_sources(ft: TensorSource, streamed: dict[str, str] | None) -> dict[str, SourceRecord]:
+    """The provenance records of a fine-tune: ``finetuned`` (and a LoRA's ``finetuned_base``),
+    the streamed folder's with ``streamed`` (its files' hashes) attached."""
+    folder = str(ft.folder)
+    record = ft.record or SourceRecord(ref=folder, kind="local", revision="", path=folder)
+    if not isinstance(ft, MergedView):
+        return {"finetuned": with_hashes(record, streamed or {})}
+    base = ft.base.record
+    if base is None:
+        raise CheckpointError(f"base model {ft.base.folder} was opened without a source record")
+    hashed = with_hashes(base, streamed) if streamed else base
+    return {"finetuned": record, "finetuned_base": hashed}
