@@ -91,13 +91,14 @@ def adapter_config(ranks: dict[str, int], base: str | None, **fields: Any) -> di
 class AdapterWriter:
     """Streams modules into ``adapter_model.safetensors`` and remembers their ranks."""
 
-    def __init__(self, folder: Path, dtype: torch.dtype):
+    def __init__(self, folder: Path, dtype: torch.dtype) -> None:
         self.folder = Path(folder)
         self.dtype = dtype
         self.ranks: dict[str, int] = {}
         self._writer = AppendingWriter(self.folder / ADAPTER_WEIGHTS, {"format": "pt"})
 
     def module(self, name: str, factors: Factors, embedding: bool = False) -> None:
+        """Write one module's factors in ``dtype``; a rank-0 module is left out."""
         a, b = factors
         if a.shape[0] == 0:
             return
@@ -107,9 +108,11 @@ class AdapterWriter:
         self.ranks[name] = int(a.shape[0])
 
     def tensor(self, key: str, tensor: torch.Tensor) -> None:
+        """Write a whole tensor (modules_to_save) as it is."""
         self._writer.write(key, tensor)
 
     def close(self, base: str | None, **fields: Any) -> dict[str, Any]:
+        """Finish the weights and write ``adapter_config.json``; returns the config."""
         self._writer.close()
         config = adapter_config(self.ranks, base, **fields)
         write_json(self.folder / ADAPTER_CONFIG, config)

@@ -145,15 +145,29 @@ class TensorSource(Protocol):
     record: SourceRecord | None
 
     @property
-    def folders(self) -> list[Path]: ...
-    def names(self) -> list[str]: ...
-    def __contains__(self, name: str) -> bool: ...
-    def info(self, name: str) -> TensorInfo: ...
-    def get(self, name: str) -> torch.Tensor: ...
-    def mapped(self, header: Header) -> MappedFile: ...
+    def folders(self) -> list[Path]:
+        """Every folder read (an output may not be or lie inside one)."""
+
+    def names(self) -> list[str]:
+        """Tensor names, in header order."""
+
+    def __contains__(self, name: str) -> bool:
+        """Whether tensor ``name`` exists."""
+
+    def info(self, name: str) -> TensorInfo:
+        """The header entry (shape, dtype, offsets) of tensor ``name``."""
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor ``name``'s value."""
+
+    def mapped(self, header: Header) -> MappedFile:
+        """``header``'s file mapped, for ``iter_file(header, mapped=...)``."""
+
     def iter_file(
         self, header: Header, pool: BufferPool | None = None, mapped: MappedFile | None = None
-    ) -> Iterator[tuple[TensorInfo, torch.Tensor]]: ...
+    ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
+        """Every tensor of one shard in file order; ``sha256`` holds its hash afterwards."""
+
     def __enter__(self) -> TensorSource: ...
     def __exit__(self, *exc: object) -> None: ...
 
@@ -205,15 +219,18 @@ class Checkpoint:
         self._fds.clear()
 
     def is_float(self, name: str) -> bool:
+        """Whether tensor ``name`` is floating-point (only those can be patched)."""
         return self.info(name).torch_dtype.is_floating_point
 
     def names(self) -> list[str]:
+        """Tensor names, shard by shard in header order."""
         return list(self._where)
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
     def info(self, name: str) -> TensorInfo:
+        """The header entry of tensor ``name``; a ``CheckpointError`` if there is none."""
         if name not in self._where:
             raise CheckpointError(f"tensor {name!r} is not in checkpoint {self.folder}")
         return self._where[name][1]
@@ -224,10 +241,9 @@ class Checkpoint:
         return self._fds[path]
 
     def get(self, name: str) -> torch.Tensor:
-        header, info = self._where.get(name, (None, None))
-        if header is None or info is None:
-            raise CheckpointError(f"tensor {name!r} is not in checkpoint {self.folder}")
-        return read_tensor(self._fd(header.path), info)
+        """Tensor ``name`` read from its shard."""
+        info = self.info(name)
+        return read_tensor(self._fd(self._where[name][0].path), info)
 
     def mapped(self, header: Header) -> MappedFile:
         """``header``'s file mapped, for ``iter_file(header, mapped=...)``."""
@@ -276,7 +292,16 @@ class Checkpoint:
         self.sha256[header.path.name] = hasher.hexdigest()
 
 
-def _read_ahead(fd, header, infos, hasher, budget: ByteBudget, ready, pool, mapped) -> None:
+def _read_ahead(
+    fd: int,
+    header: Header,
+    infos: list[TensorInfo],
+    hasher: hashlib._Hash,
+    budget: ByteBudget,
+    ready: queue.SimpleQueue,
+    pool: BufferPool | None,
+    mapped: MappedFile | None,
+) -> None:
     """The reader thread of ``Checkpoint.iter_file``: tensors in file order, or the error."""
     try:
         hasher.update(os.pread(fd, header.data_start, 0))

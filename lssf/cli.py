@@ -13,6 +13,7 @@ import logging
 import sys
 from importlib.metadata import EntryPoint
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lssf._version import __version__
 from lssf.commands import chosen_command, command_groups, group_help
@@ -20,31 +21,38 @@ from lssf.config import PatchConfig, load_model, load_yaml_model
 from lssf.devices import DEVICE_CHOICES
 from lssf.errors import LssfError
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
 log = logging.getLogger("lssf")
+# PatchConfig fields that `lssf extract` also takes as flags (--max-rank for max_rank, ...).
+CONFIG_FLAGS = (
+    *("eta", "max_rank", "weight_top", "rank_rule", "include", "exclude", "basis"),
+    *("calibration", "calibration_limit", "calibration_max_tokens"),
+    *("activation_weight", "rank_spectrum"),
+)
 
 
 def _patch_config(args: argparse.Namespace) -> PatchConfig:
     """YAML file first, then any flag given on the command line on top."""
     base = load_yaml_model(args.config, PatchConfig) if args.config else PatchConfig()
-    flags = {
-        "eta": args.eta,
-        "max_rank": args.max_rank,
-        "weight_top": args.weight_top,
-        "rank_rule": args.rank_rule,
-        "include": tuple(args.include) if args.include else None,
-        "exclude": tuple(args.exclude) if args.exclude else None,
-        "basis": args.basis,
-        "calibration": args.calibration,
-        "calibration_limit": args.calibration_limit,
-        "calibration_max_tokens": args.calibration_max_tokens,
-        "activation_weight": args.activation_weight,
-        "rank_spectrum": args.rank_spectrum,
-    }
+    flags = {f: getattr(args, f) for f in CONFIG_FLAGS}
     data = base.model_dump() | {k: v for k, v in flags.items() if v is not None}
     return load_model(PatchConfig, data, "command line")
 
 
+def fail(command: str, message: str, code: int = 2) -> int:
+    """THE error convention of every ``lssf`` command: one line on stderr, exit 2.
+
+    ``lssf COMMAND: error: MESSAGE`` as argparse prints usage errors; exit 2 for bad input or
+    usage (argparse's code too), 1 only for an internal error (a bug). Returns ``code``.
+    """
+    print(f"lssf {command}: error: {message}", file=sys.stderr)
+    return code
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
+    """``lssf extract``: compute a patch and print its summary."""
     from lssf.extract import extract
     from lssf.report import render_table, summary
 
@@ -67,6 +75,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
+    """``lssf fuse``: fuse a patch into a fine-tune (a folder, a Hub id or a LoRA adapter)."""
     from lssf.fuse import fuse
 
     result = fuse(
@@ -88,6 +97,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def cmd_patch_export_adapter(args: argparse.Namespace) -> int:
+    """``lssf patch export-adapter``: the patch alone as a PEFT LoRA adapter."""
     import torch
 
     from lssf.adapter_out import export_patch_adapter
@@ -104,6 +114,7 @@ def cmd_patch_export_adapter(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """``lssf inspect``: a patch's per-layer table, JSON manifest or plot."""
     from lssf.patch import SafetyPatch
     from lssf.report import plot_ranks, render_table, summary
 
@@ -126,13 +137,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
+    """``lssf quickstart``: the whole path on tiny checkpoints."""
     from lssf.quickstart import run_quickstart
 
     run_quickstart(Path(args.workdir), console=_console())
     return 0
 
 
-def _console():
+def _console() -> Console:
     from rich.console import Console
 
     return Console()
@@ -270,11 +282,11 @@ def _add_placeholder(sub: argparse._SubParsersAction, name: str, error: str) -> 
 
 
 def _unavailable(name: str, error: str) -> int:
-    print(f"lssf {name}: error: command is unavailable ({error})", file=sys.stderr)
-    return 2
+    return fail(name, f"command is unavailable ({error})")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``lssf`` with ``argv`` (default: the process's); returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(load=chosen_command(argv))
     args, extra = parser.parse_known_args(argv)
@@ -289,17 +301,16 @@ def main(argv: list[str] | None = None) -> int:
     except (LssfError, OSError) as exc:  # bad input or an unusable path: one line, exit 2
         if args.debug:
             raise
-        print(f"lssf {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(args.command, str(exc))
     except Exception as exc:  # a bug in lssf: still one line; --debug shows where
         if args.debug:
             raise
-        print(
-            f"lssf {args.command}: internal error: {type(exc).__name__}: {exc} "
-            "(rerun with --debug for the traceback, and please report it)",
-            file=sys.stderr,
+        return fail(
+            args.command,
+            f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+            "traceback, and please report it)",
+            code=1,
         )
-        return 1
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ import torch
 from lssf.checkpoint import Checkpoint, TensorSource, folder_file
 from lssf.devices import pick_device
 from lssf.errors import CheckpointError, PatchMismatchError, ShapeMismatchError
-from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, MergedView, is_adapter
+from lssf.lora import ADAPTER_CONFIG, LoraAdapter, MergedView, is_adapter
 from lssf.patch import SafetyPatch
 from lssf.provenance import declared_base
 from lssf.sources import (
     ModelRef,
     SourceRecord,
-    hash_files,
+    content_files,
     resolve_source,
     with_hashes,
 )
@@ -60,7 +60,7 @@ def open_finetune(
     try:
         base_dir, base_record = resolve_base(adapter, aligned)
         base = Checkpoint(base_dir, record=base_record)
-        record = with_hashes(record, hash_files(folder, [ADAPTER_CONFIG, ADAPTER_WEIGHTS]))
+        record = with_hashes(record, content_files(folder))
         return MergedView(base, adapter, dev, record=record)
     except BaseException:
         adapter.__exit__()
@@ -70,8 +70,10 @@ def open_finetune(
 def resolve_base(
     adapter: LoraAdapter, aligned: str | Path | ModelRef | None
 ) -> tuple[Path, SourceRecord]:
-    """The adapter's base: ``aligned`` when given, else its config's base_model_name_or_path
-    (at the config's revision)."""
+    """The adapter's base: ``aligned`` when given, else the one its config declares.
+
+    That is base_model_name_or_path, at the config's revision if it names one.
+    """
     declared = adapter.base
     ref = str(aligned) if aligned is not None else declared
     if ref is None:
@@ -168,14 +170,17 @@ def _same_weights(base_dir: Path, aligned: SourceRecord) -> bool:
 
 
 def finetune_sources(ft: TensorSource, streamed: dict[str, str] | None) -> dict[str, SourceRecord]:
-    """The provenance records of a fine-tune: ``finetuned`` (and a LoRA's ``finetuned_base``),
-    the streamed folder's with ``streamed`` (its files' hashes) attached."""
-    folder = str(ft.folder)
-    record = ft.record or SourceRecord(ref=folder, kind="local", revision="", path=folder)
-    if not isinstance(ft, MergedView):
-        return {"finetuned": with_hashes(record, streamed or {})}
-    base = ft.base.record
+    """The provenance records of a fine-tune from ``open_finetune``.
+
+    ``finetuned``, and a LoRA's ``finetuned_base``; the streamed folder's record gets
+    ``streamed``, the hashes of its files.
+    """
+    base = ft.base if isinstance(ft, MergedView) else None
+    streamed_record = (ft if base is None else base).record
+    if ft.record is None or streamed_record is None:
+        raise CheckpointError(f"{ft.folder} was not opened by open_finetune (no source record)")
+    if streamed:
+        streamed_record = with_hashes(streamed_record, streamed)
     if base is None:
-        raise CheckpointError(f"base model {ft.base.folder} was opened without a source record")
-    hashed = with_hashes(base, streamed) if streamed else base
-    return {"finetuned": record, "finetuned_base": hashed}
+        return {"finetuned": streamed_record}
+    return {"finetuned": ft.record, "finetuned_base": streamed_record}

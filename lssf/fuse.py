@@ -107,7 +107,7 @@ def fused_rows(
 
 @contextlib.contextmanager
 def single_threaded_ops() -> Iterator[None]:
-    """torch ops on one thread each while fusing; the pipeline's threads share the cores.
+    """Torch ops on one thread each while fusing; the pipeline's threads share the cores.
 
     Many small ``addmm`` on two OpenMP threads wait at a barrier per call: measured 40x slower
     than one thread on this 2-core machine under load. The previous setting is restored.

@@ -87,6 +87,7 @@ class LoraModule:
 
     @property
     def weight(self) -> str:
+        """The name of the base tensor the module changes."""
         return f"{self.name}.weight"
 
 
@@ -204,6 +205,7 @@ def adapter_weights(folder: Path) -> Path:
 
 
 def is_adapter(folder: Path) -> bool:
+    """Whether ``folder`` is a PEFT adapter (it has an ``adapter_config.json``)."""
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
@@ -273,7 +275,7 @@ class LoraAdapter:
     Tensors are read on demand; use as a context manager to close the file.
     """
 
-    def __init__(self, folder: Path | str):
+    def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
         self.config = read_adapter_config(self.folder)
         self.path = adapter_weights(self.folder)
@@ -311,6 +313,7 @@ class LoraAdapter:
         return f"{base}@{revision}" if isinstance(revision, str) and revision else base
 
     def tensor(self, key: str) -> torch.Tensor:
+        """The adapter tensor stored under ``key``."""
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
         return read_tensor(self._fd, self.header.tensors[key])
@@ -320,6 +323,7 @@ class LoraAdapter:
         return self.tensor(module.a_key), self.tensor(module.b_key)
 
     def delta_shape(self, module: LoraModule) -> tuple[int, int]:
+        """The shape of the base tensor that ``module``'s ``B @ A`` is added to."""
         a = self.header.tensors[module.a_key].shape
         b = self.header.tensors[module.b_key].shape
         return (a[1], b[0]) if module.transposed else (b[0], a[1])

@@ -61,6 +61,8 @@ RANK_RULES: dict[str, RankRule] = {
 
 @dataclass(frozen=True)
 class SubspaceBasis:
+    """A way of finding the safety subspace, selected by ``PatchConfig.basis``."""
+
     name: str
     description: str
     reference: str
@@ -83,16 +85,8 @@ BASES: dict[str, SubspaceBasis] = {
 }
 
 
-def _lookup(registry: dict, kind: str, name: str):
-    if name not in registry:
-        known = ", ".join(sorted(registry))
-        raise ConfigError(f"unknown {kind} {name!r}; known: {known}")
-    return registry[name]
-
-
 def get_rank_rule(name: str) -> RankRule:
-    return _lookup(RANK_RULES, "rank rule", name)
-
-
-def get_basis(name: str) -> SubspaceBasis:
-    return _lookup(BASES, "subspace basis", name)
+    """The rank rule called ``name``; an unknown name fails with the list of known ones."""
+    if name not in RANK_RULES:
+        raise ConfigError(f"unknown rank rule {name!r}; known: {', '.join(sorted(RANK_RULES))}")
+    return RANK_RULES[name]

@@ -142,8 +142,10 @@ def _stale(out: Path) -> Iterator[tuple[str, Path]]:
 
 
 def clean_stale(out: Path) -> None:
-    """Remove temp folders of dead runs; a dead run's previous output goes back if ``out`` is
-    missing (it was killed between moving it aside and moving the new one in)."""
+    """Remove temp folders of dead runs; put back a previous output a dead run moved aside.
+
+    That run was killed between moving it aside and moving the new one in, if ``out`` is missing.
+    """
     for kind, path in _stale(out):
         if kind == "old" and not os.path.lexists(out):
             try:

@@ -30,12 +30,13 @@ class BufferPool:
     outright may be given back: whoever takes a buffer next overwrites it.
     """
 
-    def __init__(self, keep: int = 256 << 20):
+    def __init__(self, keep: int = 256 << 20) -> None:
         self._keep, self._held = keep, 0
         self._free: dict[int, list[torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def take(self, nbytes: int) -> torch.Tensor:
+        """A ``uint8`` buffer of ``nbytes``, recycled when one is free."""
         with self._lock:
             free = self._free.get(nbytes)
             if free:
@@ -44,9 +45,11 @@ class BufferPool:
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def empty_like(self, t: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``t``'s shape and dtype from the pool."""
         return self.take(t.numel() * t.element_size()).view(t.dtype).reshape(t.shape)
 
     def give(self, t: torch.Tensor) -> None:
+        """Keep ``t``'s memory for reuse (the caller must own it outright)."""
         nbytes = t.numel() * t.element_size()
         if nbytes == 0 or not t.is_contiguous() or t.device.type != "cpu":
             return
@@ -74,13 +77,14 @@ class MappedFile:
     the mapping kills the process (SIGBUS) rather than raising: no output is published then.
     """
 
-    def __init__(self, fd: int, path: Path):
+    def __init__(self, fd: int, path: Path) -> None:
         self.path = Path(path)
         self._stat = _identity(os.fstat(fd))
         self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         self._ranges: dict[int, tuple[int, int]] = {}
 
     def tensor(self, info: TensorInfo, hasher: hashlib._Hash | None = None) -> torch.Tensor:
+        """A view of ``info``'s bytes in the mapping, hashed into ``hasher`` on the way."""
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.torch_dtype)
         if hasher is not None:
@@ -119,11 +123,12 @@ class ByteBudget:
     (``acquire`` then returns False), so a failing consumer never leaves a thread waiting.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int) -> None:
         self._limit, self._held, self._cancelled = limit, 0, False
         self._cv = threading.Condition()
 
     def acquire(self, n: int) -> bool:
+        """Wait until ``n`` more bytes fit; False once cancelled."""
         with self._cv:
             self._cv.wait_for(
                 lambda: self._cancelled or self._held == 0 or self._held + n <= self._limit
@@ -132,11 +137,13 @@ class ByteBudget:
             return not self._cancelled
 
     def release(self, n: int) -> None:
+        """``n`` bytes left the pipeline."""
         with self._cv:
             self._held -= n
             self._cv.notify_all()
 
     def cancel(self) -> None:
+        """Wake every waiter for good."""
         with self._cv:
             self._cancelled = True
             self._cv.notify_all()
@@ -156,7 +163,7 @@ class WriteBehind:
         writer: PlannedWriter,
         limit: int = 64 << 20,
         release: Callable[[torch.Tensor], object] | None = None,
-    ):
+    ) -> None:
         """``release``: called with each tensor once written (the caller hands over ownership)."""
         self.writer = writer
         self._release = release
@@ -185,6 +192,7 @@ class WriteBehind:
             raise self._error
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` for writing; raises the writer thread's first error."""
         self._raise()
         nbytes = tensor.numel() * tensor.element_size()
         self._budget.acquire(nbytes)
@@ -196,6 +204,7 @@ class WriteBehind:
         self._thread.join()
 
     def close(self) -> None:
+        """Drain the queue, then close the file."""
         self._stop()
         self._raise()
         self.writer.close()

@@ -53,8 +53,11 @@ class Provenance(Frozen):
         finetune: dict[str, SourceRecord] | None = None,
         adapter_ranks: dict[str, int] | None = None,
     ) -> Provenance:
-        """The record of an output of ``manifest``'s patch: ``finetune`` are the fine-tune's
-        sources (None: the patch alone), ``adapter_ranks`` those of an adapter written."""
+        """The record of an output of ``manifest``'s patch, all of it at once.
+
+        ``finetune``: the fine-tune's sources (None: the patch alone, exported as an adapter);
+        ``adapter_ranks``: the modules' ranks when the output is an adapter.
+        """
         finetune = finetune or {}
         sources = {"finetuned": finetune["finetuned"]} if "finetuned" in finetune else {}
         sources |= {"aligned": manifest.aligned, "reference": manifest.reference}

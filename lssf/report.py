@@ -5,14 +5,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lssf.patch import PatchManifest
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 LAYER = re.compile(r"\.(\d+)\.")
 
 
 @dataclass(frozen=True)
 class Row:
+    """One line of the per-layer table."""
+
     tensor: str
     layer: int | None
     module: str  # e.g. "self_attn.q_proj"
@@ -31,6 +37,7 @@ def split_name(name: str) -> tuple[int | None, str]:
 
 
 def rows(manifest: PatchManifest) -> list[Row]:
+    """The table's rows, by layer then module."""
     out = []
     for name, rec in manifest.tensors.items():
         layer, module = split_name(name)
@@ -40,7 +47,7 @@ def rows(manifest: PatchManifest) -> list[Row]:
     return sorted(out, key=lambda r: (r.layer if r.layer is not None else -1, r.module))
 
 
-def render_table(manifest: PatchManifest, title: str | None = None):
+def render_table(manifest: PatchManifest, title: str | None = None) -> Table:
     """A rich Table: layer, module, shape, rank, H_r/H_n, energy kept."""
     from rich.table import Table
 
@@ -60,6 +67,7 @@ def render_table(manifest: PatchManifest, title: str | None = None):
 
 
 def summary(manifest: PatchManifest) -> dict[str, float]:
+    """Tensor count, rank min/mean/max and the factors' share of the targeted parameters."""
     ranks = [r.rank for r in manifest.tensors.values()]
     params = sum(r.rank * (r.shape[0] + r.shape[1]) for r in manifest.tensors.values())
     full = sum(r.shape[0] * r.shape[1] for r in manifest.tensors.values())

@@ -100,8 +100,12 @@ class ModelRef(Frozen):
         return self.is_local or bool(COMMIT_SHA.match(self.revision))
 
     def pin(self, *, cache_dir: Path | None = None) -> ModelRef:
-        """This reference at its exact revision: the Hub's commit sha (no download), or the hash
-        of a local folder's content (``local_revision``). ``cache_dir``: unused for now."""
+        """This reference at its exact revision.
+
+        For the Hub the commit sha its revision points at (``HfApi.model_info``, nothing is
+        downloaded); for a local folder the hash of its content (``local_revision``).
+        ``cache_dir`` is accepted for symmetry with ``resolve_source`` and not needed.
+        """
         del cache_dir
         if self.is_local:
             return self.model_copy(update={"revision": local_revision(Path(self.repo))})
@@ -159,8 +163,10 @@ def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
 
 
 def content_files(folder: Path) -> dict[str, str]:
-    """What a local folder's revision covers, name -> sha256: a model's weight and side files,
-    an adapter's config and weights."""
+    """What a local folder's revision covers, name -> sha256.
+
+    A model's weight files and side files; an adapter's config and weights.
+    """
     if is_adapter(folder):
         return hash_files(folder, [ADAPTER_CONFIG, ADAPTER_WEIGHTS])
     files = {p.name: file_sha256(p) for p in weight_files(folder)}
