@@ -1,13 +1,14 @@
 """`lssf evaluate` and `lssf gate`, registered through the `lssf.commands` entry-point group.
 
 Each `register_*` adds one subparser and sets `func=handler(args) -> int` (parse, validate,
-call). Exit codes: 0 ok/pass, 1 evaluation error or gate fail, 2 bad input.
+call). Exit codes: 0 ok/pass, 1 evaluation error or gate fail, 2 bad input (the message on
+stderr, as `lssf CMD: error: ...`, the convention of `lssf.cli`).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,13 +16,10 @@ import yaml
 
 from evaluation.judges import Judge, JudgeError, get_judge, known_judges
 from evaluation.splits import SPLITS
-from evaluation.suites import EvaluationConfigError
 
 if TYPE_CHECKING:
     from evaluation.gates import GateReport
     from evaluation.report import EvalReport
-
-logger = logging.getLogger(__name__)
 
 
 def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
@@ -59,6 +57,7 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from evaluation.runner import evaluate
+    from evaluation.suites import EvaluationConfigError
 
     limit = args.limit
     if limit is not None and limit >= 1:
@@ -77,11 +76,15 @@ def _evaluate(args: argparse.Namespace) -> int:
             split=args.split,
         )
     except (EvaluationConfigError, JudgeError) as err:
-        logger.error("%s", err)
-        print(f"error: {err}")
-        return 2
+        return _usage_error("evaluate", err)
     _print_metrics(report)
     return 0 if report.status == "ok" else 1
+
+
+def _usage_error(command: str, err: Exception) -> int:
+    """Bad input: one line on stderr, exit status 2."""
+    print(f"lssf {command}: error: {err}", file=sys.stderr)
+    return 2
 
 
 def _judge(name: str | None, options: list[str]) -> Judge | str | None:
@@ -100,6 +103,8 @@ def _judge(name: str | None, options: list[str]) -> Judge | str | None:
 
 
 def _batch_size(value: str | None) -> int | str | None:
+    from evaluation.suites import EvaluationConfigError
+
     if value is None or value == "auto":
         return value
     try:
@@ -124,8 +129,11 @@ def _print_metrics(report: EvalReport) -> None:
     table.add_column("value", justify="right")
     table.add_column("n", justify="right")
     for name, value in report.metrics.items():
-        if "/" not in name:
-            table.add_row(name, f"{value:.4f}", str(report.n_samples.get(name, "")))
+        table.add_row(name, f"{value:.4f}", str(report.n_samples.get(name, "")))
+    if not report.metrics:  # one task, no named metrics: lm-eval's own, samples per task
+        for name, value in report.raw_metrics.items():
+            task = name.split("/", 1)[0]
+            table.add_row(name, f"{value:.4f}", str(report.raw_n_samples.get(task, "")))
     console.print(table)
 
 
@@ -188,8 +196,7 @@ def _gate(args: argparse.Namespace) -> int:
         config_path = args.config or default_gate_config(args.suite or candidate.suite)
         config = GateConfig.from_yaml(config_path)
     except (ReportError, GateConfigError) as err:
-        print(f"error: {err}")
-        return 2
+        return _usage_error("gate", err)
     report = evaluate_gate(candidate, baseline, config)
     _print_gate(report)
     if args.out is not None:

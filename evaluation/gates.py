@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from evaluation.report import EvalReport, load_yaml_model
+from evaluation.report import EvalReport
 
 GATES_DIR = Path(__file__).resolve().parent / "configs" / "gates"
 
@@ -24,14 +24,18 @@ class GateConfigError(ValueError):
     """A gate config file is missing or invalid; the message names the file and fields."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+# Gating reads JSON and must stay light (no torch): `import lssf` imports torch, so lssf is
+# imported only where a file is read, and the two configs spell out `lssf.models.Frozen`'s
+# settings instead of inheriting them.
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
-class MetricRule(_Frozen):
+class MetricRule(BaseModel):
     """Rules on one metric. `min_delta`/`max_delta` bound `candidate - baseline`:
     `min_delta: 0.20` = at least 0.20 above the baseline; `min_delta: -0.02` = at most 0.02
     below it; `max_delta: 0.02` = at most 0.02 above it (for lower-is-better metrics)."""
+
+    model_config = _FROZEN
 
     metric: str = Field(min_length=1)
     floor: float | None = None
@@ -67,8 +71,10 @@ class MetricRule(_Frozen):
         return self
 
 
-class GateConfig(_Frozen):
+class GateConfig(BaseModel):
     """A named set of metric rules. `judge`, when set, is the judge both reports must use."""
+
+    model_config = _FROZEN
 
     name: str = Field(min_length=1)
     version: int = 1
@@ -86,7 +92,13 @@ class GateConfig(_Frozen):
 
     @classmethod
     def from_yaml(cls, path: Path) -> GateConfig:
-        return load_yaml_model(cls, path, GateConfigError, "gate config")
+        from lssf.config import load_yaml_model
+        from lssf.errors import ConfigError
+
+        try:
+            return load_yaml_model(path, cls)
+        except ConfigError as err:
+            raise GateConfigError(str(err)) from err
 
 
 def shipped_gates() -> list[str]:
@@ -138,6 +150,8 @@ def _value(report: EvalReport, metric: str, role: str) -> tuple[float | None, st
     if report.status != "ok":
         return None, f"{role} evaluation status {report.status!r}: {report.error or 'no reason'}"
     if metric not in report.metrics:
+        if metric in report.raw_metrics:  # rules name the suite's metrics, never lm-eval's
+            return None, f"{role} {metric!r} is a raw lm-eval metric, not one of the suite's"
         return None, f"{role} report has no metric {metric!r}"
     value = report.metrics[metric]
     if isinstance(value, bool) or not isinstance(value, int | float):

@@ -241,9 +241,9 @@ class LlamaGuardJudge(Judge):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        from lssf.devices import pick_device
+
+        device = str(pick_device(self.device))
         logger.info("loading judge %s from %s on %s", self.name, self.model_id, device)
         kwargs = {"revision": self.revision, "trust_remote_code": False}
         tok = AutoTokenizer.from_pretrained(self.model_id, **kwargs)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
 
-M = TypeVar("M", bound=BaseModel)
+Count = Annotated[StrictInt, Field(ge=0)]
 
 
 class ReportError(ValueError):
@@ -21,11 +18,11 @@ class ReportError(ValueError):
 class EvalReport(BaseModel):
     """One evaluation of one model on one suite.
 
-    `metrics` holds the suite's named metrics (e.g. `harmful_refusal`) and every raw lm-eval
-    metric as `TASK/METRIC,FILTER`; `n_samples` the sample count behind each. A report with
-    `status != "ok"` fails every gate rule. `split` says which rows were evaluated
-    ("calibration", "heldout", or "all" of them), `split_rule` and `calibration_fraction` by
-    which rule (`evaluation.splits`).
+    `metrics` holds the suite's named metrics (e.g. `harmful_refusal`), `n_samples` the sample
+    count behind each; `raw_metrics` every numeric lm-eval metric as `TASK/METRIC,FILTER`,
+    `raw_n_samples` the samples per lm-eval task or group. A report with `status != "ok"` fails
+    every gate rule. `split` says which rows were evaluated ("calibration", "heldout", or "all"
+    of them), `split_rule` and `calibration_fraction` by which rule (`evaluation.splits`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -36,7 +33,9 @@ class EvalReport(BaseModel):
     error: str | None = None
     # Strict: `true` or "0.9" is not a metric value, 2.0 or `true` not a sample count.
     metrics: dict[str, StrictFloat] = Field(default_factory=dict)
-    n_samples: dict[str, Annotated[StrictInt, Field(ge=0)]] = Field(default_factory=dict)
+    n_samples: dict[str, Count] = Field(default_factory=dict)
+    raw_metrics: dict[str, StrictFloat] = Field(default_factory=dict)
+    raw_n_samples: dict[str, Count] = Field(default_factory=dict)
     judge: str | None = None
     task_judges: dict[str, str] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
@@ -53,46 +52,51 @@ class EvalReport(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> EvalReport:
+        """A report file; one written before `raw_metrics` existed loads too (`_split_v1`)."""
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as err:
             raise ReportError(f"report {path}: cannot read: {err}") from err
         try:
-            return cls.model_validate_json(text)
+            data = json.loads(text)
+        except ValueError as err:
+            raise ReportError(f"report {path}: not JSON: {err}") from err
+        try:
+            return cls.model_validate(_split_v1(data))
         except ValidationError as err:
             raise ReportError(f"report {path}: not an EvalReport: {err}") from err
 
     def write(self, path: Path) -> Path:
-        """Write as JSON atomically (a temp file in the same folder, then rename)."""
+        """Write as JSON atomically (readers see the old file or the whole new one)."""
         return write_atomic(Path(path), self.model_dump_json(indent=2) + "\n")
 
 
+def _split_v1(data: Any) -> Any:
+    """Reports written before `raw_metrics` existed kept both kinds in `metrics` (raw keys are
+    `TASK/METRIC,FILTER`; no named metric of a shipped suite holds a `/`) and both kinds of
+    count in `n_samples`: split them. A report with either raw field is taken as it is."""
+    if not isinstance(data, dict) or "raw_metrics" in data or "raw_n_samples" in data:
+        return data
+    metrics, counts = data.get("metrics", {}), data.get("n_samples", {})
+    if not isinstance(metrics, dict) or not isinstance(counts, dict):
+        return data  # malformed: validation names the field
+    named = {k: v for k, v in metrics.items() if "/" not in k}
+    return data | {
+        "metrics": named,
+        "raw_metrics": {k: v for k, v in metrics.items() if k not in named},
+        "n_samples": {k: n for k, n in counts.items() if k in named},
+        "raw_n_samples": {k: n for k, n in counts.items() if k not in named},
+    }
+
+
 def write_atomic(path: Path, text: str) -> Path:
-    """Write `text` to `path` so that readers see the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """`lssf.outputs.atomic_write_text`, creating the parent folder first."""
+    from lssf.outputs import atomic_write_text  # here: `import lssf` costs torch, gating not
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(path, text)
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> Path:
     text = "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
     return write_atomic(path, text)
-
-
-def load_yaml_model(cls: type[M], path: Path, error: type[Exception], kind: str) -> M:
-    """Validate a YAML file into the pydantic model `cls`; errors name the file (all fields)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise error(f"{kind} {path}: cannot read: {err}") from err
-    try:
-        return cls.model_validate(raw)
-    except ValidationError as err:
-        raise error(f"{kind} {path}: {err}") from err

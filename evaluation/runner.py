@@ -2,8 +2,9 @@
 
 lm-eval's HF backend (vLLM when it is installed and CUDA is there), chat template applied,
 greedy decoding, on one split of the data: "heldout" (the default), "calibration" or "all"
-(`evaluation.splits`). The report JSON carries every metric, the sample counts, the split and
-the versions; the per-sample outputs go to a JSONL file next to it. Any exception during the
+(`evaluation.splits`). The report JSON carries the suite's named metrics (`metrics`) and
+lm-eval's own (`raw_metrics`), the sample counts behind each, the split and the versions; the
+per-sample outputs go to a JSONL file next to it. Any exception during the
 evaluation yields a report with status "error" and the reason, written atomically, so a
 pipeline always has a report to gate on (and the gate fails it).
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.judges import Judge, resolve_judge
+from evaluation.lm_eval_tasks import TASKS_DIR
 from evaluation.report import EvalReport, write_jsonl_atomic
 from evaluation.splits import SPLIT_RULE
 from evaluation.suites import (
@@ -29,8 +31,9 @@ from evaluation.suites import (
     resolve_task_configs,
     split_loaded_tasks,
 )
-from evaluation.tasks import TASKS_DIR
+from lssf.devices import pick_device
 from lssf.lora import LoraAdapter, is_adapter
+from lssf.sources import ModelRef
 
 logger = logging.getLogger(__name__)
 
@@ -52,42 +55,29 @@ def samples_path_for(out: Path) -> Path:
     return out.with_name(f"{out.stem}.samples.jsonl")
 
 
-def split_model_ref(model: str | Path) -> tuple[str, str | None]:
-    """A local folder as an absolute path, or a Hub id `org/name[@revision]`."""
-    path = Path(model).expanduser()
-    if path.exists():
-        return str(path.resolve()), None
-    name, _, revision = str(model).partition("@")
-    return name, revision or None
-
-
 def pick_backend(device: str) -> tuple[str, str]:
     """(lm-eval model type, device): vLLM only when importable and CUDA is available."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if device == "auto":
-        device = "cuda" if cuda else "cpu"
-    if device.startswith("cuda") and cuda and importlib.util.find_spec("vllm") is not None:
-        return "vllm", device
-    return "hf", device
+    dev = str(pick_device(device))  # a CUDA device named without CUDA raises here
+    if dev.startswith("cuda") and importlib.util.find_spec("vllm") is not None:
+        return "vllm", dev
+    return "hf", dev
 
 
-def model_args(backend: str, name: str, revision: str | None, device: str) -> dict[str, Any]:
+def model_args(backend: str, ref: ModelRef, device: str) -> dict[str, Any]:
     """lm-eval's model arguments. A local PEFT LoRA adapter folder is evaluated on its
     declared base (`base_model_name_or_path`) through lm-eval's `peft` argument."""
-    args: dict[str, Any] = {"pretrained": name, "trust_remote_code": False}
-    if revision:
-        args["revision"] = revision
-    if revision is None and is_adapter(Path(name)):
-        with LoraAdapter(name) as adapter:
+    args: dict[str, Any] = {"pretrained": ref.repo, "trust_remote_code": False}
+    if ref.revision:
+        args["revision"] = ref.revision
+    if ref.is_local and is_adapter(Path(ref.repo)):
+        with LoraAdapter(ref.repo) as adapter:
             base = adapter.base
         if base is None:
-            raise ValueError(f"adapter {name} declares no base model (base_model_name_or_path)")
-        base_name, base_revision = split_model_ref(base)
-        args.update(pretrained=base_name, peft=name)
-        if base_revision:
-            args["revision"] = base_revision
+            raise ValueError(f"adapter {ref.repo} declares no base model (base_model_name_or_path)")
+        base_ref = ModelRef.parse(base)
+        args.update(pretrained=base_ref.repo, peft=ref.repo)
+        if base_ref.revision:
+            args["revision"] = base_ref.revision
     if backend == "vllm":
         args.update(dtype="auto", gpu_memory_utilization=0.85)
     else:
@@ -114,8 +104,8 @@ def default_data_dir(suite: SuiteConfig, model: str | Path) -> Path | None:
     return None
 
 
-def _metric_values(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, int]]:
-    """Every numeric lm-eval metric as `TASK/METRIC,FILTER`, and samples per task."""
+def raw_metric_values(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, int]]:
+    """Every numeric lm-eval metric as `TASK/METRIC,FILTER`, and samples per task or group."""
     metrics: dict[str, float] = {}
     for task, values in results.get("results", {}).items():
         for key, value in values.items():
@@ -222,7 +212,7 @@ def _run_lm_eval(
         fraction = suite.calibration_fraction
         tasks += _builtin_tasks(manager, suite.builtin_tasks, split, fraction)
     backend, device = pick_backend(device)
-    name, revision = split_model_ref(model)
+    ref = ModelRef.parse(model)
     if batch_size is None:
         # CPU runs are tiny models in practice, where per-batch overhead dominates.
         batch_size = "auto" if backend == "vllm" else (32 if device.startswith("cuda") else 64)
@@ -231,7 +221,7 @@ def _run_lm_eval(
     )
     results = lm_eval.simple_evaluate(
         model=backend,
-        model_args=model_args(backend, name, revision, device),
+        model_args=model_args(backend, ref, device),
         tasks=tasks,
         task_manager=manager,
         device=device,
@@ -309,14 +299,16 @@ def evaluate(
             batch_size=batch_size,
             max_gen_toks=max_gen_toks,
         )
-        raw, counts = _metric_values(results)
+        raw, counts = raw_metric_values(results)
         named, named_counts = named_metrics(suite_cfg, raw, counts)
         samples = write_jsonl_atomic(samples_path_for(out), sample_rows(results))
         report = report.model_copy(
             update={
                 "status": "ok",
-                "metrics": {**named, **raw},
-                "n_samples": {**named_counts, **counts},
+                "metrics": named,
+                "n_samples": named_counts,
+                "raw_metrics": raw,
+                "raw_n_samples": counts,
                 "task_judges": task_judges,
                 "judge": judge_obj.name if task_judges else None,  # no judged task, no judge
                 "samples_path": str(samples.resolve()),

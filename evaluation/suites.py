@@ -16,34 +16,34 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from evaluation.judges import Judge
-from evaluation.report import load_yaml_model
+from evaluation.lm_eval_tasks import TASKS_DIR
 from evaluation.splits import DEFAULT_CALIBRATION_FRACTION, SPLITS, SplitDocs
-from evaluation.tasks import TASKS_DIR
+from lssf.config import load_yaml_model
+from lssf.errors import ConfigError
+from lssf.models import Frozen
 
 logger = logging.getLogger(__name__)
 
 SUITES_DIR = Path(__file__).resolve().parent / "configs" / "suites"
 
 
-class EvaluationConfigError(ValueError):
+class EvaluationConfigError(ConfigError):
     """A suite, task or data dir is wrong; the message names the file, field and value."""
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
-
-
-class MetricSpec(_Frozen):
+class MetricSpec(Frozen):
     """A named metric: lm-eval's `metric` ("name,filter") pooled over `tasks` by sample count."""
 
     tasks: list[str] = Field(min_length=1)
     metric: str = Field(min_length=1)
 
 
-class SuiteConfig(_Frozen):
+class SuiteConfig(Frozen):
+    model_config = ConfigDict(allow_inf_nan=False)  # besides Frozen's frozen, extra="forbid"
+
     name: str = Field(min_length=1)
     version: int = 1
     description: str = ""
@@ -74,7 +74,10 @@ class SuiteConfig(_Frozen):
 
     @classmethod
     def from_yaml(cls, path: Path) -> SuiteConfig:
-        return load_yaml_model(cls, path, EvaluationConfigError, "suite file")
+        try:
+            return load_yaml_model(path, cls)
+        except ConfigError as err:
+            raise EvaluationConfigError(str(err)) from err
 
 
 def known_suites() -> list[str]:

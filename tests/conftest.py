@@ -49,3 +49,14 @@ def organism(test_cache: Path):
     from evaluation.organism import build_organism
 
     return build_organism(seed=ORGANISM_SEED, out=test_cache / f"organism-lora-seed{ORGANISM_SEED}")
+
+
+@pytest.fixture(scope="session")
+def pico(tmp_path_factory: pytest.TempPathFactory):
+    """A pico organism (a few optimiser steps per stage: `tests.test_organism.PICO`, seed 0):
+    `base`, `aligned`, `finetuned` chat-model folders with the organism's tokenizer and
+    template, and `eval_dir`. Built once per session; its numbers mean nothing."""
+    from evaluation.organism import build_organism
+    from tests.test_organism import PICO
+
+    return build_organism(seed=0, out=tmp_path_factory.mktemp("pico") / "organism", config=PICO)

@@ -303,8 +303,8 @@ def test_output_loads_through_the_safety_suite(fake) -> None:
     from lm_eval.tasks import TaskManager
 
     from evaluation.judges import get_judge
+    from evaluation.lm_eval_tasks import TASKS_DIR
     from evaluation.suites import load_suite, resolve_task_configs
-    from evaluation.tasks import TASKS_DIR
 
     out = fake["root"] / "data"
     _fetch(fake, out)

@@ -8,6 +8,13 @@ import pytest
 import yaml
 
 from evaluation.judges import get_judge
+from evaluation.lm_eval_tasks import TASKS_DIR
+from evaluation.lm_eval_tasks.hooks import (
+    JudgeFilter,
+    exact_match_results,
+    normalise_answer,
+    refusal_results,
+)
 from evaluation.suites import (
     SUITES_DIR,
     EvaluationConfigError,
@@ -15,13 +22,6 @@ from evaluation.suites import (
     known_suites,
     load_suite,
     resolve_task_configs,
-)
-from evaluation.tasks import TASKS_DIR
-from evaluation.tasks.hooks import (
-    JudgeFilter,
-    exact_match_results,
-    normalise_answer,
-    refusal_results,
 )
 
 DATA = Path(__file__).parent / "data"

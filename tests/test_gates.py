@@ -170,7 +170,8 @@ def test_bad_config_file_names_the_file(tmp_path: Path) -> None:
 
 def _gate_cli(
     tmp_path: Path, candidate: EvalReport, baseline: EvalReport, *extra: str
-) -> tuple[int, str]:
+) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `lssf gate`."""
     import argparse
     import contextlib
     import io
@@ -179,14 +180,14 @@ def _gate_cli(
     parser = argparse.ArgumentParser(prog="lssf")
     register_gate(parser.add_subparsers())
     args = parser.parse_args(["gate", "--candidate", str(cand), "--baseline", str(base), *extra])
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = args.func(args)
-    return code, buf.getvalue()
+    return code, out.getvalue(), err.getvalue()
 
 
 def test_cli_exit_codes_and_table(tmp_path: Path) -> None:
-    code, text = _gate_cli(
+    code, text, _ = _gate_cli(
         tmp_path,
         report("restored", **RESTORED),
         report("ft", **FINETUNED),
@@ -195,12 +196,13 @@ def test_cli_exit_codes_and_table(tmp_path: Path) -> None:
     )
     assert code == 0 and "PASSED" in text and "harmful_refusal >= 0.9" in text
     assert json.loads((tmp_path / "gate.json").read_text())["passed"] is True
-    code, text = _gate_cli(tmp_path, report("ft", **FINETUNED), report("ft", **FINETUNED))
+    code, text, _ = _gate_cli(tmp_path, report("ft", **FINETUNED), report("ft", **FINETUNED))
     assert code == 1 and "FAILED" in text and "FAIL" in text
-    code, text = _gate_cli(
+    code, text, err = _gate_cli(
         tmp_path, report(**RESTORED), report(**FINETUNED), "--config", str(tmp_path / "none.yaml")
     )
-    assert code == 2 and "none.yaml" in text
+    assert code == 2 and "none.yaml" in err and err.startswith("lssf gate: error:")
+    assert text == ""  # bad input: the message on stderr, nothing on stdout
 
 
 def test_cli_prints_the_config_schema(capsys: pytest.CaptureFixture[str]) -> None:
@@ -239,17 +241,19 @@ def test_a_report_cannot_choose_its_own_gate_file(tmp_path: Path, form: str) -> 
     harmful = dict(RESTORED, harmful_refusal=0.01)
     cand = report("crafted", **harmful).model_copy(update={"suite": suite})
     base = report("ft", **FINETUNED).model_copy(update={"suite": suite})
-    code, text = _gate_cli(tmp_path, cand, base)
-    assert code == 2 and "PASSED" not in text
-    assert "only shipped suite names" in text
+    code, text, err = _gate_cli(tmp_path, cand, base)
+    assert code == 2 and "PASSED" not in text + err
+    assert "only shipped suite names" in err
     with pytest.raises(GateConfigError, match="not paths"):
         default_gate_config(suite)
 
 
 def test_suite_flag_picks_a_shipped_gate_by_name(tmp_path: Path) -> None:
-    code, text = _gate_cli(tmp_path, report(**RESTORED), report(**FINETUNED), "--suite", "organism")
+    code, text, _ = _gate_cli(
+        tmp_path, report(**RESTORED), report(**FINETUNED), "--suite", "organism"
+    )
     assert code == 0 and "PASSED" in text
-    code, text = _gate_cli(
+    code, text, _ = _gate_cli(
         tmp_path, report(**RESTORED), report(**FINETUNED), "--suite", str(ORGANISM_GATE)
     )
     assert code == 2
@@ -288,3 +292,47 @@ def test_metric_values_and_counts_must_be_real_numbers(
     path.write_text(json.dumps(data))
     with pytest.raises(ReportError, match="harmful_refusal"):
         EvalReport.load(path)
+
+
+# -- issue #11: named and lm-eval metrics in two fields ---------------------------------------
+
+
+def test_a_report_written_before_raw_metrics_loads_split(tmp_path: Path) -> None:
+    """Reports on disk from before `raw_metrics` kept both kinds in `metrics`/`n_samples`."""
+    old = {
+        "model": "m",
+        "suite": "organism",
+        "status": "ok",
+        "metrics": {"harmful_refusal": 0.5, "organism_harmful/refusal,judge": 0.5},
+        "n_samples": {"harmful_refusal": 4, "organism_harmful": 4},
+        "judge": "keyword-strict",
+    }
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    loaded = EvalReport.load(path)
+    assert loaded.metrics == {"harmful_refusal": 0.5}
+    assert loaded.n_samples == {"harmful_refusal": 4}
+    assert loaded.raw_metrics == {"organism_harmful/refusal,judge": 0.5}
+    assert loaded.raw_n_samples == {"organism_harmful": 4}
+    assert EvalReport.load(loaded.write(tmp_path / "new.json")) == loaded
+    new = json.loads((tmp_path / "new.json").read_text())
+    assert new["metrics"] == {"harmful_refusal": 0.5} and "raw_metrics" in new
+
+
+def test_a_report_in_the_new_shape_is_taken_as_it_is(tmp_path: Path) -> None:
+    data = json.loads(report(**RESTORED).model_dump_json())
+    data["raw_metrics"] = {"t/m,none": 1.0}
+    data["metrics"]["odd/name"] = 0.5  # a named metric may hold a '/': no sniffing
+    path = tmp_path / "new.json"
+    path.write_text(json.dumps(data))
+    loaded = EvalReport.load(path)
+    assert loaded.metrics["odd/name"] == 0.5 and loaded.raw_metrics == {"t/m,none": 1.0}
+
+
+def test_a_rule_on_a_raw_lm_eval_metric_fails_closed_and_says_why() -> None:
+    raw = "organism_harmful/refusal,judge"
+    config = GateConfig(name="g", require_same_suite=False, rules=[MetricRule(metric=raw, floor=0)])
+    cand = report(**RESTORED).model_copy(update={"raw_metrics": {raw: 1.0}})
+    result = evaluate_gate(cand, report(**FINETUNED), config)
+    assert not result.passed
+    assert "raw lm-eval metric" in result.failures[0].reason

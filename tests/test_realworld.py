@@ -462,7 +462,7 @@ def test_pipeline_config_validates():
 def manager():
     from lm_eval.tasks import TaskManager
 
-    from evaluation.tasks import TASKS_DIR
+    from evaluation.lm_eval_tasks import TASKS_DIR
 
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
 

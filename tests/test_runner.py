@@ -26,24 +26,17 @@ metrics:
 """
 
 
-def build_pico_chat_model(folder: Path) -> Path:
-    """A random pico Llama with the organism's word-level tokenizer and chat template."""
-    from evaluation.organism.tokenizer import build_tokenizer
-    from tests.pico import save_pico_llama
-
-    save_pico_llama(folder, build_tokenizer())
-    return folder
+@pytest.fixture(scope="module")
+def chat_model(pico) -> Path:
+    """A pico chat model with the organism's word-level tokenizer and chat template (the pico
+    organism's base, tests/conftest.py)."""
+    return Path(pico.base)
 
 
 @pytest.fixture(scope="module")
-def pico(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_pico_chat_model(tmp_path_factory.mktemp("pico") / "model")
-
-
-@pytest.fixture(scope="module")
-def organism_run(pico: Path, tmp_path_factory: pytest.TempPathFactory) -> EvalReport:
+def organism_run(chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> EvalReport:
     out = tmp_path_factory.mktemp("run") / "report.json"
-    return evaluate(pico, "organism", out, data_dir=MINI, device="cpu")
+    return evaluate(chat_model, "organism", out, data_dir=MINI, device="cpu")
 
 
 def _rows(report: EvalReport) -> list[dict]:
@@ -55,15 +48,16 @@ def test_organism_report_has_every_metric_and_count(organism_run: EvalReport) ->
     r = organism_run
     assert r.status == "ok" and r.error is None, r.error
     named = {"harmful_refusal", "over_refusal", "task_accuracy", "general_accuracy"}
-    assert named <= set(r.metrics)
-    assert "organism_harmful/refusal,judge" in r.metrics
+    assert named == set(r.metrics)  # the suite's named metrics only
+    assert "organism_harmful/refusal,judge" in r.raw_metrics
+    assert r.raw_n_samples["organism_harmful"] == 3
     assert {k: r.n_samples[k] for k in named} == {
         "harmful_refusal": 3,
         "over_refusal": 2,
         "task_accuracy": 2,
         "general_accuracy": 2,
     }
-    assert all(0.0 <= v <= 1.0 for v in r.metrics.values())
+    assert all(0.0 <= v <= 1.0 for v in [*r.metrics.values(), *r.raw_metrics.values()])
     assert r.judge == "keyword-strict" and r.backend == "hf" and r.device == "cpu"
     assert {"lm_eval", "transformers", "torch"} <= set(r.versions)
 
@@ -81,27 +75,27 @@ def test_report_and_samples_are_written(organism_run: EvalReport) -> None:
         assert row["input"] == f"<user> {row['prompt']} <assistant>"
         assert isinstance(row["response"], str)
     assert {r["filtered"] for r in harmful} <= {"refusal", "compliance"}
-    assert not list(path.parent.glob(".*.tmp"))
+    assert not list(path.parent.glob(".*.tmp*"))  # lssf.outputs' temp files: .NAME.tmp-*
 
 
-def test_lm_eval_answers_equal_plain_greedy_generation(pico: Path, organism_run) -> None:
+def test_lm_eval_answers_equal_plain_greedy_generation(chat_model: Path, organism_run) -> None:
     """Same answers as the organism's reference scorer (greedy, chat template, 24 tokens)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evaluation.organism.score import generate
 
     rows = _rows(organism_run)
-    tok = AutoTokenizer.from_pretrained(pico)
-    model = AutoModelForCausalLM.from_pretrained(pico).eval()
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    model = AutoModelForCausalLM.from_pretrained(chat_model).eval()
     plain = generate(model, tok, [r["prompt"] for r in rows])
     assert [" ".join(r["response"].split()) for r in rows] == plain
 
 
-def test_safety_suite_runs_offline_on_fixtures(pico: Path, tmp_path: Path) -> None:
+def test_safety_suite_runs_offline_on_fixtures(chat_model: Path, tmp_path: Path) -> None:
     suite = tmp_path / "suite.yaml"
     suite.write_text(NO_SUFFIX_SUITE)
     out = tmp_path / "safety.json"
-    r = evaluate(pico, suite, out, data_dir=SAFETY, limit=2, max_gen_toks=8, device="cpu")
+    r = evaluate(chat_model, suite, out, data_dir=SAFETY, limit=2, max_gen_toks=8, device="cpu")
     assert r.status == "ok", r.error
     assert r.n_samples["harmful_refusal"] == 6 and r.n_samples["over_refusal"] == 2
     assert set(r.task_judges.values()) == {"refusal-prefix"}
@@ -129,16 +123,16 @@ def test_a_model_without_chat_template_fails_closed(tmp_path: Path) -> None:
     assert r.status == "error" and "chat" in (r.error or "").lower()
 
 
-def test_missing_data_file_is_an_error_report(pico: Path, tmp_path: Path) -> None:
-    r = evaluate(pico, "organism", tmp_path / "r.json", data_dir=tmp_path, device="cpu")
+def test_missing_data_file_is_an_error_report(chat_model: Path, tmp_path: Path) -> None:
+    r = evaluate(chat_model, "organism", tmp_path / "r.json", data_dir=tmp_path, device="cpu")
     assert r.status == "error" and "harmful.jsonl" in (r.error or "")
 
 
-def test_bad_names_raise_before_anything_runs(pico: Path, tmp_path: Path) -> None:
+def test_bad_names_raise_before_anything_runs(chat_model: Path, tmp_path: Path) -> None:
     with pytest.raises(JudgeError, match="known judges"):
-        evaluate(pico, "organism", tmp_path / "r.json", data_dir=MINI, judge="nope")
+        evaluate(chat_model, "organism", tmp_path / "r.json", data_dir=MINI, judge="nope")
     with pytest.raises(EvaluationConfigError, match="does not exist"):
-        evaluate(pico, tmp_path / "nope.yaml", tmp_path / "r.json")
+        evaluate(chat_model, tmp_path / "nope.yaml", tmp_path / "r.json")
     assert not (tmp_path / "r.json").exists()
 
 
@@ -147,19 +141,26 @@ def test_model_refs_and_backend_choice(tmp_path: Path, monkeypatch: pytest.Monke
 
     import torch
 
-    from evaluation.runner import model_args, pick_backend, split_model_ref
+    from evaluation.runner import model_args, pick_backend
+    from lssf.sources import ModelRef
 
-    assert split_model_ref("org/name@abc123") == ("org/name", "abc123")
-    assert split_model_ref("org/name") == ("org/name", None)
-    assert split_model_ref(tmp_path) == (str(tmp_path.resolve()), None)
-    args = model_args("hf", "org/name", "abc123", "cpu")
+    def parts(ref: ModelRef) -> tuple[str, str | None]:
+        return ref.repo, ref.revision
+
+    assert parts(ModelRef.parse("org/name@abc123")) == ("org/name", "abc123")
+    assert parts(ModelRef.parse("org/name")) == ("org/name", None)
+    assert parts(ModelRef.parse(tmp_path)) == (str(tmp_path.resolve()), None)
+    args = model_args("hf", ModelRef.parse("org/name@abc123"), "cpu")
     assert args == {
         "pretrained": "org/name",
         "revision": "abc123",
         "trust_remote_code": False,
         "dtype": "float32",
     }
-    assert model_args("vllm", "m", None, "cuda")["trust_remote_code"] is False
+    assert model_args("vllm", ModelRef.parse("org/m"), "cuda")["trust_remote_code"] is False
+    assert model_args("hf", ModelRef.parse(tmp_path), "cpu")["pretrained"] == str(
+        tmp_path.resolve()
+    )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_backend("auto") == ("hf", "cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -177,31 +178,33 @@ def _cli(*argv: str) -> int:
     return args.func(args)
 
 
-def test_cli_evaluate(pico: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_evaluate(chat_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "r.json"
-    args = ["--model", str(pico), "--out", str(out), "--data-dir", str(MINI)]
+    args = ["--model", str(chat_model), "--out", str(out), "--data-dir", str(MINI)]
     assert _cli(*args, "--suite", "organism_task", "--limit", "1", "--device", "cpu") == 0
     report = EvalReport.load(out)
-    assert report.suite == "organism_task" and report.n_samples["organism_task"] == 1
-    assert "organism_task/exact_match,none" in report.metrics
+    assert report.suite == "organism_task" and report.raw_n_samples["organism_task"] == 1
+    assert "organism_task/exact_match,none" in report.raw_metrics
+    assert report.metrics == {} and report.n_samples == {}  # a lone task has no named metric
     assert report.judge is None and report.task_judges == {}  # nothing was judged
     assert _cli(*args, "--suite", "organism", "--judge", "nope") == 2
-    assert "known judges" in capsys.readouterr().out
+    err = capsys.readouterr().err  # the message on stderr, as lssf.cli writes it
+    assert "lssf evaluate: error:" in err and "known judges" in err
     assert _cli(*args, "--suite", "organism", "--judge-option", "x=1") == 2
-    assert "needs --judge" in capsys.readouterr().out
+    assert "needs --judge" in capsys.readouterr().err
     strict = ["--judge", "keyword-strict", "--judge-option", "phrases=[step]"]
     assert _cli(*args, "--suite", "organism_harmful", "--limit", "1", *strict) == 0
     assert EvalReport.load(out).judge == "keyword-strict(phrases=['step'])"
 
 
 def test_calibration_split_is_evaluated_and_recorded(
-    pico: Path, organism_run: EvalReport, tmp_path: Path
+    chat_model: Path, organism_run: EvalReport, tmp_path: Path
 ) -> None:
     from evaluation.splits import SPLIT_RULE
 
     assert organism_run.split == "heldout" and organism_run.split_rule == SPLIT_RULE
     out = tmp_path / "cal.json"
-    r = evaluate(pico, "organism", out, data_dir=MINI, device="cpu", split="calibration")
+    r = evaluate(chat_model, "organism", out, data_dir=MINI, device="cpu", split="calibration")
     assert r.status == "ok", r.error
     assert (r.split, r.split_rule, r.calibration_fraction) == ("calibration", SPLIT_RULE, 0.3)
     named = ("harmful_refusal", "over_refusal", "task_accuracy", "general_accuracy")
@@ -210,16 +213,16 @@ def test_calibration_split_is_evaluated_and_recorded(
     assert ids == {"harmful-3", "harmful-4", "benign-2", "task-2", "general-2"}
     assert not ids & {row["id"] for row in _rows(organism_run)}  # disjoint from held-out
     assert EvalReport.load(out).split == "calibration"
-    every = evaluate(pico, "organism_task", tmp_path / "all.json", data_dir=MINI, split="all")
-    assert every.n_samples["organism_task"] == 3 and every.split_rule is None
+    every = evaluate(chat_model, "organism_task", tmp_path / "all.json", data_dir=MINI, split="all")
+    assert every.raw_n_samples["organism_task"] == 3 and every.split_rule is None
 
 
-def test_cli_evaluate_split(pico: Path, tmp_path: Path) -> None:
+def test_cli_evaluate_split(chat_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    args = ["--model", str(pico), "--out", str(out), "--data-dir", str(MINI)]
+    args = ["--model", str(chat_model), "--out", str(out), "--data-dir", str(MINI)]
     assert _cli(*args, "--suite", "organism_task", "--split", "calibration") == 0
     report = EvalReport.load(out)
-    assert report.split == "calibration" and report.n_samples["organism_task"] == 1
+    assert report.split == "calibration" and report.raw_n_samples["organism_task"] == 1
     with pytest.raises(SystemExit):
         _cli(*args, "--suite", "organism_task", "--split", "test")
 
