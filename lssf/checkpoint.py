@@ -11,13 +11,13 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from lssf.errors import CheckpointError, PickleRefusedError
+from lssf.errors import CheckpointError, PickleRefusedError, ShapeMismatchError
 from lssf.pipeline import BufferPool, ByteBudget, MappedFile
 from lssf.st_io import Header, TensorInfo, read_header, read_tensor, short
 
@@ -172,6 +172,31 @@ class TensorSource(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+def check_tensors(
+    source: TensorSource, wanted: dict[str, Sequence[int]], floats: set[str], wanted_by: str
+) -> None:
+    """Each tensor ``wanted`` (name -> shape) is in ``source`` with that shape.
+
+    Those in ``floats`` must be floating-point too; ``wanted_by`` names who needs them.
+    """
+    for name, shape in wanted.items():
+        if name not in source:
+            raise ShapeMismatchError(
+                f"{wanted_by} changes tensor {name!r}, which {source.folder} does not have"
+            )
+        info = source.info(name)
+        if tuple(info.shape) != tuple(shape):
+            raise ShapeMismatchError(
+                f"tensor {name!r} has shape {list(info.shape)} in {source.folder} but "
+                f"{list(shape)} in {wanted_by}"
+            )
+        if name in floats and not info.torch_dtype.is_floating_point:
+            raise ShapeMismatchError(
+                f"tensor {name!r} is {info.dtype} in {source.folder}; {wanted_by} changes it, "
+                "and only floating-point tensors can be changed"
+            )
+
+
 class Checkpoint:
     """Headers of every shard, read up front; tensor data read only when asked for.
 
@@ -272,12 +297,21 @@ class Checkpoint:
         budget = ByteBudget(prefetch)
         ready: queue.SimpleQueue = queue.SimpleQueue()
         hasher = hashlib.sha256()
-        reader = threading.Thread(
-            target=_read_ahead,
-            args=(fd, header, infos, hasher, budget, ready, pool, mapped),
-            name="lssf-read",
-            daemon=True,
-        )
+
+        def read_ahead() -> None:  # the reader thread: tensors in file order, or the error
+            try:
+                hasher.update(os.pread(fd, header.data_start, 0))
+                for info in infos:
+                    if not budget.acquire(info.nbytes):
+                        return
+                    if mapped is not None:
+                        ready.put(mapped.tensor(info, hasher))
+                    else:
+                        ready.put(read_tensor(fd, info, hasher, pool))
+            except BaseException as exc:  # handed to the consuming thread
+                ready.put(exc)
+
+        reader = threading.Thread(target=read_ahead, name="lssf-read", daemon=True)
         reader.start()
         try:
             for info in infos:
@@ -290,27 +324,3 @@ class Checkpoint:
             budget.cancel()
             reader.join()
         self.sha256[header.path.name] = hasher.hexdigest()
-
-
-def _read_ahead(
-    fd: int,
-    header: Header,
-    infos: list[TensorInfo],
-    hasher: hashlib._Hash,
-    budget: ByteBudget,
-    ready: queue.SimpleQueue,
-    pool: BufferPool | None,
-    mapped: MappedFile | None,
-) -> None:
-    """The reader thread of ``Checkpoint.iter_file``: tensors in file order, or the error."""
-    try:
-        hasher.update(os.pread(fd, header.data_start, 0))
-        for info in infos:
-            if not budget.acquire(info.nbytes):
-                return
-            if mapped is not None:
-                ready.put(mapped.tensor(info, hasher))
-            else:
-                ready.put(read_tensor(fd, info, hasher, pool))
-    except BaseException as exc:  # handed to the consuming thread
-        ready.put(exc)

@@ -25,12 +25,13 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 log = logging.getLogger("lssf")
-# PatchConfig fields that `lssf extract` also takes as flags (--max-rank for max_rank, ...).
-CONFIG_FLAGS = (
-    *("eta", "max_rank", "weight_top", "rank_rule", "include", "exclude", "basis"),
-    *("calibration", "calibration_limit", "calibration_max_tokens"),
-    *("activation_weight", "rank_spectrum"),
-)
+# PatchConfig fields that `lssf extract` also takes as flags (--max-rank for max_rank, ...),
+# with their argument types; the help is the field's description.
+CONFIG_FLAGS: dict[str, type] = {
+    **{"eta": float, "max_rank": int, "weight_top": float, "rank_rule": str, "basis": str},
+    **{"include": str, "exclude": str, "calibration": Path, "calibration_limit": int},
+    **{"calibration_max_tokens": int, "activation_weight": str, "rank_spectrum": str},
+}
 
 
 def _patch_config(args: argparse.Namespace) -> PatchConfig:
@@ -156,27 +157,12 @@ def _add_core(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", required=True, help="unaligned base or harmful fine-tune")
     p.add_argument("--out", required=True, type=Path, help="patch folder to create")
     p.add_argument("--config", type=Path, help="PatchConfig YAML; flags override its fields")
-    p.add_argument("--eta", type=float, help="entropy threshold in (0, 1] (default 0.85)")
-    p.add_argument("--max-rank", type=int, help="cap on every tensor's rank")
-    p.add_argument("--weight-top", type=float, help="a_1: weight of the top direction (1 = off)")
-    p.add_argument("--rank-rule", help="entropy (default), energy or full")
-    p.add_argument("--include", action="append", help="regex of target tensors (repeatable)")
-    p.add_argument("--exclude", action="append", help="regex of tensors to skip (repeatable)")
-    p.add_argument(
-        "--basis", help="delta-svd (default: SVD of the safety vector) or activation (ActSVD)"
-    )
-    p.add_argument(
-        "--calibration", type=Path, metavar="FILE.jsonl",
-        help="basis activation: calibration prompts, one JSON object with 'prompt' per line",
-    )  # fmt: skip
-    p.add_argument("--calibration-limit", type=int, metavar="N", help="use the first N prompts")
-    p.add_argument(
-        "--calibration-max-tokens", type=int, help="tokens kept per prompt (default 128)"
-    )
-    p.add_argument("--activation-weight", help="W of W X^T: aligned (default, ActSVD) or delta")
-    p.add_argument(
-        "--rank-spectrum", help="spectrum the rank rule reads: delta (default) or activation"
-    )
+    for field, kind in CONFIG_FLAGS.items():
+        info = PatchConfig.model_fields[field]
+        many = field in ("include", "exclude")
+        help_ = f"{info.description} ({'repeatable' if many else f'default {info.default}'})"
+        p.add_argument(f"--{field.replace('_', '-')}", type=kind, help=help_,
+                       action="append" if many else "store")  # fmt: skip
     p.add_argument("--table", action="store_true", help="print the per-layer table after")
     _add_common(p)
     p.set_defaults(func=cmd_extract)

@@ -190,8 +190,3 @@ def load_yaml_model(path: Path | str, model_cls: type[M]) -> M:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return load_model(model_cls, data, str(path))
-
-
-def load_yaml_config(cls: type[M], path: Path) -> M:
-    """Former name of ``load_yaml_model`` (arguments swapped), kept while tasks/ moves over."""
-    return load_yaml_model(path, cls)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from lssf.checkpoint import Checkpoint, TensorSource, folder_file
+from lssf.checkpoint import Checkpoint, TensorSource, check_tensors, folder_file
 from lssf.devices import pick_device
-from lssf.errors import CheckpointError, PatchMismatchError, ShapeMismatchError
+from lssf.errors import CheckpointError, PatchMismatchError
 from lssf.lora import ADAPTER_CONFIG, LoraAdapter, MergedView, is_adapter
 from lssf.patch import SafetyPatch
 from lssf.provenance import declared_base
@@ -96,20 +96,8 @@ def resolve_base(
 
 def check_compatible(ft: TensorSource, patch: SafetyPatch) -> None:
     """Every patched tensor must exist in the fine-tune with the shape the patch was built for."""
-    for name, rec in patch.manifest.tensors.items():
-        if name not in ft:
-            raise ShapeMismatchError(f"patch tensor {name!r} is missing from {ft.folder}")
-        info = ft.info(name)
-        if tuple(info.shape) != tuple(rec.shape):
-            raise ShapeMismatchError(
-                f"tensor {name!r} has shape {list(info.shape)} in the fine-tuned model but "
-                f"{list(rec.shape)} in the patch"
-            )
-        if not info.torch_dtype.is_floating_point:
-            raise ShapeMismatchError(
-                f"tensor {name!r} is {info.dtype} in the fine-tuned model {ft.folder}; "
-                "only floating-point tensors can be fused"
-            )
+    wanted = {name: rec.shape for name, rec in patch.manifest.tensors.items()}
+    check_tensors(ft, wanted, floats=set(wanted), wanted_by=f"the patch {patch.folder}")
 
 
 def check_lineage(ft: TensorSource, aligned: SourceRecord, force: bool) -> None:

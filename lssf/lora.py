@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lssf.checkpoint import PICKLE_SUFFIXES, Checkpoint, folder_file
+from lssf.checkpoint import PICKLE_SUFFIXES, Checkpoint, check_tensors, folder_file
 from lssf.errors import (
     CheckpointError,
     PickleRefusedError,
@@ -347,23 +347,7 @@ def check_against_base(adapter: LoraAdapter, base: Checkpoint) -> None:
     """Every module and override must exist in the base with the shape the adapter implies."""
     wanted = {m.weight: adapter.delta_shape(m) for m in adapter.modules.values()}
     wanted |= {n: adapter.header.tensors[k].shape for n, k in adapter.overrides.items()}
-    for name, shape in wanted.items():
-        if name not in base:
-            raise ShapeMismatchError(
-                f"adapter {adapter.path} changes tensor {name!r}, which base model "
-                f"{base.folder} does not have"
-            )
-        if name in adapter.modules and not base.is_float(name):
-            raise ShapeMismatchError(
-                f"adapter {adapter.path} has a LoRA on tensor {name!r}, which is "
-                f"{base.info(name).dtype} in base model {base.folder}; only floating-point "
-                "tensors can be merged"
-            )
-        if tuple(base.info(name).shape) != tuple(shape):
-            raise ShapeMismatchError(
-                f"adapter {adapter.path} implies shape {list(shape)} for tensor {name!r}, but "
-                f"base model {base.folder} has {list(base.info(name).shape)}"
-            )
+    check_tensors(base, wanted, floats=set(adapter.modules), wanted_by=f"adapter {adapter.path}")
 
 
 class MergedView:
@@ -389,7 +373,6 @@ class MergedView:
         self.record = record
         self.folder = base.folder
         self.headers = base.headers
-        self.files = base.files
 
     @property
     def sha256(self) -> dict[str, str]:

@@ -27,31 +27,12 @@ log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 # What a model folder needs besides weights; never pickles, never code.
-HUB_PATTERNS = (
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "*.json",
-    "*.jinja",
-    "tokenizer*",
-    "*.model",
-    "*.tiktoken",
-    "vocab.txt",
-    "merges.txt",
-)
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-)
+HUB_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "tokenizer*")
+HUB_PATTERNS += ("*.model", "*.tiktoken", "vocab.txt", "merges.txt")
+# Besides the weights, what a model folder's revision covers and a fused output copies.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+SIDE_FILES += ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+SIDE_FILES += ("chat_template.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt")
 
 
 class ModelRef(Frozen):
@@ -133,12 +114,6 @@ class SourceRecord(Frozen):
     def name(self) -> str:
         """The Hub id, or the folder's path."""
         return self.repo_id or self.path
-
-    @property
-    def model_ref(self) -> ModelRef:
-        """The source at the revision recorded (exact once the hashes are attached)."""
-        kind = "local" if self.kind == "local" else "hub"
-        return ModelRef(repo=self.name, revision=self.revision or None, kind=kind)
 
 
 def _exists(path: str | Path) -> bool:
