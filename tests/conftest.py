@@ -60,3 +60,16 @@ def pico(tmp_path_factory: pytest.TempPathFactory):
     from tests.test_organism import PICO
 
     return build_organism(seed=0, out=tmp_path_factory.mktemp("pico") / "organism", config=PICO)
+
+
+@pytest.fixture(scope="module")
+def trio(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A tiny aligned/reference/finetuned Llama trio (`lssf.synthetic.make_trio`), per module.
+
+    The module's `TRIO` dict gives `make_trio`'s arguments (shape, seed, shard_bytes, ...).
+    """
+    from lssf.synthetic import make_trio
+
+    return make_trio(
+        tmp_path_factory.mktemp("trio") / "trio", **getattr(request.module, "TRIO", {})
+    )

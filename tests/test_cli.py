@@ -9,14 +9,10 @@ import pytest
 import yaml
 
 from lssf.cli import main
-from lssf.synthetic import LlamaShape, make_trio
+from lssf.synthetic import LlamaShape
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=64)
-
-
-@pytest.fixture(scope="module")
-def trio(tmp_path_factory):
-    return make_trio(tmp_path_factory.mktemp("cli"), SHAPE, seed=3)
+TRIO = {"shape": SHAPE, "seed": 3}  # the `trio` fixture (tests/conftest.py)
 
 
 def extract_argv(trio, out, *extra: str) -> list[str]:

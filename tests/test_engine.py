@@ -28,11 +28,7 @@ from lssf.errors import (
 from lssf.synthetic import LlamaShape, make_trio
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=64)
-
-
-@pytest.fixture(scope="module")
-def trio(tmp_path_factory):
-    return make_trio(tmp_path_factory.mktemp("trio"), SHAPE, seed=1, shard_bytes=40_000)
+TRIO = {"shape": SHAPE, "seed": 1, "shard_bytes": 40_000}  # the `trio` fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

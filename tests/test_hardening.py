@@ -38,15 +38,11 @@ from lssf.errors import (
 from lssf.outputs import PROVENANCE, atomic_folder
 from lssf.sources import resolve_source
 from lssf.st_io import AppendingWriter, PlannedWriter, TensorSpec, file_sha256
-from lssf.synthetic import LlamaShape, make_trio
+from lssf.synthetic import LlamaShape
 
 SHAPE = LlamaShape(hidden=16, intermediate=32, layers=1, heads=2, kv_heads=2, vocab=32)
+TRIO = {"shape": SHAPE, "seed": 5, "shard_bytes": 6_000}  # the `trio` fixture (tests/conftest.py)
 Q = "model.layers.0.self_attn.q_proj.weight"
-
-
-@pytest.fixture(scope="module")
-def trio(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_trio(tmp_path_factory.mktemp("h") / "trio", SHAPE, seed=5, shard_bytes=6_000)
 
 
 @pytest.fixture(scope="module")

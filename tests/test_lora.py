@@ -27,13 +27,14 @@ from lssf.errors import (
     ShapeMismatchError,
 )
 from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, lora_delta, lora_scale, pattern_value
-from lssf.synthetic import LlamaShape, make_trio
+from lssf.synthetic import LlamaShape
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 
 SHAPE = LlamaShape(hidden=32, intermediate=86, layers=2, heads=4, kv_heads=2, vocab=128)
+TRIO = {"shape": SHAPE, "seed": 3}  # the `trio` fixture (tests/conftest.py)
 IDS = torch.randint(0, SHAPE.vocab, (2, 10), generator=torch.Generator().manual_seed(7))
 
 # ---------------------------------------------------------------- fixtures
@@ -42,11 +43,6 @@ IDS = torch.randint(0, SHAPE.vocab, (2, 10), generator=torch.Generator().manual_
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("lora")
-
-
-@pytest.fixture(scope="module")
-def trio(work: Path) -> dict[str, Path]:
-    return make_trio(work / "trio", SHAPE, seed=3)
 
 
 @pytest.fixture(scope="module")
