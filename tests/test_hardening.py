@@ -36,7 +36,7 @@ from lssf.errors import (
     ShapeMismatchError,
 )
 from lssf.outputs import PROVENANCE, atomic_folder
-from lssf.sources import resolve_source
+from lssf.sources import local_revision, resolve_source
 from lssf.st_io import AppendingWriter, PlannedWriter, TensorSpec, file_sha256
 from lssf.synthetic import LlamaShape
 
@@ -585,3 +585,43 @@ def test_extract_weight_top_inf_is_exit_2(trio, tmp_path, capsys):
     argv = ["extract", "--aligned", str(trio["aligned"]), "--reference", str(trio["reference"])]
     assert main([*argv, "--out", str(tmp_path / "p"), "--weight-top", "inf"]) == 2
     assert "weight_top" in capsys.readouterr().err
+
+
+def test_every_output_kind_records_one_provenance_model_and_a_hub_readable_card(
+    trio, patch_dir, tmp_path
+):
+    """Full fuse, LoRA fuse (model and adapter) and patch export write the same Provenance
+    model; each card's front matter reads back through huggingface_hub."""
+    from huggingface_hub import ModelCard
+
+    from lssf.provenance import Provenance, declared_base
+
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    aligned = transformers.LlamaForCausalLM.from_pretrained(str(trio["aligned"]))
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    peft.get_peft_model(aligned, config).save_pretrained(tmp_path / "lora")
+    fuse(trio["finetuned"], patch_dir, tmp_path / "full", progress=False)
+    fuse(tmp_path / "lora", patch_dir, tmp_path / "lm", progress=False)
+    fuse(tmp_path / "lora", patch_dir, tmp_path / "ca", output_format="adapter", progress=False)
+    export_patch_adapter(patch_dir, tmp_path / "pa", progress=False)
+    want = {  # folder: (finetuned_kind, format, sources)
+        "full": ("full", "model", {"finetuned", "aligned", "reference"}),
+        "lm": ("lora", "model", {"finetuned", "aligned", "reference", "finetuned_base"}),
+        "ca": ("lora", "adapter", {"finetuned", "aligned", "reference", "finetuned_base"}),
+        "pa": (None, "adapter", {"aligned", "reference"}),
+    }
+    for name, (kind, fmt, sources) in want.items():
+        raw = json.loads((tmp_path / name / PROVENANCE).read_text())
+        prov = Provenance.model_validate(raw)
+        assert prov.to_json() == raw, name
+        assert (prov.finetuned_kind, raw["format"], set(prov.sources)) == (kind, fmt, sources)
+        assert (prov.ranks is None) == (name == "pa") and (prov.adapter_ranks is None) == (
+            fmt == "model"
+        )
+        card = ModelCard.load(tmp_path / name / "README.md")
+        assert card.data.base_model == str(trio["aligned"].resolve()), name
+        assert declared_base(tmp_path / name) == card.data.base_model
+    lm = json.loads((tmp_path / "lm" / PROVENANCE).read_text())["sources"]
+    assert lm["finetuned_base"]["revision"] == local_revision(trio["aligned"])
+    assert lm["finetuned"]["revision"] == local_revision(tmp_path / "lora")

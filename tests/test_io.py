@@ -111,3 +111,42 @@ def test_index_naming_a_missing_shard_is_refused(tmp_path):
 def test_missing_folder(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         weight_files(tmp_path / "nope")
+
+
+def test_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path, monkeypatch):
+    from lssf.outputs import atomic_write_bytes, atomic_write_text, write_json
+
+    path = tmp_path / "f.json"
+    write_json(path, {"a": 1})
+    assert path.read_text() == '{\n  "a": 1\n}\n'
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "disk gone")
+
+    monkeypatch.setattr("lssf.outputs.os.fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk gone"):
+        atomic_write_text(path, "new")
+    assert path.read_text() == '{\n  "a": 1\n}\n'  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]  # no temp file left
+    monkeypatch.undo()
+    atomic_write_bytes(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+
+
+def test_pick_device_and_yaml_models(tmp_path):
+    import torch
+
+    from lssf.config import PatchConfig, load_yaml_model
+    from lssf.devices import pick_device
+    from lssf.errors import ConfigError
+
+    assert pick_device(None) == pick_device("auto")
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        pick_device("tpu")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("eta: 0.5\nmax_rank: 3\n")
+    assert load_yaml_model(cfg, PatchConfig) == PatchConfig(eta=0.5, max_rank=3)
+    cfg.write_text("eta: 2\nbogus: 1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: 2 invalid field\(s\)(.|\n)*eta(.|\n)*bogus"):
+        load_yaml_model(cfg, PatchConfig)

@@ -78,6 +78,9 @@ def test_hub_models_are_downloaded_pinned_and_recorded(tmp_path, monkeypatch):
         hub.add_repo("acme/base", trio["reference"])
         sha_ft = hub.add_repo("acme/finetune", trio["finetuned"])
         folder, rec = resolve_source("acme/aligned@main", cache_dir=tmp_path / "cache")
+        pinned = ModelRef.parse("acme/aligned").pin()  # asks the API, downloads nothing
+        assert pinned.pinned and str(pinned) == f"acme/aligned@{sha_a}"
+        assert resolve_source(pinned, cache_dir=tmp_path / "cache")[1].revision == sha_a
         assert rec.kind == "hub" and rec.repo_id == "acme/aligned" and rec.revision == sha_a
         assert (folder / "config.json").exists()
         assert not (folder / "pytorch_model.bin").exists()  # only safetensors/JSON/tokenizer
