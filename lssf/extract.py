@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -92,6 +93,33 @@ def target_names(aligned: Checkpoint, reference: Checkpoint, config: PatchConfig
                 "in the reference"
             )
     return targets
+
+
+def list_targets(
+    aligned: str | Path, reference: str | Path, config: PatchConfig | None = None
+) -> list[str]:
+    """The target tensors ``extract`` would patch, in its order (headers only, no maths)."""
+    config = config or PatchConfig()
+    a_dir, _ = resolve_source(aligned)
+    r_dir, _ = resolve_source(reference)
+    with Checkpoint(a_dir) as a_ckpt, Checkpoint(r_dir) as r_ckpt:
+        return target_names(a_ckpt, r_ckpt, config)
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def group_by_layer(targets: list[str], layers_per_group: int = 1) -> list[list[str]]:
+    """Targets split into groups of ``layers_per_group`` consecutive decoder layers, in order;
+    tensors outside any ``layers.N.`` block form one more group."""
+    if layers_per_group < 1:
+        raise ConfigError(f"layers_per_group must be at least 1, not {layers_per_group}")
+    groups: dict[int, list[str]] = {}
+    for name in targets:
+        m = _LAYER.search(name)
+        key = int(m.group(1)) // layers_per_group if m else -1
+        groups.setdefault(key, []).append(name)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k < 0, k))]
 
 
 def safety_delta(name: str, aligned: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
