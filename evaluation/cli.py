@@ -2,13 +2,13 @@
 
 Each `register_*` adds one subparser and sets `func=handler(args) -> int` (parse, validate,
 call). Exit codes: 0 ok/pass, 1 evaluation error or gate fail, 2 bad input (the message on
-stderr, as `lssf CMD: error: ...`, the convention of `lssf.cli`).
+stderr through `lssf.cli.fail`, the one convention of every `lssf` command). `lssf` is imported
+in the handlers only: importing it costs torch, and gating must stay light.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,6 +58,7 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from evaluation.runner import evaluate
     from evaluation.suites import EvaluationConfigError
+    from lssf.cli import fail
 
     limit = args.limit
     if limit is not None and limit >= 1:
@@ -76,15 +77,9 @@ def _evaluate(args: argparse.Namespace) -> int:
             split=args.split,
         )
     except (EvaluationConfigError, JudgeError) as err:
-        return _usage_error("evaluate", err)
+        return fail("evaluate", str(err))
     _print_metrics(report)
     return 0 if report.status == "ok" else 1
-
-
-def _usage_error(command: str, err: Exception) -> int:
-    """Bad input: one line on stderr, exit status 2."""
-    print(f"lssf {command}: error: {err}", file=sys.stderr)
-    return 2
 
 
 def _judge(name: str | None, options: list[str]) -> Judge | str | None:
@@ -186,6 +181,7 @@ class _PrintSchema(argparse.Action):
 def _gate(args: argparse.Namespace) -> int:
     from evaluation.gates import GateConfig, GateConfigError, default_gate_config, evaluate_gate
     from evaluation.report import EvalReport, ReportError, write_atomic
+    from lssf.cli import fail
 
     try:
         candidate = EvalReport.load(args.candidate)
@@ -196,7 +192,7 @@ def _gate(args: argparse.Namespace) -> int:
         config_path = args.config or default_gate_config(args.suite or candidate.suite)
         config = GateConfig.from_yaml(config_path)
     except (ReportError, GateConfigError) as err:
-        return _usage_error("gate", err)
+        return fail("gate", str(err))
     report = evaluate_gate(candidate, baseline, config)
     _print_gate(report)
     if args.out is not None:
