@@ -231,7 +231,8 @@ def _free_port() -> int:
 class LiveServer:
     """uvicorn serving `app` in a thread on a free port: real sockets, real HTTP."""
 
-    def __init__(self, app) -> None:
+    def __init__(self, app, context=None) -> None:
+        import contextvars
         import threading
 
         import uvicorn
@@ -239,7 +240,9 @@ class LiveServer:
         self.port = _free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        # A thread starts with an empty context: hand it the caller's (Prefect's settings).
+        context = context or contextvars.copy_context()
+        self.thread = threading.Thread(target=context.run, args=(self.server.run,), daemon=True)
 
     @property
     def url(self) -> str:
@@ -475,3 +478,224 @@ def test_logs_never_hold_the_secret_or_the_body(live, caplog) -> None:
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert f"{FT}@{SHA}" in text  # the decision is logged...
     assert SECRET not in text and marker not in text  # ...its inputs are not
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def _local_only_pipeline(tmp_path: Path) -> Path:
+    family = {
+        "aligned": str(tmp_path / "aligned"),
+        "reference": str(tmp_path / "base"),
+        "watch": {"kind": "local", "path": str(tmp_path / "watch")},
+        "registered_model": "m",
+    }
+    path = tmp_path / "local.yaml"
+    path.write_text(yaml.safe_dump({"families": {"organism": family}}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("local-only", "no family has watch.kind 'hub'"),
+        ("no-secret", "environment variable LSSF_WEBHOOK_SECRET is empty or unset"),
+        ("no-api", "PREFECT_API_URL is not set"),
+    ],
+)
+def test_serve_refuses_to_start_without_what_it_needs(
+    tmp_path, monkeypatch, capsys, setup, message
+):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from lssf.cli import main
+
+    config = _local_only_pipeline(tmp_path) if setup == "local-only" else _pipeline(tmp_path)
+    if setup != "no-secret":
+        monkeypatch.setenv("LSSF_WEBHOOK_SECRET", SECRET)
+    else:
+        monkeypatch.delenv("LSSF_WEBHOOK_SECRET", raising=False)
+    api = None if setup == "no-api" else "http://127.0.0.1:9/api"
+    with temporary_settings({PREFECT_API_URL: api}):
+        assert main(["webhook", "serve", "--config", str(config), "--port", "9"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and SECRET not in err
+
+
+@pytest.mark.slow
+def test_lssf_webhook_serve_answers_over_http(tmp_path: Path) -> None:
+    """The real command in its own process: secret from the env, the Hub offline -> 503."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = _free_port()
+    env = os.environ | {
+        "LSSF_WEBHOOK_SECRET": SECRET,
+        "PREFECT_API_URL": "http://127.0.0.1:9/api",  # never reached: nothing is emitted
+        "HF_HUB_OFFLINE": "1",
+    }
+    lssf = str(Path(sys.executable).with_name("lssf"))
+    command = [lssf, "webhook", "serve", "--config", str(_pipeline(tmp_path)), "--port", str(port)]
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "lssf webhook serve did not come up"
+                time.sleep(0.3)
+        assert _post(url, hub_payload(FT), secret="nope").status_code == 401
+        ignored = _post(url, hub_payload(FT, repo_type="dataset"))
+        assert ignored.status_code == 200 and "repo.type" in ignored.json()["ignored"]
+        assert _post(url, hub_payload(FT)).status_code == 503  # model_info cannot reach the Hub
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert f"{FT}@{SHA}" in out  # the decision is logged
+    assert SECRET not in out and "license:apache-2.0" not in out
+
+
+# -- one real run: a local `prefect server start`, the realign deployment, its trigger ------
+
+
+def _wait_healthy(api: str, server, timeout: float = 180.0) -> None:
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError("prefect server exited early")
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("prefect server did not become healthy")
+
+
+def _realign_runs(api: str) -> list[dict]:
+    import httpx
+
+    body = {"deployments": {"name": {"any_": ["realign"]}}}
+    return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json()
+
+
+async def _deploy_shipped_realign() -> None:
+    """prefect.yaml's realign deployment and its trigger, created as `prefect deploy` does
+    (prefect/cli/deploy/_triggers.py), through the API: tests/test_deployments.py already runs
+    the CLI, and one more of its processes costs this machine half a minute."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (realign,) = [d for d in spec["deployments"] if d["name"] == "realign"]
+    async with get_client() as client:
+        pool = realign["work_pool"]["name"]
+        await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        flow_id = await client.create_flow_from_name("realign")
+        deployment_id = await client.create_deployment(
+            flow_id=flow_id,
+            name=realign["name"],
+            entrypoint=realign["entrypoint"],
+            work_pool_name=pool,
+            path=str(ROOT),
+        )
+        for spec_trigger in realign["triggers"]:
+            trigger = DeploymentEventTrigger.model_validate(spec_trigger)
+            trigger.set_deployment_id(deployment_id)
+            await client.create_automation(trigger.as_automation())
+
+
+def _events_with_id(api: str, event_id: str, timeout: float = 30.0) -> list[dict]:
+    """The server's stored events of that id; the persister writes in batches, so wait."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        body = {"filter": {"id": {"id": [event_id]}}}
+        found = httpx.post(f"{api}/events/filter", json=body, timeout=10).json()["events"]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_webhook_delivery_starts_realign_through_the_trigger(tmp_path: Path) -> None:
+    """Hub delivery -> receiver -> event on a real Prefect server -> the trigger's realign run."""
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.webhook import create_app
+    from tasks.events import send_discovered
+
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api}
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_healthy(api, server)
+        with temporary_settings({PREFECT_API_URL: api}):
+            asyncio.run(_deploy_shipped_realign())
+            receiver = _receiver(tmp_path, send_discovered)
+            with LiveServer(create_app(receiver)) as hook:
+                first = _post(hook.url, hub_payload(ADAPTER))
+                assert first.status_code == 202, first.text
+                ((emitted),) = first.json()["emitted"]
+                deadline = time.monotonic() + 60
+                while not (runs := _realign_runs(api)) and time.monotonic() < deadline:
+                    time.sleep(1)
+                replay = _post(hook.url, hub_payload(ADAPTER))
+        assert replay.status_code == 200 and "already announced" in replay.json()["ignored"]
+        # The event is on the server, under the deterministic id...
+        found = _events_with_id(api, emitted["event_id"])
+        assert [e["resource"]["prefect.resource.id"] for e in found] == [
+            f"lssf.finetune.{ADAPTER}@{SHA}"
+        ]
+        # ...and the realign deployment's trigger turned it into one run with its parameters.
+        (run,) = runs
+        assert run["parameters"] == {
+            "finetuned": f"{ADAPTER}@{SHA}",
+            "revision": SHA,
+            "family": "qwen",
+            "config": receiver.config_ref,
+        }
+        assert len(_realign_runs(api)) == 1
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
