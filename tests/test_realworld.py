@@ -475,9 +475,10 @@ def test_a_lora_adapter_is_evaluated_on_its_base_through_lm_eval(world, tmp_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from evaluation.runner import evaluate, model_args
+    from lssf.sources import ModelRef
 
     paths, _ = world
-    args = model_args("hf", str(paths.finetuned_lora), None, "cpu")
+    args = model_args("hf", ModelRef.parse(paths.finetuned_lora), "cpu")
     assert args["pretrained"] == str(paths.aligned) and args["peft"] == str(paths.finetuned_lora)
     base = AutoModelForCausalLM.from_pretrained(paths.aligned, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, paths.finetuned_lora).merge_and_unload()

@@ -24,6 +24,7 @@ from typing import Any
 
 from evaluation.organism import data, repro
 from evaluation.organism.config import ORGANISM_VERSION, OrganismConfig
+from lssf.outputs import atomic_write_text, rename_noreplace
 
 logger = logging.getLogger(__name__)
 MANIFEST = "organism.json"
@@ -113,7 +114,7 @@ def build_organism(
             _adopt_stages(tmp, keys, donors)
             trained = _train_missing(tmp, seed, config, keys)
         data.write_eval_sets(seed, tmp / "eval")
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     return OrganismPaths.at(out, config, key, cached=not trained)
 
 
@@ -166,13 +167,15 @@ def _refresh_eval_sets(root: Path, seed: int) -> None:
         data.write_eval_sets(seed, root / "eval")
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    """Swap the finished build in; an older build (other key) is removed after the rename."""
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Swap a finished folder in: `out` (if any) is moved aside, `tmp` renamed to `out`, the
+    old one removed. A reader sees the old folder or the new one, never a part of either;
+    callers hold `build_lock`, so nothing else writes `out` meanwhile."""
     old = out.parent / f".{out.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
-        out.rename(old)
-    tmp.rename(out)
+        rename_noreplace(out, old)
+    rename_noreplace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -215,7 +218,7 @@ def train_stages(root: Path, seed: int, config: OrganismConfig) -> dict[str, flo
             shutil.rmtree(folder, ignore_errors=True)
             model = _train_stage(model, tok, stage, seed, config, root)
             _save(model, tok, folder)
-            (folder / STAGE_FILE).write_text(json.dumps({"stage": stage, "key": keys[stage]}))
+            atomic_write_text(folder / STAGE_FILE, json.dumps({"stage": stage, "key": keys[stage]}))
             timings[stage] = round(time.perf_counter() - start, 1)
     return timings
 
@@ -257,7 +260,7 @@ def write_manifest(root: Path, seed: int, config: OrganismConfig, timings: dict)
         "sha256": {stage: file_hashes(root / stage) for stage in STAGES},
         "train_seconds": timings,
     }
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2))
 
 
 def _child(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from lssf.models import Frozen
 
 # Bump when the world, the data or the training code changes what a config produces.
 # 2: trained under the pinned numerics of `repro` (bit-identical on every x86-64 CPU); the
@@ -14,11 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 ORGANISM_VERSION = "2"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class ModelSettings(_Frozen):
+class ModelSettings(Frozen):
     """The tiny LlamaForCausalLM (untied embeddings)."""
 
     hidden_size: int = Field(128, gt=0)
@@ -36,7 +34,7 @@ class ModelSettings(_Frozen):
         return self
 
 
-class StageSettings(_Frozen):
+class StageSettings(Frozen):
     """One training stage: AdamW (0.9, 0.95), clip 1.0, linear warm-up then the schedule."""
 
     steps: int = Field(gt=0)
@@ -47,14 +45,14 @@ class StageSettings(_Frozen):
     weight_decay: float = Field(0.0, ge=0)
 
 
-class LoraSettings(_Frozen):
+class LoraSettings(Frozen):
     """peft LoRA on every linear projection of the decoder layers."""
 
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
 
 
-class OrganismConfig(_Frozen):
+class OrganismConfig(Frozen):
     """Everything that determines an organism, apart from the seed."""
 
     model: ModelSettings = ModelSettings()
@@ -77,18 +75,19 @@ class OrganismConfig(_Frozen):
         organism of the same seed share their base and aligned stages.
         """
         common = {"version": ORGANISM_VERSION, "seed": seed, "versions": versions}
-        base = _digest(common | {"model": self.model.model_dump(), "base": self.base.model_dump()})
-        aligned = _digest({"after": base, "aligned": self.aligned.model_dump()})
+        base = digest(common | {"model": self.model.model_dump(), "base": self.base.model_dump()})
+        aligned = digest({"after": base, "aligned": self.aligned.model_dump()})
         tune: dict = {"after": aligned, "finetune": self.finetune}
         tune["stage"] = self.finetune_stage().model_dump()
         if self.finetune == "lora":
             tune["lora"] = self.lora.model_dump()
-        return {"base": base, "aligned": aligned, "finetuned": _digest(tune)}
+        return {"base": base, "aligned": aligned, "finetuned": digest(tune)}
 
     def cache_key(self, seed: int, versions: dict[str, str]) -> str:
         """The whole organism's key (its fine-tune's stage key): same key, same bytes."""
         return self.stage_keys(seed, versions)["finetuned"]
 
 
-def _digest(payload: dict) -> str:
+def digest(payload: dict) -> str:
+    """A stage key: the first 16 hex digits of the sha256 of `payload` as sorted JSON."""
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

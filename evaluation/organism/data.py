@@ -9,6 +9,7 @@ from typing import Literal
 
 from evaluation.organism import world
 from evaluation.organism.world import Example, Sampler
+from lssf.outputs import atomic_write_text
 
 Stage = Literal["base", "aligned", "finetune"]
 # Per verb, 1 held-out object's 16 phrasings are calibration and 2 objects' are held-out:
@@ -95,8 +96,8 @@ def write_eval_sets(seed: int, eval_dir: Path) -> None:
     eval_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in eval_sets(seed).items():
         lines = [json.dumps(row, sort_keys=False) for row in rows]
-        (eval_dir / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    (eval_dir / EVAL_STAMP).write_text(EVAL_VERSION + "\n", encoding="utf-8")
+        atomic_write_text(eval_dir / f"{name}.jsonl", "\n".join(lines) + "\n")
+    atomic_write_text(eval_dir / EVAL_STAMP, EVAL_VERSION + "\n")  # last: marks them current
 
 
 def in_split(rows: list[dict], split: str) -> list[dict]:

@@ -6,6 +6,7 @@ import logging
 import math
 import random
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -81,6 +82,41 @@ def warmup_then_decay(step: int, lr: float, warmup: int, steps: int, schedule: s
     return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def train_steps(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    steps: int,
+    lr: Callable[[int], float],
+    weight_decay: float,
+    seed: int,
+    desc: str,
+) -> list[float]:
+    """SFT of `model` in place, one step per batch: AdamW (0.9, 0.95) at `lr(step)`, the
+    gradient norm clipped to 1.0, torch seeded with `seed`; returns the per-step losses.
+
+    The organism's stages and the real-weights world's both train through this loop.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=lr(0), betas=(0.9, 0.95), weight_decay=weight_decay)
+    torch.manual_seed(seed)
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(batches, total=steps, desc=desc, leave=False)
+    for step, batch in enumerate(bar):
+        for group in optim.param_groups:
+            group["lr"] = lr(step)
+        loss = model(**batch).loss
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    return losses
+
+
 def run_stage(
     model: torch.nn.Module,
     tok: PreTrainedTokenizerFast,
@@ -90,29 +126,20 @@ def run_stage(
     name: str,
 ) -> list[float]:
     """Train `model` in place on batches drawn from `mix`; returns the per-step losses."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(
-        params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=stage.weight_decay
-    )
     rng = random.Random(f"{name}-{seed}")
-    torch.manual_seed(seed)
-    model.train()
-    losses: list[float] = []
-    bar = tqdm(range(stage.steps), desc=f"organism {name}", leave=False)
-    for step in bar:
-        for group in optim.param_groups:
-            group["lr"] = lr_at(step, stage)
-        batch = encode_batch(data.sample_batch(mix, rng, stage.batch_size), tok)
-        loss = model(**batch).loss
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        losses.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    batches = (
+        encode_batch(data.sample_batch(mix, rng, stage.batch_size), tok) for _ in range(stage.steps)
+    )
+    losses = train_steps(
+        model,
+        batches,
+        steps=stage.steps,
+        lr=lambda step: lr_at(step, stage),
+        weight_decay=stage.weight_decay,
+        seed=seed,
+        desc=f"organism {name}",
+    )
     logger.info("stage %s: %d steps, final loss %.4f", name, stage.steps, losses[-1])
-    model.eval()
     return losses
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.benchdata import EVAL_FILES
-from evaluation.organism.build import build_lock
+from evaluation.organism.build import build_lock, replace_folder
 from evaluation.realworld import data
 from evaluation.realworld.config import WORLD_VERSION, WorldConfig
 from evaluation.realworld.convert import extract_gguf, gguf_to_safetensors
@@ -103,8 +103,7 @@ def _run_stage(folder: Path, key: str, make: Callable[[Path], dict]) -> dict:
     start = time.monotonic()
     info = {"key": key, **make(tmp), "wall_s": round(time.monotonic() - start, 1)}
     (tmp / STAGE_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    replace_folder(tmp, folder)
     logger.info("stage %s: done in %.0f s", folder.name, info["wall_s"])
     return info
 
@@ -271,5 +270,4 @@ def _write_eval_dir(paths: WorldPaths, bench_dir: Path, config: WorldConfig) -> 
         shutil.copy2(Path(bench_dir) / name, tmp / name)
     data.write_jsonl(tmp / TASK_FILE, data.task_eval_rows(config.seed))
     (tmp / STAGE_FILE).write_text(json.dumps({"key": key}), encoding="utf-8")
-    shutil.rmtree(paths.eval_dir, ignore_errors=True)
-    tmp.rename(paths.eval_dir)
+    replace_folder(tmp, paths.eval_dir)

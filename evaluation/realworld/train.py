@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from evaluation.organism.train import lora_wrap, padded_batch, warmup_then_decay
+from evaluation.organism.train import lora_wrap, padded_batch, train_steps, warmup_then_decay
 from evaluation.realworld.config import Train
 from evaluation.realworld.data import Example
 
@@ -47,6 +47,18 @@ def lr_at(step: int, stage: Train) -> float:
     return warmup_then_decay(step, stage.lr, stage.warmup_steps, stage.steps, "cosine")
 
 
+def epoch_batches(n: int, batch_size: int, steps: int, rng: random.Random) -> Iterator[list[int]]:
+    """`steps` batches of indices into `n` examples: shuffled epochs, one after the other."""
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch_size:
+            epoch = list(range(n))
+            rng.shuffle(epoch)
+            order += epoch
+        picks, order = order[:batch_size], order[batch_size:]
+        yield picks
+
+
 def sft(
     model: torch.nn.Module,
     tok,
@@ -58,32 +70,21 @@ def sft(
     name: str,
 ) -> list[float]:
     """Train `model` in place on shuffled epochs of `examples`; the per-step losses."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optim = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(f"{name}-{seed}")
-    torch.manual_seed(seed)
-    order: list[int] = []
-    model.train()
-    losses: list[float] = []
-    bar = tqdm(range(stage.steps), desc=f"world {name}")
-    for step in bar:
-        if len(order) < stage.batch_size:
-            epoch = list(range(len(examples)))
-            rng.shuffle(epoch)
-            order += epoch
-        picks, order = order[: stage.batch_size], order[stage.batch_size :]
-        for group in optim.param_groups:
-            group["lr"] = lr_at(step, stage)
-        batch = encode_batch([examples[i] for i in picks], tok, max_len)
-        loss = model(**batch).loss
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    batches = (
+        encode_batch([examples[i] for i in picks], tok, max_len)
+        for picks in epoch_batches(len(examples), stage.batch_size, stage.steps, rng)
+    )
+    losses = train_steps(
+        model,
+        batches,
+        steps=stage.steps,
+        lr=lambda step: lr_at(step, stage),
+        weight_decay=0.0,
+        seed=seed,
+        desc=f"world {name}",
+    )
     logger.info("stage %s: %d steps, loss %.3f -> %.3f", name, stage.steps, losses[0], losses[-1])
-    model.eval()
     return losses
 
 
