@@ -22,7 +22,7 @@ from lssf.pipeline import BufferPool, ByteBudget, MappedFile
 from lssf.st_io import Header, TensorInfo, read_header, read_tensor, short
 
 if TYPE_CHECKING:
-    from lssf.sources import SourceRecord
+    from lssf.models import SourceRecord
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

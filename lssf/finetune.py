@@ -19,13 +19,7 @@ from lssf.errors import CheckpointError, PatchMismatchError
 from lssf.lora import ADAPTER_CONFIG, LoraAdapter, MergedView, is_adapter
 from lssf.patch import SafetyPatch
 from lssf.provenance import declared_base
-from lssf.sources import (
-    ModelRef,
-    SourceRecord,
-    content_files,
-    resolve_source,
-    with_hashes,
-)
+from lssf.sources import ModelRef, SourceRecord, content_files, resolve_source, with_hashes
 from lssf.st_io import file_sha256
 
 log = logging.getLogger(__name__)

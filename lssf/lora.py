@@ -29,16 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lssf.checkpoint import PICKLE_SUFFIXES, Checkpoint, check_tensors, folder_file
-from lssf.errors import (
-    CheckpointError,
-    PickleRefusedError,
-    ShapeMismatchError,
-)
+from lssf.errors import CheckpointError, PickleRefusedError, ShapeMismatchError
 from lssf.pipeline import BufferPool, MappedFile, give_back
 from lssf.st_io import Header, TensorInfo, read_header, read_tensor, short
 
 if TYPE_CHECKING:
-    from lssf.sources import SourceRecord
+    from lssf.models import SourceRecord
 
 log = logging.getLogger(__name__)
 

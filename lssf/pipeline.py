@@ -15,11 +15,14 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from lssf.errors import CheckpointError
-from lssf.st_io import PlannedWriter, TensorInfo
+
+if TYPE_CHECKING:  # st_io imports this module's BufferPool the same way: no cycle at run time
+    from lssf.st_io import PlannedWriter, TensorInfo
 
 
 class BufferPool:

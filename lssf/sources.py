@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
-
 from lssf.checkpoint import folder_file, weight_files
 from lssf.errors import CheckpointError
 from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter
-from lssf.models import Frozen
+from lssf.models import Frozen, SourceRecord
 from lssf.st_io import file_sha256
+
+__all__ = ["SIDE_FILES", "ModelRef", "SourceRecord", "local_revision", "resolve_source"]
 
 log = logging.getLogger(__name__)
 
@@ -98,22 +98,6 @@ class ModelRef(Frozen):
         if self.is_local or self.revision is None:
             return self.repo
         return f"{self.repo}@{self.revision}"
-
-
-class SourceRecord(Frozen):
-    """What a model reference resolved to, for provenance."""
-
-    ref: str
-    kind: str  # "local" or "hub"
-    repo_id: str | None = None
-    revision: str
-    path: str
-    files: dict[str, str] = Field(default_factory=dict)  # file name -> sha256
-
-    @property
-    def name(self) -> str:
-        """The Hub id, or the folder's path."""
-        return self.repo_id or self.path
 
 
 def _exists(path: str | Path) -> bool:
