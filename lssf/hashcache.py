@@ -17,7 +17,8 @@ Storage: one small JSON file per input path under ``cache_dir()`` (``$LSSF_CACHE
 ``~/.cache/lssf/hashes``), named by the SHA-256 of the path, written to a temporary file and
 ``os.replace``d, so concurrent processes never leave a partial entry (the last writer wins).
 An entry that is unreadable, corrupt, of another user, or for other stat data is a miss (logged
-at debug level), never an error. ``LSSF_HASH_CACHE=0`` turns the cache off.
+at debug level), never an error. ``LSSF_HASH_CACHE=0`` turns the cache off; ``prune()`` drops
+entries of files that are gone or changed.
 
 Pure standard library: importing this costs nothing.
 """
@@ -180,6 +181,27 @@ def _write_atomic(target: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def prune() -> int:
+    """Delete entries whose file is gone or has changed (and unreadable ones); how many.
+
+    Entries accumulate one per input path ever hashed (temporary folders included); nothing
+    calls this on its own. Entries being written by another process are left alone.
+    """
+    removed = 0
+    folder = cache_dir()
+    for entry in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = json.loads(entry.read_text(encoding="utf-8"))
+            real = data["path"] if isinstance(data, dict) else None
+            keep = isinstance(real, str) and _valid(data, real, os.stat(real))
+        except (OSError, ValueError, KeyError):
+            keep = False
+        if not keep:
+            entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 24) -> str:

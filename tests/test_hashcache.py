@@ -191,6 +191,19 @@ def test_file_sha256_uses_the_cache(cache: Path, tmp_path: Path) -> None:
     assert hashcache.file_sha256(f) == fake
 
 
+def test_prune_drops_stale_entries_only(cache: Path, tmp_path: Path) -> None:
+    keep, gone, changed = (tmp_path / n for n in ("keep.bin", "gone.bin", "changed.bin"))
+    for f in (keep, gone, changed):
+        hashcache.store_sha256(f, write(f, f.name.encode()))
+    (cache / ("f" * 64 + ".json")).write_text("{not json")
+    gone.unlink()
+    time.sleep(TICK_S)
+    write(changed, b"new content")
+    assert hashcache.prune() == 3
+    assert len(entries(cache)) == 1
+    assert hashcache.cached_sha256(keep) == hashlib.sha256(b"keep.bin").hexdigest()
+
+
 WRITER = """
 import sys
 from lssf import hashcache
