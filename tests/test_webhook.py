@@ -19,6 +19,7 @@ from huggingface_hub import ModelInfo
 from tasks.events import DISCOVERED_EVENT, discovered_event, event_id
 from tasks.lineage import lineage_of
 from tasks.sources import Candidate
+from tests.test_deployments import _flow_runs, _free_port, _wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -218,14 +219,6 @@ class Recorder:
             raise ConnectionError("Prefect server unreachable")
         self.sent.append((candidate.key, family, config))
         return str(discovered_event(candidate, family, config)["id"])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveServer:
@@ -574,31 +567,6 @@ def test_lssf_webhook_serve_answers_over_http(tmp_path: Path) -> None:
 # -- one real run: a local `prefect server start`, the realign deployment, its trigger ------
 
 
-def _wait_healthy(api: str, server, timeout: float = 180.0) -> None:
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError("prefect server exited early")
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("prefect server did not become healthy")
-
-
-def _realign_runs(api: str) -> list[dict]:
-    import httpx
-
-    body = {"deployments": {"name": {"any_": ["realign"]}}}
-    return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json()
-
-
 async def _deploy_shipped_realign() -> None:
     """prefect.yaml's realign deployment and its trigger, created as `prefect deploy` does
     (prefect/cli/deploy/_triggers.py), through the API: tests/test_deployments.py already runs
@@ -678,7 +646,7 @@ def test_a_webhook_delivery_starts_realign_through_the_trigger(tmp_path: Path) -
                 assert first.status_code == 202, first.text
                 ((emitted),) = first.json()["emitted"]
                 deadline = time.monotonic() + 60
-                while not (runs := _realign_runs(api)) and time.monotonic() < deadline:
+                while not (runs := _flow_runs(api, "realign")) and time.monotonic() < deadline:
                     time.sleep(1)
                 replay = _post(hook.url, hub_payload(ADAPTER))
         assert replay.status_code == 200 and "already announced" in replay.json()["ignored"]
@@ -695,7 +663,7 @@ def test_a_webhook_delivery_starts_realign_through_the_trigger(tmp_path: Path) -
             "family": "qwen",
             "config": receiver.config_ref,
         }
-        assert len(_realign_runs(api)) == 1
+        assert len(_flow_runs(api, "realign")) == 1
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
