@@ -48,15 +48,17 @@ logger = logging.getLogger("real_model_results")
 
 
 def _evaluate_heldout(model: Path, out: Path, family: Any) -> dict[str, Any]:
-    """The model's held-out report (reused when complete)."""
+    """The model's held-out report as a dict (reused when complete), `wall_s` its duration.
+
+    The report file is left as `evaluate` wrote it (an `EvalReport`); files of earlier runs
+    carry `wall_s` themselves."""
     from evaluation.runner import evaluate
 
     if out.is_file():
         report = json.loads(out.read_text())
         if report.get("status") == "ok" and report.get("limit") == family.eval_limit:
-            return report
-    start = time.monotonic()
-    evaluate(
+            return {"wall_s": report.get("duration_s"), **report}
+    result = evaluate(
         str(model),
         family.suite,
         out,
@@ -64,12 +66,9 @@ def _evaluate_heldout(model: Path, out: Path, family: Any) -> dict[str, Any]:
         limit=family.eval_limit,
         split="heldout",
     )
-    report = json.loads(out.read_text())
-    report["wall_s"] = round(time.monotonic() - start, 1)
-    out.write_text(json.dumps(report, indent=2))
-    if report["status"] != "ok":
-        raise RuntimeError(f"evaluation of {model} failed: {report.get('error')}")
-    return report
+    if result.status != "ok":
+        raise RuntimeError(f"evaluation of {model} failed: {result.error}")
+    return {**json.loads(result.model_dump_json()), "wall_s": result.duration_s}
 
 
 def _trace(state: Path, outcome: dict[str, Any], method: str) -> list[dict[str, Any]]:
@@ -144,9 +143,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _remember_wall(path: Path, key: str, outcome: dict[str, Any]) -> None:
     """The first (real) wall time of a realign; a rerun that found it finished is quick."""
+    from lssf.outputs import write_json
+
     walls = _read_json(path)
     walls.setdefault(key, outcome["wall_s"])
-    path.write_text(json.dumps(walls, indent=2))
+    write_json(path, walls)
 
 
 def _method_of(patch_config: dict[str, Any]) -> str:
