@@ -409,11 +409,16 @@ def test_a_narrower_content_scope_counts_as_repo_content(live) -> None:
 def test_a_replayed_delivery_emits_once_even_after_a_restart(tmp_path: Path, live) -> None:
     from flows.webhook import create_app
 
-    url, recorder, _ = live
+    url, recorder, receiver = live
     assert _post(url, hub_payload(FT)).status_code == 202
     replay = _post(url, hub_payload(FT))
     assert replay.status_code == 200 and "already announced" in replay.json()["ignored"]
     assert len(recorder.sent) == 2  # two families, once each
+    key = f"{FT}@{SHA}"
+    assert sorted(receiver.seen.sent()) == [
+        (key, "qwen", str(event_id(key, "qwen"))),
+        (key, "qwen-ft-only", str(event_id(key, "qwen-ft-only"))),
+    ]
     # A new commit of the same repo is a new candidate.
     assert _post(url, hub_payload(FT, SHA2)).status_code == 202
     assert len(recorder.sent) == 4
