@@ -95,7 +95,8 @@ def print_table(res: dict, sizes: list[float], ops: list[str], runs: int) -> Non
 
     print(f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS', 'default')}; {time.strftime('%Y-%m-%d %H:%M %Z')}."
-          f" Whole processes, median of {runs} alternating runs.\n")  # fmt: skip
+          f" Whole processes, median of {runs} alternating runs; LSSF_HASH_CACHE="
+          f"{os.environ.get('LSSF_HASH_CACHE', 'unset')}.\n")  # fmt: skip
     print("| command | size | checkpoint GB | wall s | CPU s | s per GB | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for op in ops:
