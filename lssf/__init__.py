@@ -10,6 +10,7 @@ Typed API::
 
 from lssf._version import __version__
 from lssf.adapter_out import export_patch_adapter
+from lssf.checkpoint import TensorSource
 from lssf.config import PatchConfig
 from lssf.errors import (
     CheckpointError,
@@ -24,8 +25,10 @@ from lssf.errors import (
     ShapeMismatchError,
 )
 from lssf.extract import extract
+from lssf.finetune import open_finetune
 from lssf.fuse import FuseResult, fuse
 from lssf.patch import PatchManifest, SafetyPatch
+from lssf.provenance import Provenance
 from lssf.sources import ModelRef, SourceRecord, local_revision, resolve_source
 
 __all__ = [
@@ -42,13 +45,16 @@ __all__ = [
     "PatchManifest",
     "PatchMismatchError",
     "PickleRefusedError",
+    "Provenance",
     "SafetyPatch",
     "ShapeMismatchError",
     "SourceRecord",
+    "TensorSource",
     "__version__",
     "export_patch_adapter",
     "extract",
     "fuse",
     "local_revision",
+    "open_finetune",
     "resolve_source",
 ]

@@ -11,7 +11,6 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
@@ -24,6 +23,7 @@ from pydantic_core import InitErrorDetails
 
 from lssf.errors import ConfigError
 from lssf.methods import BASES, RANK_RULES
+from lssf.models import Frozen
 
 # Linear weights inside the repeated transformer blocks ("model.layers.3.mlp.up_proj.weight").
 DEFAULT_INCLUDE = (r"(^|\.)(layers|h|blocks|layer)\.\d+\..*\.weight$",)
@@ -40,10 +40,8 @@ ACTIVATION_FIELDS = (
 )
 
 
-class PatchConfig(BaseModel):
+class PatchConfig(Frozen):
     """How a safety patch is computed from an aligned/reference pair."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     rank_rule: str = Field("entropy", description="rank rule: entropy (LSSF), energy, full")
     eta: float = Field(0.85, gt=0.0, le=1.0, description="threshold of the rank rule, in (0, 1]")

@@ -75,10 +75,10 @@ BLOCK_BYTES = 1 << 19
 MIN_ROWS = 16
 # Targets at least this big are computed in two halves on two threads.
 SPLIT_BYTES = 1 << 21
-# How a plain checkpoint's shards are read: "read" (``pread`` into recycled buffers: the bytes
-# hashed are the bytes fused) or "map" (views of the mapped file, no copy). Measured on 1 GB
-# (benchmarks/fuse_speed.py, 2026-12-01): "read" 3.3 s, "map" 3.6 s quiet; under load the
-# other way round (5.3 s, 4.6 s). No clear win, so the simpler guarantee is the default.
+# How the fine-tune's shards (a LoRA's: its base's) are read: "read" (``pread`` into recycled
+# buffers: the bytes hashed are the bytes fused) or "map" (views of the mapped file, no copy).
+# Measured on 1 GB (benchmarks/fuse_speed.py, 2026-12-01): "read" 3.3 s, "map" 3.6 s quiet;
+# under load the other way round (5.3 s, 4.6 s). No clear win: the simpler guarantee is default.
 READ_MODE = "read"
 
 
