@@ -76,8 +76,12 @@ class Provenance(Frozen):
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The on-disk form: the keys above, ``format`` by its name, unset ones left out."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        """The on-disk form: ``format`` by its name, unset top-level keys left out.
+
+        Nested nulls (``patch_config.max_rank``, ``repo_id``) stay, as the config resolved.
+        """
+        data = self.model_dump(mode="json", by_alias=True)
+        return {key: value for key, value in data.items() if value is not None}
 
 
 def write_outputs(folder: Path, provenance: Provenance, card: str) -> None:
