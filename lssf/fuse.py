@@ -61,12 +61,6 @@ def side_files(folder: Path) -> dict[str, Path]:
     return {name: path for name, path in found.items() if path is not None}
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
-    """Content only: the output's files get the umask's permissions, not the source's."""
-    for name, path in side_files(src).items():
-        shutil.copyfile(path, dst / name)
-
-
 # fp32 rows per block: the block stays in the core's cache from the cast to the rounding.
 BLOCK_BYTES = 1 << 19
 # No block has fewer rows (unless the tensor has): MKL multiplies 1-3 rows with other kernels
@@ -120,21 +114,19 @@ def single_threaded_ops() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
 class _Fuser:
-    """Fused values of the patch's targets, each checked finite (the writer skips them)."""
+    """Fused values of the patch's targets, each checked finite (the writer skips them).
 
-    def __init__(
-        self,
-        patch: SafetyPatch,
-        alpha: float,
-        dev: torch.device,
-        pool: ThreadPoolExecutor,
-        buffers: BufferPool,
-        release: Callable[[torch.Tensor], None],
-    ) -> None:
-        """``buffers``/``release``: where outputs come from and inputs go once fused."""
-        self.patch, self.alpha, self.dev, self.pool = patch, alpha, dev, pool
-        self.buffers, self.release = buffers, release
+    Outputs come from ``buffers``; inputs replaced by their fused value go to ``release``.
+    """
+
+    patch: SafetyPatch
+    alpha: float
+    dev: torch.device
+    pool: ThreadPoolExecutor
+    buffers: BufferPool
+    release: Callable[[torch.Tensor], None]
 
     def __call__(self, name: str, w: torch.Tensor) -> torch.Tensor:
         """``w + alpha * U' C`` for patch tensor ``name``."""
@@ -211,14 +203,15 @@ def _write_model(
     progress: bool,
 ) -> tuple[int, Provenance]:
     """The fine-tune with the patch fused in, shard by shard like its (base) model folder."""
-    side_files(ft.folder)  # refuse escaping side files before any work
+    sides = side_files(ft.folder)  # refuse escaping side files before any work
     total = sum(i.nbytes for h in ft.headers for i in h.tensors.values())
     with atomic_folder(out, overwrite=overwrite, inputs=[*ft.folders, patch.folder]) as tmp:
         with tqdm(total=total, desc="fuse", unit="B", unit_scale=True, disable=not progress) as bar:
             n_fused = sum(
                 _write_shard(ft, h, tmp / h.path.name, patch, alpha, dev, bar) for h in ft.headers
             )
-        _copy_side_files(ft.folder, tmp)
+        for name, path in sides.items():  # content only: the umask's permissions, not theirs
+            shutil.copyfile(path, tmp / name)
         streamed = dict(ft.sha256) | hash_files(ft.folder, list(SIDE_FILES))
         prov = Provenance.build(patch.manifest, alpha, finetune_sources(ft, streamed))
         write_outputs(tmp, prov, model_card(prov, patch.manifest, None))
