@@ -257,11 +257,13 @@ def evaluate(
     (what tuning, e.g. the alpha search, reads) or "all". `judge` overrides the suite's judge;
     `max_gen_toks` caps every task's answer length (default: the suite's `max_gen_toks`). Bad
     names (suite, judge, split) raise at once; anything that goes wrong during the evaluation
-    gives a report with status "error".
+    gives a report with status "error". A device that is unknown or absent raises
+    `lssf.errors.ConfigError` at once.
     """
     from lm_eval.tasks import TaskManager
 
     check_split(split)
+    pick_device(device)  # an unknown or absent device is bad input: refused before anything runs
     out = Path(out)
     ours = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     suite_cfg = load_suite(suite, ours.all_subtasks)

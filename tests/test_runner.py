@@ -13,6 +13,7 @@ from evaluation.judges import JudgeError
 from evaluation.report import EvalReport
 from evaluation.runner import evaluate, samples_path_for
 from evaluation.suites import EvaluationConfigError
+from lssf.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"
 MINI = DATA / "organism_mini"
@@ -133,6 +134,8 @@ def test_bad_names_raise_before_anything_runs(chat_model: Path, tmp_path: Path) 
         evaluate(chat_model, "organism", tmp_path / "r.json", data_dir=MINI, judge="nope")
     with pytest.raises(EvaluationConfigError, match="does not exist"):
         evaluate(chat_model, tmp_path / "nope.yaml", tmp_path / "r.json")
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
+        evaluate(chat_model, "organism", tmp_path / "r.json", data_dir=MINI, device="tpu")
     assert not (tmp_path / "r.json").exists()
 
 
