@@ -52,12 +52,12 @@ class ModelRef(Frozen):
         if isinstance(ref, ModelRef):
             return ref
         text = str(ref)
+        if not text.strip():
+            raise CheckpointError("empty model reference; name a folder or a Hub id org/name")
         if _exists(text):
             return cls(repo=str(Path(text).expanduser().resolve()), kind="local")
-        name, at, rev = text.rpartition("@")
-        if not at:
-            name, rev = text, ""
-        if at and _exists(name):
+        name, _, rev = text.rpartition("@") if "@" in text else (text, "", "")
+        if "@" in text and _exists(name):
             raise CheckpointError(
                 f"{text!r}: {name} is a local folder, which has no revisions; drop @{rev} "
                 "(or name a Hub id org/name@revision)"

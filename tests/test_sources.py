@@ -39,6 +39,8 @@ def test_model_ref_parse_str_and_pinned(tmp_path):
     for bad in ("not a ref", "org/", "a/b/c", "org/name@v1@beta"):
         with pytest.raises(CheckpointError, match="neither an existing folder"):
             ModelRef.parse(bad)
+    with pytest.raises(CheckpointError, match="empty model reference"):
+        ModelRef.parse("")
     with pytest.raises(CheckpointError, match="has no revisions"):
         ModelRef.parse(f"{odd}@main")
 
