@@ -28,7 +28,7 @@ def test_prefect_yaml_parses_with_prefects_own_model() -> None:
     from prefect.cli.deploy._models import PrefectYamlModel
 
     model = PrefectYamlModel.model_validate(yaml.safe_load(PREFECT_YAML.read_text()))
-    assert {d.name for d in model.deployments} == {"watch", "realign"}
+    assert {d.name for d in model.deployments} == {"watch", "realign", "realign-k8s"}
 
 
 @pytest.mark.parametrize("deployment", _deployments(), ids=lambda d: d["name"])
@@ -170,6 +170,8 @@ def test_watch_deployment_runs_on_a_worker_and_triggers_realign(tmp_path: Path) 
 
         for pool in ("lssf-process", "lssf-gpu"):
             run("work-pool", "create", pool, "--type", "process")
+        template = str(ROOT / "deploy" / "k8s-gpu-job-template.json")  # realign-k8s's pool
+        run("work-pool", "create", "lssf-k8s", "-t", "kubernetes", "--base-job-template", template)
         run("deploy", "--all", "--prefect-file", str(prefect_file))
         run("deployment", "run", "watch/watch")
         run("worker", "start", "--pool", "lssf-process", "--run-once", timeout=400)
