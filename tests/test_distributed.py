@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lssf import PatchConfig, SafetyPatch, extract, fuse
-from lssf.errors import CheckpointError, ConfigError, PatchIntegrityError
+from lssf.errors import CheckpointError, ConfigError, OutputExistsError, PatchIntegrityError
 from lssf.extract import assemble_patch, extract_shard, group_by_layer, list_targets
 from lssf.outputs import PROVENANCE
 from lssf.patch import FACTORS, MANIFEST, SHARDED_FORMAT_VERSION
 from lssf.st_io import file_sha256
 from lssf.synthetic import LlamaShape, make_trio
-from tasks.extract_tasks import worker_device, worker_rank
+from tasks.extract_tasks import extract_group, plan_shards, worker_device, worker_rank
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=3, heads=4, kv_heads=2, vocab=64)
 
@@ -243,6 +243,26 @@ def test_group_by_layer_keeps_order_and_puts_the_rest_last():
     ]
     with pytest.raises(ConfigError, match="at least 1"):
         group_by_layer(names, 0)
+
+
+def test_a_retried_group_reuses_its_intact_shard_and_redoes_a_damaged_one(trio, tmp_path):
+    args = str(trio["aligned"]), str(trio["reference"])
+    (names, *_) = plan_shards.fn(*args, str(tmp_path / "out"), PatchConfig())
+    shard = tmp_path / "g.safetensors"
+    extract_group.fn(*args, str(shard), names, PatchConfig())
+    first = shard.stat().st_mtime_ns
+    extract_group.fn(*args, str(shard), names, PatchConfig())
+    assert shard.stat().st_mtime_ns == first  # reused, not recomputed
+    good = shard.read_bytes()
+    _edit_shard(shard)
+    extract_group.fn(*args, str(shard), names, PatchConfig())
+    assert shard.read_bytes() == good  # recomputed: the same bytes as the first time
+
+
+def test_the_flow_refuses_an_existing_output_before_any_work(trio, single):
+    args = str(trio["aligned"]), str(trio["reference"])
+    with pytest.raises(OutputExistsError, match="exists"):
+        plan_shards.fn(*args, str(single.folder), PatchConfig())
 
 
 @pytest.mark.slow
