@@ -280,3 +280,19 @@ def test_the_flow_on_a_local_two_worker_dask_cluster_equals_one_process(trio, si
     assert len(patch.manifest.shards) == SHAPE.layers
     assert_same_factors(single, patch)
     assert not staging_folder(out).exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_shards_on_the_gpu_equal_one_gpu_process(trio, tmp_path):
+    """Each group on the device a worker of rank i pins (cuda:i mod GPUs), against one process
+    on cuda:0: the same kernels on the same device model, so the same factors."""
+    args = trio["aligned"], trio["reference"]
+    one = extract(*args, tmp_path / "one", device="cuda:0", progress=False)
+    groups = group_by_layer(list_targets(*args))
+    shards = []
+    for rank, names in enumerate(groups):
+        shards.append(tmp_path / f"g{rank}.safetensors")
+        device = worker_device(rank, torch.cuda.device_count())
+        extract_shard(*args, shards[-1], names, device=device)
+    assert_same_factors(one, assemble_patch(shards, *args, tmp_path / "sharded"))
