@@ -4,8 +4,9 @@
 - `lssf config schema` / `lssf config validate FILE`: the config's JSON schema; check a file.
 - `lssf promote --config FILE --family NAME [--version N]`: alias `champion` onto a version.
 
-Each handler parses, validates, calls, and returns an exit code. Prefect and MLflow are
-imported inside handlers so `lssf --help` stays fast.
+Each handler parses, validates, calls, and returns an exit code; bad input is one line on
+stderr and exit status 2, as in `lssf.cli`. Prefect and MLflow are imported inside handlers so
+`lssf --help` stays fast.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ import sys
 from pathlib import Path
 
 DEFAULT_DEMO_DIR = Path(".state/demo")
+USAGE_ERROR = 2
+
+
+def _usage_error(command: str, exc: Exception) -> int:
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    print(f"lssf {command}: error: {message}", file=sys.stderr)
+    return USAGE_ERROR
 
 
 def _quiet_defaults() -> None:
@@ -111,8 +119,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.file)
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
+        return _usage_error("config validate", exc)
     names = ", ".join(sorted(cfg.families))
     print(f"{args.file}: valid; families: {names}; tracking URI: {cfg.resolved_tracking_uri()}")
     return 0
@@ -130,17 +137,16 @@ def register_config(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from lssf.errors import ConfigError
     from tasks import registry
     from tasks.config import load_config
 
-    cfg = load_config(args.config)
-    fam = cfg.family(args.family)
-    client = registry.client_for(cfg.resolved_tracking_uri())
     try:
+        fam = (cfg := load_config(args.config)).family(args.family)
+        client = cfg.record_store().client()
         version = registry.promote(client, fam.registered_model, args.version, to_alias=args.alias)
-    except (ValueError, registry.MlflowException) as exc:
-        print(f"lssf promote: error: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, KeyError, ValueError, registry.MlflowException) as exc:
+        return _usage_error("promote", exc)
     print(f"{fam.registered_model} version {version.version} is now '{args.alias}'")
     return 0
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lssf.outputs import atomic_folder, atomic_write_text
 from tasks.config import PipelineConfig
 
 if TYPE_CHECKING:
@@ -55,21 +56,16 @@ def demo_config(
     data["state_dir"] = str(workdir / "state")
     data.pop("tracking_uri", None)  # default: sqlite:////<workdir>/state/mlflow.db
     PipelineConfig.model_validate(data)  # fail here, not inside the flow
-    path = workdir / "lssf-demo.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return atomic_write_text(workdir / "lssf-demo.yaml", yaml.safe_dump(data, sort_keys=False))
 
 
 def place_in_watch_folder(finetuned: Path, watch_dir: Path) -> Path:
     """Copy the fine-tuned model into the watch folder once (atomically: copy, then rename)."""
     dst = watch_dir / WATCHED_NAME
-    if dst.is_dir():
-        return dst
-    watch_dir.mkdir(parents=True, exist_ok=True)
-    tmp = watch_dir / f".{WATCHED_NAME}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(finetuned, tmp)
-    tmp.rename(dst)
+    if not dst.is_dir():
+        watch_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_folder(dst, inputs=[finetuned]) as tmp:
+            shutil.copytree(finetuned, tmp, dirs_exist_ok=True)
     return dst
 
 
@@ -100,9 +96,8 @@ def run_demo(
     cfg = load_config(config_path)
     fam = cfg.family(FAMILY)
     (cand,) = LocalFolderSource(workdir / "watch").list()
-    client = registry.client_for(cfg.resolved_tracking_uri())
-    exp = registry.ensure_experiment(client, cfg.experiment, cfg.artifact_root())
-    run = registry.find_final_run(client, exp, cand.key)
+    client, exp = cfg.record_store().open()
+    run = registry.find_final_run(client, exp, cand.key, FAMILY)
     if run is None:
         reason = results[0].get("reason") if results else "no record"
         raise RuntimeError(f"the realign of {cand.key} did not finish: {reason}")

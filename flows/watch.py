@@ -27,9 +27,7 @@ def watch(
     fam = cfg.family(family)
     use_hf_token(cfg.hf_token_secret)
     found = list_source(fam.watch, fam.aligned)
-    fresh = drop_processed(
-        found, cfg.resolved_tracking_uri(), cfg.experiment, str(cfg.artifact_root())
-    )
+    fresh = drop_processed(found, cfg.record_store(), family)
     results: list[dict[str, Any]] = []
     for cand in fresh:
         if dispatch == "event":

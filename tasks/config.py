@@ -12,21 +12,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from evaluation.alpha_search import AlphaSearchConfig
 from evaluation.gates import GateConfig, default_gate_config
-from lssf.config import PatchConfig, load_yaml_config
+from lssf.config import PatchConfig, load_yaml_model
+from lssf.models import Frozen
+
+if TYPE_CHECKING:
+    from tasks.registry import RecordStore
 
 DEFAULT_STATE_DIR = Path(".state")
 LINEAGES = ("finetune", "adapter")
 
 
-class _Frozen(BaseModel):
+class _Frozen(Frozen):
     # allow_inf_nan=False: `.inf` or `.nan` in YAML fails naming the field, never slips through.
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(**Frozen.model_config, allow_inf_nan=False)
 
 
 class WatchConfig(_Frozen):
@@ -51,14 +55,10 @@ class WatchConfig(_Frozen):
         "base_model:adapter:<id>",
     )
     max_candidates: int = Field(
-        20, ge=1, description="newest candidates considered per watch run and lineage"
-    )
-    page_size: int = Field(100, ge=1, le=1000, description="models per Hub API page")
-    max_retries: int = Field(
-        5, ge=0, description="retries of one Hub request on 429, 5xx or a network error"
-    )
-    backoff_seconds: float = Field(
-        1.0, ge=0.0, description="first wait between Hub retries; doubles each time (capped 60 s)"
+        20,
+        ge=1,
+        description="newest candidates listed per watch run and lineage (Hub retries are the"
+        " client's: 429/5xx/network errors back off, honouring Retry-After)",
     )
 
     @model_validator(mode="after")
@@ -217,6 +217,13 @@ class PipelineConfig(_Frozen):
         """Where MLflow artifacts go when the experiment is created here (not ./mlruns)."""
         return self.resolved_state_dir() / "mlartifacts"
 
+    def record_store(self) -> RecordStore:
+        """Where this pipeline's MLflow record lives."""
+        from tasks.registry import RecordStore
+
+        uri, root = self.resolved_tracking_uri(), self.artifact_root()
+        return RecordStore(tracking_uri=uri, experiment=self.experiment, artifact_root=root)
+
     def family(self, name: str) -> FamilyConfig:
         try:
             return self.families[name]
@@ -227,7 +234,7 @@ class PipelineConfig(_Frozen):
 
 def load_config(path: str | Path) -> PipelineConfig:
     """Read and validate a pipeline YAML; a ConfigError names the file and every bad field."""
-    return load_yaml_config(PipelineConfig, Path(path))
+    return load_yaml_model(path, PipelineConfig)
 
 
 def config_schema() -> str:

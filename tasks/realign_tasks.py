@@ -12,18 +12,25 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 from prefect.context import TaskRunContext
+from pydantic import BaseModel, ConfigDict
 
-from evaluation.gates import GateConfig
+from evaluation.gates import GateConfig, GateReport, evaluate_gate
+from evaluation.report import EvalReport
 from lssf import PatchConfig
 from lssf.patch import MANIFEST as PATCH_MANIFEST
+from lssf.patch import PatchManifest
 from lssf.provenance import PROVENANCE
+from lssf.sources import ModelRef
 from tasks._log import run_logger
-from tasks.sources import content_hash
+from tasks.config import FamilyConfig, PipelineConfig
+from tasks.registry import RecordStore
+from tasks.sources import Candidate
 
 
 def slug(key: str) -> str:
@@ -43,22 +50,22 @@ def _key_if_exists(path: Path, *parts: Any) -> str | None:
 
 
 @task(retries=3, retry_delay_seconds=[5, 20, 60])
-def resolve_revision(ref: str) -> str:
-    """Exact revision of a model reference: Hub commit sha, or content hash of a folder."""
-    local = Path(ref).expanduser()
-    if local.is_dir():
-        return content_hash(local)
-    from huggingface_hub import HfApi
-
-    repo, _, rev = ref.partition("@")
-    sha = HfApi().model_info(repo, revision=rev or None).sha
-    if not sha:
-        raise RuntimeError(f"the Hub reported no commit for {ref}")
-    return sha
+def pin(ref: str | ModelRef, announced: str | None = None) -> ModelRef:
+    """`ref` parsed once and pinned to its exact revision (Hub commit sha, or a local folder's
+    `local_revision`). `announced`: the revision the watcher saw; a Hub ref is pinned to it,
+    a local folder edited since then is refused."""
+    parsed = ModelRef.parse(ref)
+    if announced is not None and not parsed.is_local:
+        parsed = parsed.model_copy(update={"revision": announced})
+    pinned = parsed.pin()
+    if announced is not None and pinned.revision != announced:
+        raise ValueError(f"{ref} is at revision {pinned.revision}, not {announced} as announced")
+    return pinned
 
 
 def _materialize_key(ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
-    return f"materialize-{params['spec']}-{params['revision']}"
+    ref = params["ref"]
+    return f"materialize-{ref.repo}@{ref.revision}"
 
 
 @task(
@@ -67,25 +74,25 @@ def _materialize_key(ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
     cache_key_fn=_materialize_key,
     persist_result=True,
 )
-def materialize(spec: str, revision: str) -> str:
-    """A local folder holding the model (downloads a Hub model once, pinned to its commit)."""
+def materialize(ref: ModelRef) -> str:
+    """A local folder holding the pinned model (a Hub model is downloaded once, at its commit)."""
     from lssf import resolve_source
 
-    folder, record = resolve_source(spec)
-    if record.kind == "hub" and record.revision != revision:
-        raise RuntimeError(f"{spec} resolved to {record.revision}, expected {revision}")
+    folder, record = resolve_source(ref)
+    if not ref.is_local and record.revision != ref.revision:
+        raise RuntimeError(f"{ref} resolved to {record.revision}, expected {ref.revision}")
     return str(folder)
 
 
 # -- patch ------------------------------------------------------------------------------------
 
 
-def patch_key(aligned_rev: str, reference_rev: str, config: PatchConfig) -> str:
+def patch_key(aligned: ModelRef, reference: ModelRef, config: PatchConfig) -> str:
     """Identity of a patch before it exists: both revisions, the parameters and, for the
     activation basis, the calibration file's content (its path alone could be rewritten)."""
     from lssf.st_io import file_sha256
 
-    parts: list = [aligned_rev, reference_rev, config.model_dump(mode="json")]
+    parts: list = [aligned.revision, reference.revision, config.model_dump(mode="json")]
     if config.calibration is not None:
         parts.append(file_sha256(Path(config.calibration)))
     blob = json.dumps(parts, sort_keys=True)
@@ -97,37 +104,52 @@ def _patch_cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
     return _key_if_exists(out / PATCH_MANIFEST, "patch", out)
 
 
+class PatchSummary(BaseModel):
+    """A family's patch once built or fetched: where it is, its id and its manifest."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    patch_id: str
+    manifest: PatchManifest
+
+    @property
+    def ranks(self) -> dict[str, float]:
+        """`lssf.report.summary` of the manifest (rank statistics, parameter share)."""
+        from lssf.report import summary
+
+        return summary(self.manifest)
+
+
 @task(retries=2, retry_delay_seconds=[10, 60], cache_key_fn=_patch_cache_key, persist_result=True)
 def get_or_build_patch(
-    aligned: str,
-    reference: str,
+    aligned: ModelRef,
+    reference: ModelRef,
     config: PatchConfig,
     key: str,
     state_dir: str,
-    tracking_uri: str,
-    experiment: str,
-    artifact_root: str,
-) -> str:
-    """The family's safety patch: local copy, else the MLflow copy, else extracted and stored."""
+    store: RecordStore,
+) -> PatchSummary:
+    """The family's safety patch (both refs pinned): local copy, else the MLflow copy, else
+    extracted and stored."""
     from lssf import SafetyPatch, extract
     from tasks import registry
 
     log = run_logger()
     out = Path(state_dir) / "patches" / key
-    client = registry.client_for(tracking_uri)
-    exp = registry.ensure_experiment(client, experiment, Path(artifact_root))
+    client, exp = store.open()
     stored = registry.find_patch_run(client, exp, key)
     if not (out / PATCH_MANIFEST).is_file() and stored is not None:
         log.info("patch %s: fetching from MLflow run %s", key, stored.info.run_id)
         _fetch_atomic(client, stored.info.run_id, out)
     if not (out / PATCH_MANIFEST).is_file():
         log.info("patch %s: extracting from %s and %s", key, aligned, reference)
-        extract(aligned, reference, out, config, progress=False)
-    patch_id = SafetyPatch.load(out).patch_id
+        extract(str(aligned), str(reference), out, config, progress=False)
+    patch = SafetyPatch.load(out)
     if stored is None:
-        run_id = registry.store_patch(client, exp, key, patch_id, out)
-        log.info("patch %s (id %s) stored in MLflow run %s", key, patch_id, run_id)
-    return str(out)
+        run_id = registry.store_patch(client, exp, key, patch.patch_id, out)
+        log.info("patch %s (id %s) stored in MLflow run %s", key, patch.patch_id, run_id)
+    return PatchSummary(path=str(out), patch_id=patch.patch_id, manifest=patch.manifest)
 
 
 def _fetch_atomic(client: Any, run_id: str, out: Path) -> None:
@@ -167,15 +189,10 @@ def _reusable_report(out: Path, model: str, limit: int | None, split: str) -> bo
     if not out.is_file():
         return False
     try:
-        report = json.loads(out.read_text())
-    except ValueError:
+        report = EvalReport.load(out)
+    except ValueError:  # a torn or foreign file: evaluate again
         return False
-    return (
-        report.get("status") == "ok"
-        and report.get("model") == model
-        and report.get("limit") == limit
-        and report.get("split") == split
-    )
+    return (report.status, report.model, report.limit, report.split) == ("ok", model, limit, split)
 
 
 def _eval_cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
@@ -194,11 +211,10 @@ def evaluate_model(
     data_dir: str | None,
     limit: int | None = None,
     split: str = "heldout",
-) -> str:
-    """Run the suite on one split ("calibration", "heldout", "all") of its data; the report
-    path. A crash becomes a status='error' report, which the gate fails closed on. A complete
-    report from an interrupted run is reused."""
-    from evaluation.report import EvalReport
+) -> EvalReport:
+    """Run the suite on one split ("calibration", "heldout", "all") of its data; the report,
+    also written to `out`. A crash becomes a status='error' report, which the gate fails closed
+    on. A complete report from an interrupted run is reused."""
     from evaluation.runner import evaluate
     from evaluation.splits import SPLITS
 
@@ -206,7 +222,7 @@ def evaluate_model(
     path = Path(out)
     if _reusable_report(path, model, limit, split):
         log.info("evaluation %s already complete; reusing it", path)
-        return str(path)
+        return EvalReport.load(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         data = Path(data_dir) if data_dir else None
@@ -224,19 +240,101 @@ def evaluate_model(
     log.info(
         "evaluation of %s (%s): status=%s metrics=%s", model, split, report.status, report.metrics
     )
-    return str(path)
+    return report
 
 
 @task
-def gate_candidate(candidate: str, baseline: str, config: GateConfig, out: str) -> str:
-    """Gate one candidate report against the fine-tuned baseline; the gate report's path."""
-    from evaluation.gates import evaluate_gate
-    from evaluation.report import EvalReport
+def gate_candidate(
+    candidate: EvalReport, baseline: EvalReport, config: GateConfig, out: str
+) -> GateReport:
+    """Gate one candidate report against the fine-tuned baseline; the report, written to `out`."""
+    from evaluation.report import write_atomic
 
-    report = evaluate_gate(
-        EvalReport.load(Path(candidate)), EvalReport.load(Path(baseline)), config
-    )
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(report.model_dump_json(indent=2))
-    run_logger().info("gate for %s: %s", candidate, "pass" if report.passed else "fail")
-    return out
+    report = evaluate_gate(candidate, baseline, config)
+    write_atomic(Path(out), report.model_dump_json(indent=2))
+    run_logger().info("gate for %s: %s", candidate.model, "pass" if report.passed else "fail")
+    return report
+
+
+# -- the job ----------------------------------------------------------------------------------
+
+
+class RealignJob(BaseModel):
+    """What every step of one realign knows: config, pinned refs, and the paths derived."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cfg: PipelineConfig
+    fam: FamilyConfig
+    family: str
+    cand: Candidate
+    aligned: ModelRef
+    reference: ModelRef
+
+    @cached_property
+    def patch_key(self) -> str:
+        return patch_key(self.aligned, self.reference, self.fam.patch)
+
+    @property
+    def work(self) -> Path:
+        """Per candidate and patch: a new patch never reuses fused models of an old one."""
+        runs = self.cfg.resolved_state_dir() / "runs"
+        return runs / slug(self.cand.key) / f"patch-{self.patch_key}"
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.family}-{slug(self.cand.key)}"
+
+    @property
+    def summary_key(self) -> str:
+        return f"realign-{slug(self.cand.key).lower()}"[:60]
+
+    @property
+    def tags(self) -> dict[str, str]:
+        cand = self.cand
+        return {"source_key": cand.key, "source_repo": cand.repo, "source_revision": cand.revision}
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The run's inputs: pinned sources, patch settings, the alpha search's settings."""
+        patch = self.fam.patch
+        params: dict[str, Any] = {
+            "source_repo": self.cand.repo,
+            "source_revision": self.cand.revision,
+            "aligned": self.fam.aligned,
+            "aligned_revision": self.aligned.revision,
+            "reference": self.fam.reference,
+            "reference_revision": self.reference.revision,
+            "rank_rule": patch.rank_rule,
+            "eta": patch.eta,
+            "max_rank": patch.max_rank,
+            "weight_top": patch.weight_top,
+            "suite": self.fam.suite,
+        }
+        for name, value in self.fam.search_config().model_dump(exclude_none=True).items():
+            if isinstance(value, (list, tuple)):
+                value = ",".join(str(v) for v in value)
+            params[f"alpha_search.{name}"] = value
+        return params
+
+    @property
+    def aliases(self) -> list[str]:
+        from tasks.registry import CANDIDATE_ALIAS, CHAMPION_ALIAS
+
+        return [CANDIDATE_ALIAS] + ([CHAMPION_ALIAS] if self.fam.promote_to_champion else [])
+
+    def version_tags(self, alpha: float, patch_id: str) -> dict[str, str]:
+        extra = {"gate_verdict": "pass", "patch_id": patch_id, "family": self.family}
+        return self.tags | extra | {"alpha": f"{alpha:g}"}
+
+    def fused_dir(self, alpha: float) -> str:
+        return str(self.work / f"fused-alpha-{alpha:g}")
+
+    def baseline_path(self, split: str) -> str:
+        return str(self.work.parent / f"eval-baseline-{split}.json")  # the fine-tune: any patch
+
+    def eval_path(self, split: str, alpha: float) -> str:
+        return str(self.work / f"eval-{split}-alpha-{alpha:g}.json")
+
+    def gate_path(self, split: str, alpha: float) -> str:
+        return str(self.work / f"gate-{split}-alpha-{alpha:g}.json")

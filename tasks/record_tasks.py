@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -11,9 +10,11 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from evaluation.gates import GateReport
+from evaluation.report import EvalReport
 from tasks import registry
 from tasks._log import run_logger
+from tasks.realign_tasks import PatchSummary, RealignJob
+from tasks.registry import RecordStore
 from tasks.report import SearchRecord, plot_search, summary_table
 
 REGISTRY_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
@@ -21,16 +22,10 @@ REGISTRY_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
 
 @task(**REGISTRY_RETRIES)
 def lookup_outcome(
-    tracking_uri: str,
-    experiment: str,
-    artifact_root: str,
-    source_key: str,
-    model_name: str,
-    family: str | None = None,
+    store: RecordStore, source_key: str, model_name: str, family: str | None = None
 ) -> dict[str, Any] | None:
     """The summary of a finished realign of `source_key` (by `family`), or None."""
-    client = registry.client_for(tracking_uri)
-    exp = registry.ensure_experiment(client, experiment, Path(artifact_root))
+    client, exp = store.open()
     run = registry.find_final_run(client, exp, source_key, family)
     if run is None:
         return None
@@ -59,16 +54,10 @@ def summary_from_run(run: Any, version: Any | None) -> dict[str, Any]:
 
 @task(**REGISTRY_RETRIES)
 def open_record(
-    tracking_uri: str,
-    experiment: str,
-    artifact_root: str,
-    run_name: str,
-    tags: dict[str, str],
-    params: dict[str, Any],
+    store: RecordStore, run_name: str, tags: dict[str, str], params: dict[str, Any]
 ) -> str:
     """Start the realign's MLflow run (closing any interrupted one); its run id."""
-    client = registry.client_for(tracking_uri)
-    exp = registry.ensure_experiment(client, experiment, Path(artifact_root))
+    client, exp = store.open()
     run_id = registry.start_run(client, exp, run_name, tags)
     for name, value in params.items():
         client.log_param(run_id, name, value)
@@ -78,7 +67,7 @@ def open_record(
 
 @task(**REGISTRY_RETRIES)
 def log_evidence(
-    tracking_uri: str,
+    store: RecordStore,
     run_id: str,
     params: dict[str, Any],
     metrics: dict[str, float],
@@ -88,7 +77,7 @@ def log_evidence(
 ) -> None:
     """Params, metrics (NaN skipped), tags, files/folders as (artifact folder, path), and
     metric series as (name, value, step) (the alpha search's probes)."""
-    client = registry.client_for(tracking_uri)
+    client = store.client()
     for name, value in params.items():
         client.log_param(run_id, name, value)
     series = [(name, value, 0) for name, value in metrics.items()] + list(steps or [])
@@ -109,34 +98,28 @@ def log_evidence(
 
 @task(**REGISTRY_RETRIES)
 def register_model(
-    tracking_uri: str,
-    run_id: str,
-    model_name: str,
-    model_dir: str,
-    tags: dict[str, str],
-    aliases: list[str],
+    store: RecordStore, run_id: str, job: RealignJob, alpha: float, patch_id: str
 ) -> str:
-    """Log the fused model under the run's `model/` and make it a version (once per key)."""
-    client = registry.client_for(tracking_uri)
-    existing = registry.find_version(client, model_name, tags["source_key"])
+    """Log the fused model of `alpha` under the run's `model/` and make it a version of the
+    family's registered model (once per source key), with the family's aliases."""
+    client, name = store.client(), job.fam.registered_model
+    tags = job.version_tags(alpha, patch_id)
+    existing = registry.find_version(client, name, tags["source_key"])
     if existing is None:
         # A version only ever points at a completely logged folder of this run.
-        client.log_artifacts(run_id, model_dir, "model")
+        client.log_artifacts(run_id, job.fused_dir(alpha), "model")
         source = f"{client.get_run(run_id).info.artifact_uri}/model"
     else:
         source = existing.source
-    version = registry.register_version(
-        client, model_name, run_id, source, tags, aliases=tuple(aliases)
-    )
-    run_logger().info(
-        "%s version %s, aliases %s", model_name, version.version, list(version.aliases)
-    )
+    aliases = tuple(job.aliases)
+    version = registry.register_version(client, name, run_id, source, tags, aliases=aliases)
+    run_logger().info("%s version %s, aliases %s", name, version.version, list(version.aliases))
     return str(version.version)
 
 
 @task(**REGISTRY_RETRIES)
-def close_record(tracking_uri: str, run_id: str, status: str, reason: str) -> None:
-    registry.finish_run(registry.client_for(tracking_uri), run_id, status, reason)
+def close_record(store: RecordStore, run_id: str, status: str, reason: str) -> None:
+    registry.finish_run(store.client(), run_id, status, reason)
 
 
 @task(**REGISTRY_RETRIES)
@@ -160,19 +143,68 @@ def write_search_record(record: SearchRecord, folder: str) -> list[tuple[str, st
     return [("search", str(trace)), ("search", str(table)), ("plots", str(plot))]
 
 
-def metrics_of(report_path: str) -> dict[str, float]:
-    return dict(json.loads(Path(report_path).read_text()).get("metrics") or {})
-
-
-def report_of(report_path: str) -> dict[str, Any]:
-    return dict(json.loads(Path(report_path).read_text()))
-
-
-def gate_report_of(gate_path: str) -> GateReport:
-    return GateReport.model_validate_json(Path(gate_path).read_text())
-
-
-def samples_of(report_path: str) -> str | None:
+def samples_of(report: EvalReport) -> str | None:
     """The per-sample outputs file an evaluation report points at, if it exists."""
-    path = json.loads(Path(report_path).read_text()).get("samples_path")
+    path = report.samples_path
     return path if path and Path(path).is_file() else None
+
+
+@task(**REGISTRY_RETRIES)
+def record_realign(
+    store: RecordStore, run_id: str, job: RealignJob, record: SearchRecord, patch: PatchSummary
+) -> None:
+    """The realign's evidence on its run: params, held-out before/after and the calibration
+    trace as metric series, tags, and the reports, samples, gates, patch, plots and card."""
+    from lssf.patch import MANIFEST
+    from lssf.report import plot_ranks
+
+    table = summary_table(record)
+    params = {
+        "alpha": "none" if record.chosen is None else f"{record.chosen:g}",
+        "patch_id": patch.patch_id,
+        "calibration_gate": record.calibration_gate,
+        "split_rule": record.split_rule or "none",
+        "calibration_fraction": record.calibration_fraction,
+    } | {f"ranks_{k}": v for k, v in patch.ranks.items()}
+    tags = {
+        "gate_verdict": "pass" if record.verdict == "pass" else "fail",
+        "heldout_verdict": record.verdict,
+        "patch_id": patch.patch_id,
+        "summary_table": table,
+    }
+    metrics, steps = _evidence_metrics(job, record)
+    runs = [("calibration", p.alpha) for p in record.probes]
+    if record.heldout is not None:
+        runs.append(("heldout", record.heldout.alpha))
+    reports = [job.baseline_path(s) for s in ("calibration", "heldout")]
+    reports += [job.eval_path(s, a) for s, a in runs]
+    files = [("evaluation", path) for path in reports]
+    files += [("evaluation", s) for p in reports if (s := samples_of(EvalReport.load(Path(p))))]
+    files += [("gate", job.gate_path(s, a)) for s, a in runs]
+    plot = plot_ranks(patch.manifest, job.work / "patch_ranks.png")
+    files += [("patch", str(Path(patch.path) / MANIFEST)), ("plots", str(plot))]
+    if record.chosen is not None:
+        files.append(("model_card", str(Path(job.fused_dir(record.chosen)) / "README.md")))
+    files += write_search_record.fn(record, str(job.work / "search"))
+    log_evidence.fn(store, run_id, params, metrics, tags, files, steps)
+
+
+def _evidence_metrics(
+    job: RealignJob, record: SearchRecord
+) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
+    """Metrics, and the probes as series (name, value, step = probe index)."""
+    before = EvalReport.load(Path(job.baseline_path("heldout")))
+    metrics = {f"before.{k}": v for k, v in (before.metrics | before.raw_metrics).items()}
+    metrics |= {f"calibration.before.{k}": v for k, v in record.baseline.items()}
+    steps: list[tuple[str, float, int]] = []
+    for p in record.probes:
+        steps += [(f"calibration.{k}", v, p.index) for k, v in p.metrics.items()]
+        steps += [("calibration.alpha", p.alpha, p.index)]
+        steps += [("calibration.passed", float(p.passed), p.index)]
+    if record.heldout is not None:
+        held = record.heldout
+        after = EvalReport.load(Path(job.eval_path("heldout", held.alpha)))
+        metrics |= {f"after.{k}": v for k, v in (after.metrics | after.raw_metrics).items()}
+        metrics |= {f"heldout.{k}": v for k, v in held.metrics.items()}
+        metrics |= {"heldout.passed": float(held.passed), "calibration.chosen_alpha": held.alpha}
+    return metrics, steps

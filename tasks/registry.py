@@ -21,6 +21,8 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from lssf.models import Frozen
+
 logger = logging.getLogger(__name__)
 
 KIND_REALIGN = "realign"
@@ -36,6 +38,22 @@ CHAMPION_ALIAS = "champion"
 def client_for(tracking_uri: str) -> MlflowClient:
     """One URI for tracking and registry (SQLite by default: sqlite:////abs/path.db)."""
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+class RecordStore(Frozen):
+    """Where the MLflow record lives: tracking (and registry) URI, experiment, artifact root."""
+
+    tracking_uri: str
+    experiment: str
+    artifact_root: Path
+
+    def client(self) -> MlflowClient:
+        return client_for(self.tracking_uri)
+
+    def open(self) -> tuple[MlflowClient, str]:
+        """A client and the experiment's id (the experiment created on first use)."""
+        client = self.client()
+        return client, ensure_experiment(client, self.experiment, self.artifact_root)
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: Path) -> str:
@@ -68,9 +86,10 @@ def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> Ite
             return
 
 
-def processed_keys(client: MlflowClient, experiment_id: str) -> set[str]:
-    """source_keys with a verdict (passed or rejected), or that failed MAX_ERROR_ATTEMPTS times."""
-    query = f"tags.lssf_kind = '{KIND_REALIGN}'"
+def processed_keys(client: MlflowClient, experiment_id: str, family: str) -> set[str]:
+    """source_keys realigned for `family` with a verdict (passed or rejected), or that failed
+    MAX_ERROR_ATTEMPTS times for it. Another family's run of the same key does not count."""
+    query = f"tags.lssf_kind = '{KIND_REALIGN}' and tags.family = '{_quote(family)}'"
     done: set[str] = set()
     errors: dict[str, int] = {}
     for run in _search(client, experiment_id, query):

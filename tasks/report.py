@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
-from evaluation.alpha_search import AlphaSearchConfig, Probe, utility
+from evaluation.alpha_search import AlphaSearch, AlphaSearchConfig, Probe, utility
+from evaluation.gates import GateConfig, GateReport
+from evaluation.report import EvalReport
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -28,11 +30,6 @@ class Trial:
     metrics: dict[str, float]
     passed: bool
     reasons: tuple[str, ...] = ()
-
-
-def named(metrics: dict[str, float]) -> dict[str, float]:
-    """The suite's named metrics, without lm-eval's raw `task/metric,filter` entries."""
-    return {k: v for k, v in metrics.items() if "/" not in k and "," not in k}
 
 
 def choose(trials: list[Trial], utility_metrics: tuple[str, ...]) -> Trial | None:
@@ -53,6 +50,11 @@ class HeldoutResult(BaseModel):
     metrics: dict[str, float]
     passed: bool
     reasons: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, alpha: float, report: EvalReport, gate: GateReport) -> HeldoutResult:
+        reasons = tuple(f"{r.rule}: {r.reason}" for r in gate.failures)
+        return cls(alpha=alpha, metrics=report.metrics, passed=gate.passed, reasons=reasons)
 
 
 class SearchRecord(BaseModel):
@@ -78,6 +80,43 @@ class SearchRecord(BaseModel):
         if self.heldout is None:
             return "not run"
         return "pass" if self.heldout.passed else "fail"
+
+    @property
+    def reason(self) -> str:
+        """Why the candidate passes or not, in one line (the run's `reason` tag)."""
+        held = self.heldout
+        if held is None:
+            probes = [
+                f"alpha={p.alpha:g}: {'; '.join(p.reasons) or p.outcome}" for p in self.probes
+            ]
+            return f"{self.explain} " + " | ".join(probes)
+        if held.passed:
+            return f"{self.explain} It passes every rule on the held-out split."
+        return f"{self.explain} On the held-out split it fails: " + "; ".join(held.reasons)
+
+
+def search_record(
+    search: AlphaSearch,
+    gate: GateConfig,
+    utility_metrics: tuple[str, ...],
+    base: dict[str, EvalReport],
+    heldout: HeldoutResult | None,
+) -> SearchRecord:
+    """The search and its held-out confirmation; `base`: the fine-tune's report per split."""
+    held = base["heldout"]
+    return SearchRecord(
+        config=search.config,
+        calibration_gate=gate.name,
+        utility_metrics=utility_metrics,
+        split_rule=held.split_rule,
+        calibration_fraction=held.calibration_fraction,
+        baseline=base["calibration"].metrics,
+        probes=search.trace,
+        chosen=search.chosen(),
+        explain=search.explain(),
+        heldout_baseline=held.metrics,
+        heldout=heldout,
+    )
 
 
 def _cell(value: float | None) -> str:
@@ -138,15 +177,14 @@ def summary_table(record: SearchRecord) -> str:
     return "\n".join(parts)
 
 
-def summary_markdown(
-    source_key: str, table: str, verdict: str, reason: str, version: str | None
-) -> str:
+def summary_markdown(source_key: str, record: SearchRecord, version: str | None) -> str:
+    verdict = "pass" if record.verdict == "pass" else "fail"
     lines = [
         f"# lssf realign: `{source_key}`",
         "",
-        table,
+        summary_table(record),
         "",
-        f"**Gate verdict (held-out):** {verdict}. {reason}",
+        f"**Gate verdict (held-out):** {verdict}. {record.reason}",
     ]
     if version:
         lines.append(f"**Registered version:** {version}")

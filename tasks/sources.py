@@ -1,34 +1,31 @@
 """Watch sources: where candidate fine-tunes come from, each as repo@revision.
 
-- `LocalFolderSource`: every sub-folder of a watch folder is one model; its revision is a hash
-  of its file names and contents, so an edited model is a new candidate.
-- `HubSource`: the Hub's lineage filters `base_model:finetune:<id>` and `base_model:adapter:<id>`,
-  newest first, following the `Link: rel="next"` pages, backing off on 429/5xx/network errors.
+- `LocalFolderSource`: every sub-folder of a watch folder is one model; its revision is
+  `lssf.sources.local_revision`, so an edited model is a new candidate.
+- `HubSource`: `HfApi.list_models` on the lineage filters `base_model:finetune:<id>` and
+  `base_model:adapter:<id>`, newest first, each listed model checked by `tasks.lineage`.
+  The client's own backoff (429/5xx/network, honouring Retry-After) is the one retry layer.
 
-No Prefect here; `tasks.watch_tasks` wraps these with retries.
+No Prefect here; `tasks.watch_tasks` wraps these.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
-from huggingface_hub import constants
-from huggingface_hub.utils import build_hf_headers
+import httpx2
+from huggingface_hub import HfApi, ModelInfo, constants
+from huggingface_hub.errors import HfHubHTTPError
 from pydantic import BaseModel, ConfigDict
 
-from lssf.sources import folder_revision
-from lssf.st_io import file_sha256
+from lssf.errors import CheckpointError
+from lssf.sources import ModelRef
 from tasks.config import WatchConfig
 
 logger = logging.getLogger(__name__)
 
-RETRY_STATUS = (429, 500, 502, 503, 504)
-MAX_WAIT_SECONDS = 60.0
+OUTAGE_STATUS = (429, 500, 502, 503, 504)
 
 
 class Candidate(BaseModel):
@@ -37,7 +34,7 @@ class Candidate(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     repo: str  # Hub id, or the absolute path of a local folder
-    revision: str  # Hub commit sha, or the content hash of a local folder
+    revision: str  # Hub commit sha, or the content revision of a local folder
     lineage: str = "finetune"  # finetune | adapter | local
     created_at: str | None = None
 
@@ -51,22 +48,21 @@ class Candidate(BaseModel):
         """What lssf.resolve_source takes: a folder, or org/name@revision."""
         return self.repo if self.lineage == "local" else self.key
 
+    @classmethod
+    def of(cls, ref: ModelRef) -> Candidate:
+        """A pinned model reference as a candidate (a local folder's lineage is `local`)."""
+        lineage = "local" if ref.is_local else "finetune"
+        return cls(repo=ref.repo, revision=str(ref.revision), lineage=lineage)
+
+    @property
+    def ref(self) -> ModelRef:
+        """The candidate as a pinned model reference."""
+        kind = "local" if self.lineage == "local" else "hub"
+        return ModelRef(repo=self.repo, revision=self.revision, kind=kind)
+
 
 class HubUnavailableError(RuntimeError):
-    """The Hub kept failing (429, 5xx or network) after every retry."""
-
-
-def content_hash(folder: Path) -> str:
-    """A local folder's revision: lssf's hash over its files' names and SHA-256s.
-
-    Hidden files (caches, locks) are not part of the model.
-    """
-    files = {
-        rel: file_sha256(path)
-        for path in sorted(p for p in folder.rglob("*") if p.is_file())
-        if not ((rel := path.relative_to(folder).as_posix()).startswith(".") or "/." in rel)
-    }
-    return folder_revision(files)
+    """The Hub kept failing (429, 5xx or network) after the client's retries."""
 
 
 class LocalFolderSource:
@@ -79,102 +75,66 @@ class LocalFolderSource:
         if not self.path.is_dir():
             logger.warning("watch folder %s does not exist; no candidates", self.path)
             return []
-        folders = [p for p in self.path.iterdir() if (p / "config.json").is_file()]
-        folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
-        return [
-            Candidate(repo=str(p), revision=content_hash(p), lineage="local")
-            for p in folders[:max_candidates]
+        # A hidden folder is an unfinished copy (atomic_folder's temporary), never a model.
+        folders = [
+            p
+            for p in self.path.iterdir()
+            if not p.name.startswith(".") and (p / "config.json").is_file()
         ]
+        folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        found = []
+        for folder in folders[:max_candidates]:
+            try:
+                found.append(Candidate.of(ModelRef.parse(folder).pin()))
+            except CheckpointError as exc:  # one broken folder must not hide the others
+                logger.warning("watch folder %s skipped: %s", folder, exc)
+        return found
 
 
 class HubSource:
     """Fine-tunes and adapters of `base_model` on the Hub (or HF_ENDPOINT), newest first."""
 
-    def __init__(
-        self,
-        base_model: str,
-        config: WatchConfig,
-        endpoint: str | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        self.base_model = base_model.split("@", 1)[0]
+    def __init__(self, base_model: str, config: WatchConfig, endpoint: str | None = None) -> None:
+        self.base_model = ModelRef.parse(base_model).repo
         self.config = config
-        self.endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-        self.sleep = sleep
+        self.api = HfApi(endpoint=endpoint)
 
     def list(self) -> list[Candidate]:
         if constants.is_offline_mode():
             raise HubUnavailableError("HF_HUB_OFFLINE is set: the Hub watch source cannot list")
         seen: dict[str, Candidate] = {}
         for lineage in self.config.lineages:
-            for item in self._models(f"base_model:{lineage}:{self.base_model}"):
-                cand = _candidate(item, lineage)
+            for info in self._models(f"base_model:{lineage}:{self.base_model}"):
+                cand = self._candidate(info)
                 if cand is not None and cand.key not in seen:
                     seen[cand.key] = cand
         # Each lineage comes newest first; merge them the same way.
         return sorted(seen.values(), key=lambda c: c.created_at or "", reverse=True)
 
-    def _models(self, filter_tag: str) -> Iterator[dict[str, Any]]:
-        params: dict[str, Any] | None = {
-            "filter": filter_tag,
-            "sort": "createdAt",
-            "direction": -1,
-            "limit": min(self.config.page_size, self.config.max_candidates),
-            "expand": ["sha", "createdAt", "lastModified", "tags"],
-        }
-        url: str | None = f"{self.endpoint}/api/models"
-        count = 0
-        with httpx.Client(headers=build_hf_headers(), timeout=30.0) as client:
-            while url is not None and count < self.config.max_candidates:
-                response = self._get(client, url, params)
-                for item in response.json():
-                    if count >= self.config.max_candidates:
-                        break
-                    count += 1
-                    yield item
-                url = response.links.get("next", {}).get("url")
-                params = None  # the next link carries the query
-
-    def _get(self, client: httpx.Client, url: str, params: dict[str, Any] | None) -> httpx.Response:
-        """GET with exponential backoff on 429/5xx/network errors (honours Retry-After)."""
-        wait = self.config.backoff_seconds
-        for attempt in range(self.config.max_retries + 1):
-            try:
-                response = client.get(url, params=params)
-            except httpx.TransportError as exc:
-                reason, retry_after = f"{type(exc).__name__}", None
-            else:
-                if response.status_code not in RETRY_STATUS:
-                    response.raise_for_status()
-                    return response
-                reason = f"HTTP {response.status_code}"
-                retry_after = _retry_after(response)
-            if attempt == self.config.max_retries:
-                break
-            delay = min(retry_after if retry_after is not None else wait, MAX_WAIT_SECONDS)
-            logger.warning("Hub listing: %s; retry %d in %.1f s", reason, attempt + 1, delay)
-            self.sleep(delay)
-            wait *= 2
-        raise HubUnavailableError(
-            f"Hub listing at {self.endpoint} failed after {self.config.max_retries + 1} "
-            f"attempts ({reason})"
+    def _models(self, filter_tag: str) -> list[ModelInfo]:
+        expand = ["sha", "createdAt", "lastModified", "tags", "cardData"]
+        listing = self.api.list_models(
+            filter=filter_tag, sort="created_at", limit=self.config.max_candidates, expand=expand
         )
+        try:
+            return list(listing)
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            if status not in OUTAGE_STATUS:
+                raise
+            raise HubUnavailableError(f"Hub listing of {filter_tag} failed: {exc}") from exc
+        except httpx2.TransportError as exc:  # network errors, after the client's retries
+            raise HubUnavailableError(f"Hub listing of {filter_tag} failed: {exc}") from exc
 
+    def _candidate(self, info: ModelInfo) -> Candidate | None:
+        from tasks.lineage import lineage_of
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
-
-
-def _candidate(item: dict[str, Any], lineage: str) -> Candidate | None:
-    repo, sha = item.get("id") or item.get("modelId"), item.get("sha")
-    if not repo or not sha:
-        logger.warning("Hub listing item without id or sha skipped: %r", item.get("id"))
-        return None
-    return Candidate(repo=repo, revision=sha, lineage=lineage, created_at=item.get("createdAt"))
+        lineage = lineage_of(info, self.base_model, self.config.lineages)
+        if lineage is None or not info.sha:
+            logger.warning("Hub item %s skipped (lineage %s, sha %s)", info.id, lineage, info.sha)
+            return None
+        created = info.created_at.isoformat() if info.created_at else None
+        return Candidate(repo=info.id, revision=info.sha, lineage=lineage, created_at=created)
 
 
 def list_candidates(watch: WatchConfig, aligned: str) -> list[Candidate]:

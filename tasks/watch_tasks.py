@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from prefect import task
 
 from tasks import registry
 from tasks._log import run_logger
 from tasks.config import WatchConfig
-from tasks.sources import Candidate, HubUnavailableError, list_candidates
-
-DISCOVERED_EVENT = "lssf.finetune.discovered"
+from tasks.events import emit_discovered
+from tasks.record_tasks import REGISTRY_RETRIES
+from tasks.registry import RecordStore
+from tasks.sources import Candidate, list_candidates
 
 
 def use_hf_token(secret_block: str | None) -> None:
@@ -29,36 +29,20 @@ def use_hf_token(secret_block: str | None) -> None:
     run_logger().info("Hub token loaded from Secret block %r", secret_block)
 
 
-@task(
-    retries=3,
-    retry_delay_seconds=[10, 60, 300],
-    retry_condition_fn=lambda task, run, state: _is_hub_outage(state),
-)
+@task
 def list_source(watch: WatchConfig, aligned: str) -> list[Candidate]:
-    """Candidates from the family's watch source, newest first. A Hub outage is retried."""
+    """Candidates from the family's watch source, newest first. No retries here: the Hub
+    client backs off on 429/5xx/network errors itself, and the next watch run tries again."""
     found = list_candidates(watch, aligned)
     run_logger().info("watch source %s: %d candidate(s)", watch.kind, len(found))
     return found
 
 
-def _is_hub_outage(state: object) -> bool:
-    try:
-        state.result()  # type: ignore[attr-defined]
-    except HubUnavailableError:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-@task(retries=3, retry_delay_seconds=[2, 10, 30])
-def drop_processed(
-    candidates: list[Candidate], tracking_uri: str, experiment: str, artifact_root: str
-) -> list[Candidate]:
-    """Candidates without a finished realign run in MLflow (the only record there is)."""
-    client = registry.client_for(tracking_uri)
-    exp = registry.ensure_experiment(client, experiment, Path(artifact_root))
-    done = registry.processed_keys(client, exp)
+@task(**REGISTRY_RETRIES)
+def drop_processed(candidates: list[Candidate], store: RecordStore, family: str) -> list[Candidate]:
+    """Candidates without a finished realign run for `family` in MLflow (the only record)."""
+    client, exp = store.open()
+    done = registry.processed_keys(client, exp, family)
     fresh = [c for c in candidates if c.key not in done]
     run_logger().info("%d new, %d already processed", len(fresh), len(candidates) - len(fresh))
     return fresh
@@ -67,20 +51,6 @@ def drop_processed(
 @task
 def announce(candidate: Candidate, family: str, config: str) -> str:
     """Emit `lssf.finetune.discovered`; the realign deployment's trigger starts a run from it."""
-    from prefect.events import emit_event
-
-    event = emit_event(
-        event=DISCOVERED_EVENT,
-        resource={
-            "prefect.resource.id": f"lssf.finetune.{candidate.key}",
-            "prefect.resource.name": candidate.repo,
-        },
-        payload={
-            "finetuned": candidate.spec,
-            "revision": candidate.revision,
-            "family": family,
-            "config": config,
-        },
-    )
+    event_id = emit_discovered(candidate, family, config)
     run_logger().info("announced %s", candidate.key)
-    return str(event.id) if event is not None else ""
+    return event_id or ""

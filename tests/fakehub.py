@@ -1,38 +1,70 @@
-"""A local stand-in for the Hugging Face Hub HTTP API, on 127.0.0.1, for offline tests.
+"""Offline Hub for tests: recorded listings replayed with respx, a local server for downloads.
 
-It replays the model listing recorded in `tests/data/hub_models.json` (the shape of
-`GET /api/models?filter=base_model:finetune:<id>&expand=sha&expand=createdAt...`) and serves the
-endpoints `huggingface_hub.snapshot_download` uses, for repos added with `add_repo`:
+`replay_hub(monkeypatch)` replays `tests/data/hub_list_models.json` (recorded `GET /api/models`
+answers, pages linked by `Link: rel="next"`) through respx's httpcore2 mocker, the transport
+under huggingface_hub's httpx2 client; `fail=[...]` answers the first requests with those
+responses or errors (an outage, a 429) before the recording.
 
-- `GET /api/models`: tag filters (all must match), newest first on `sort=createdAt`, pages of
-  `page_size` linked by `Link: <...>; rel="next"` headers, like the Hub.
-- `GET /api/models/{org}/{name}[/revision/{rev}]`: model info with `sha` and `siblings`.
-- `GET /api/models/{org}/{name}/tree/{rev}`: the file list.
-- `HEAD|GET /{org}/{name}/resolve/{rev}/{file}`: the file, with `X-Repo-Commit` and `ETag`.
+`FakeHub` is a small server on 127.0.0.1, for where a real download is exercised: it serves
+the endpoints `huggingface_hub.snapshot_download` uses, for repos added with `add_repo`, and
+lists them (tag filters, newest first, linked pages):
 
-`fail_next(429, ...)` makes the next API requests answer those statuses (with `Retry-After: 0`),
-for backoff tests. Every request's path and Authorization header are kept in `requests`.
+- `GET /api/models`, `GET /api/models/{org}/{name}[/revision/{rev}]` (model info),
+  `GET /api/models/{org}/{name}/tree/{rev}` (files),
+  `HEAD|GET /{org}/{name}/resolve/{rev}/{file}` (the file, with `X-Repo-Commit` and `ETag`).
 
-Usage::
-
-    with FakeHub() as hub:
-        hub.use(monkeypatch)              # HF_ENDPOINT and huggingface_hub's constants
-        hub.add_repo("org/model", folder)
-        snapshot_download("org/model")
+Every request's path and Authorization header are kept in `requests`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
-RECORDED = Path(__file__).parent / "data" / "hub_models.json"
+import httpx
+import pytest_httpx2  # noqa: F401  (registers respx's httpcore2 mocker)
+import respx
+
+RECORDED = Path(__file__).parent / "data" / "hub_list_models.json"
+REPLAY_ENDPOINT = "https://huggingface.co"
+
+
+@contextlib.contextmanager
+def replay_hub(monkeypatch: Any, fail: list[Any] = ()) -> Iterator[respx.Route]:
+    """The recorded Hub listing behind huggingface_hub (offline mode lifted for the test); the
+    route's `calls` are the requests seen. Anything not recorded is refused, never sent."""
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", REPLAY_ENDPOINT)
+    answers = {}
+    for item in json.loads(RECORDED.read_text())["interactions"]:
+        req, resp = item["request"], item["response"]
+        key = (req["params"].get("filter"), req["params"].get("cursor"))
+        answers[key] = httpx.Response(resp["status"], headers=resp["headers"], json=resp["json"])
+    pending = list(fail)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if pending:
+            failure = pending.pop(0)
+            if isinstance(failure, Exception):
+                raise failure
+            return failure
+        key = (request.url.params.get("filter"), request.url.params.get("cursor"))
+        return answers.get(key, httpx.Response(404, json={"error": "not recorded"}))
+
+    with respx.mock(using="httpcore2", base_url=REPLAY_ENDPOINT) as router:
+        yield router.get("/api/models").mock(side_effect=answer)
 
 
 def git_blob_sha(data: bytes) -> str:
@@ -58,12 +90,10 @@ class FakeHub:
     """The server; a context manager that starts and stops it in a thread."""
 
     def __init__(self, models: list[dict[str, Any]] | None = None, page_size: int = 2) -> None:
-        self.models = list(models) if models is not None else recorded_models()
+        self.models = list(models or [])
         self.page_size = page_size
         self.repos: dict[str, FakeRepo] = {}
         self.requests: list[SeenRequest] = []
-        self._fail: list[int] = []
-        self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.hub = self  # type: ignore[attr-defined]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -80,10 +110,6 @@ class FakeHub:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
-
-    def fail_next(self, *statuses: int) -> None:
-        with self._lock:
-            self._fail.extend(statuses)
 
     def use(self, monkeypatch: Any) -> None:
         """Point huggingface_hub at this server and lift offline mode, for one test."""
@@ -120,10 +146,6 @@ class FakeHub:
             self.models.append(item)
         return sha
 
-    def _take_failure(self) -> int | None:
-        with self._lock:
-            return self._fail.pop(0) if self._fail else None
-
     # -- routes -------------------------------------------------------------------------------
 
     def list_models(self, query: dict[str, list[str]]) -> tuple[list[dict[str, Any]], str | None]:
@@ -146,10 +168,6 @@ class FakeHub:
         if found is None or rev not in (found.sha, "main"):
             return None
         return found
-
-
-def recorded_models() -> list[dict[str, Any]]:
-    return json.loads(RECORDED.read_text())["models"]
 
 
 def _split_repo(rest: str, marker: str) -> tuple[str, str, str] | None:
@@ -181,8 +199,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.hub.requests.append(
             SeenRequest(self.command, url.path, self.headers.get("Authorization"))
         )
-        if url.path.startswith("/api/") and (status := self.hub._take_failure()) is not None:
-            return self._send(status, b'{"error":"rate limited"}', {"Retry-After": "0"})
         if url.path == "/api/models":
             page, next_url = self.hub.list_models(parse_qs(url.query))
             headers = {"Link": f'<{next_url}>; rel="next"'} if next_url else {}

@@ -114,7 +114,7 @@ def test_cli_schema_and_validate(tmp_path: Path, capsys: pytest.CaptureFixture[s
     bad = _organism()
     bad["families"]["organism"]["alphas"] = []
     args = parser.parse_args(["config", "validate", str(_write(tmp_path, bad))])
-    assert args.func(args) == 1
+    assert args.func(args) == 2  # bad input: exit 2, as every lssf command
     assert "families.organism.alphas" in capsys.readouterr().err
 
 
@@ -139,7 +139,7 @@ def test_alphas_is_the_grid_shorthand_and_excludes_alpha_search(tmp_path: Path) 
         ("families.organism.alphas.1", ["alphas"]),
         ("families.organism.alpha_search.alpha_max", ["alpha_search", "alpha_max"]),
         ("families.organism.alpha_search.margin", ["alpha_search", "margin"]),
-        ("families.organism.watch.backoff_seconds", ["watch", "backoff_seconds"]),
+        ("families.organism.alpha_search.tolerance", ["alpha_search", "tolerance"]),
     ],
 )
 @pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])

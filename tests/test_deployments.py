@@ -48,7 +48,7 @@ def test_entrypoint_imports_and_parameters_match(deployment: dict[str, Any]) -> 
 def test_watch_is_scheduled_and_realign_is_triggered_and_queued() -> None:
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-    from tasks.watch_tasks import DISCOVERED_EVENT
+    from tasks.events import DISCOVERED_EVENT
 
     by_name = {d["name"]: d for d in _deployments()}
     watch, realign = by_name["watch"], by_name["realign"]
@@ -64,11 +64,10 @@ def test_event_payload_fills_every_trigger_parameter() -> None:
     """The watcher's payload keys are exactly what the trigger's templates read."""
     import re
 
+    from tasks.events import discovered_event
     from tasks.sources import Candidate
-    from tasks.watch_tasks import announce
 
-    source = inspect.getsource(announce.fn)
-    payload_keys = set(re.findall(r'"(\w+)":', source.split("payload=")[1]))
+    payload_keys = set(discovered_event(Candidate(repo="o/m", revision="r"), "f", "c")["payload"])
     (trigger,) = {d["name"]: d for d in _deployments()}["realign"]["triggers"]
     used = {
         re.search(r"event\.payload\.(\w+)", v).group(1)  # type: ignore[union-attr]
@@ -119,6 +118,7 @@ def _test_files(tmp_path: Path) -> tuple[Path, Path]:
     model = tmp_path / "watch" / "ft"
     model.mkdir(parents=True)
     (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")  # listed by name, hashed, never read
     config = tmp_path / "pipeline.yaml"
     family = {
         "aligned": str(tmp_path / "aligned"),

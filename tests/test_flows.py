@@ -92,16 +92,15 @@ def test_evaluation_error_becomes_error_report_and_fails_gate(tmp_path: Path) ->
     from tasks.realign_tasks import evaluate_model, gate_candidate
 
     out = tmp_path / "eval.json"
-    path = evaluate_model.fn(str(tmp_path / "no-model"), "organism", str(out), str(tmp_path))
-    report = EvalReport.load(Path(path))
+    report = evaluate_model.fn(str(tmp_path / "no-model"), "organism", str(out), str(tmp_path))
     assert report.status == "error" and report.error
+    assert EvalReport.load(out) == report  # the error report is on disk too
     ok = EvalReport(model="m", suite="organism", status="ok", metrics={"task_accuracy": 1.0})
-    ok.write(tmp_path / "ok.json")
     gate = GateConfig.model_validate(PASSING_GATE)
-    gate_path = gate_candidate.fn(path, str(tmp_path / "ok.json"), gate, str(tmp_path / "g.json"))
-    verdict = json.loads(Path(gate_path).read_text())
-    assert verdict["passed"] is False
-    assert any("status 'error'" in r["reason"] for r in verdict["rows"])
+    verdict = gate_candidate.fn(report, ok, gate, str(tmp_path / "g.json"))
+    assert verdict.passed is False
+    assert any("status 'error'" in r.reason for r in verdict.rows)
+    assert json.loads((tmp_path / "g.json").read_text())["passed"] is False
 
 
 def test_choose_prefers_passing_utility_then_small_alpha() -> None:
@@ -180,10 +179,10 @@ def test_killed_after_registration_restarts_to_one_version(
     class Killed(Exception):
         pass
 
-    def crash(tracking_uri: str, run_id: str, status: str, reason: str) -> None:
+    def crash(store: registry.RecordStore, run_id: str, status: str, reason: str) -> None:
         if status != "error":  # the process dies right after the version was created
             raise Killed("killed")
-        original(tracking_uri, run_id, status, reason)
+        original(store, run_id, status, reason)
 
     monkeypatch.setattr(realign_module.rec.close_record, "fn", crash)
     with pytest.raises(Killed, match="killed"):
@@ -292,27 +291,35 @@ def test_heldout_verdict_alone_decides(
     assert versions(tmp_path) == []
 
 
-def test_list_source_retries_an_unreachable_hub(
+def test_list_source_rides_out_a_short_hub_outage(
     harness: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import types
+
+    import httpx
     from prefect import flow
 
     from tasks.config import WatchConfig
     from tasks.watch_tasks import list_source
-    from tests.fakehub import FakeHub
+    from tests.fakehub import replay_hub
 
-    cfg = WatchConfig(kind="hub", lineages=("finetune",), max_retries=0, backoff_seconds=0)
-    quick = list_source.with_options(retry_delay_seconds=0)
+    no_sleep = types.SimpleNamespace(sleep=lambda seconds: None)
+    monkeypatch.setattr("huggingface_hub.utils._http.time", no_sleep)
+    cfg = WatchConfig(kind="hub", lineages=("finetune",))
 
     @flow
     def probe() -> list[Any]:
-        return quick(cfg, "Qwen/Qwen2.5-0.5B-Instruct")
+        return list_source(cfg, "Qwen/Qwen2.5-0.5B-Instruct")
 
-    with FakeHub() as hub:
-        hub.use(monkeypatch)
-        hub.fail_next(503, 503)  # down for two attempts, back for the third
+    with replay_hub(monkeypatch, fail=[httpx.Response(503)] * 2) as hub:  # back for the third
         found = probe()
+        assert [c.response.status_code for c in hub.calls] == [503, 503, 200, 200]
     assert len(found) == 4
+    with replay_hub(monkeypatch, fail=[httpx.Response(503)] * 50) as hub:  # a long outage
+        state = probe(return_state=True)
+        attempts = len(hub.calls)
+    assert state.is_failed() and "HubUnavailableError" in str(state.message)
+    assert attempts == 6  # the client's 1 + 5 attempts, not multiplied by task retries
 
 
 def test_hf_token_from_secret_never_in_logs_or_mlflow(
@@ -321,7 +328,7 @@ def test_hf_token_from_secret_never_in_logs_or_mlflow(
     from prefect.blocks.system import Secret
 
     from flows.watch import watch
-    from tests.fakehub import FakeHub
+    from tests.fakehub import replay_hub
 
     token = "hf_SECRETfromBLOCKnever0123456789"
     Secret(value=token).save("lssf-test-hf-token", overwrite=True)
@@ -340,10 +347,9 @@ def test_hf_token_from_secret_never_in_logs_or_mlflow(
     }
     config = tmp_path / "hub.yaml"
     config.write_text(yaml.safe_dump(data))
-    with FakeHub() as hub:
-        hub.use(monkeypatch)
+    with replay_hub(monkeypatch) as hub:
         announced = watch("qwen", str(config), dispatch="event")
-        seen = {r.authorization for r in hub.requests}
+        seen = {c.request.headers.get("authorization") for c in hub.calls}
     assert len(announced) == 4 and seen == {f"Bearer {token}"}
     assert token.encode() not in (tmp_path / "state" / "mlflow.db").read_bytes()
     assert not _token_in_prefect_logs(token)
@@ -488,13 +494,16 @@ def test_summary_artifact_key_takes_any_folder_name(harness: None) -> None:
 def test_patch_key_covers_the_calibration_file_content(tmp_path: Path) -> None:
     """An activation patch is rebuilt when its calibration file is rewritten in place."""
     from lssf import PatchConfig
+    from lssf.sources import ModelRef
     from tasks.realign_tasks import patch_key
 
+    a1 = ModelRef(repo="org/aligned", revision="a1", kind="hub")
+    r1 = ModelRef(repo="org/reference", revision="r1", kind="hub")
     calibration = tmp_path / "calibration.jsonl"
     calibration.write_text('{"prompt": "a"}\n')
     config = PatchConfig(basis="activation", calibration=calibration)
-    first = patch_key("a1", "r1", config)
-    assert patch_key("a1", "r1", config) == first
+    first = patch_key(a1, r1, config)
+    assert patch_key(a1, r1, config) == first
     calibration.write_text('{"prompt": "b"}\n')
-    assert patch_key("a1", "r1", config) != first
-    assert patch_key("a1", "r1", PatchConfig()) != first
+    assert patch_key(a1, r1, config) != first
+    assert patch_key(a1, r1, PatchConfig()) != first

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from evaluation.alpha_search import AlphaSearch, AlphaSearchConfig
-from tasks.report import HeldoutResult, SearchRecord, named, plot_search, summary_table
+from tasks.report import HeldoutResult, SearchRecord, plot_search, summary_table
 
 UTILITY = ("task_accuracy", "general_accuracy")
 
@@ -68,6 +68,17 @@ def test_record_round_trips_and_plots(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_named_drops_raw_lm_eval_metrics() -> None:
-    raw = {"harmful_refusal": 1.0, "organism_harmful/refusal,judge": 1.0, "x,none": 0.0}
-    assert named(raw) == {"harmful_refusal": 1.0}
+def test_heldout_result_keeps_named_metrics_only(tmp_path: Path) -> None:
+    """A report of one mixed dict (as written before `raw_metrics`) gives named metrics only."""
+    import json
+
+    from evaluation.gates import GateReport
+    from evaluation.report import EvalReport
+
+    raw = {"harmful_refusal": 1.0, "organism_harmful/refusal,judge": 1.0}
+    data = {"model": "m", "suite": "organism", "status": "ok", "metrics": raw, "n_samples": {}}
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    report = EvalReport.load(tmp_path / "old.json")
+    gate = GateReport(passed=True, config="c", candidate="m", baseline="b", rows=[])
+    held = HeldoutResult.of(1.0, report, gate)
+    assert held.metrics == {"harmful_refusal": 1.0} and held.passed and held.reasons == ()

@@ -26,9 +26,9 @@ def _exp(client, store: tuple[str, Path], name: str) -> str:
     return registry.ensure_experiment(client, name, store[1])
 
 
-def _tags(key: str) -> dict[str, str]:
+def _tags(key: str, family: str = "organism") -> dict[str, str]:
     repo, _, rev = key.partition("@")
-    return {"source_key": key, "source_repo": repo, "source_revision": rev}
+    return {"source_key": key, "source_repo": repo, "source_revision": rev, "family": family}
 
 
 def _model_dir(tmp_path: Path) -> Path:
@@ -55,16 +55,41 @@ def test_processed_means_finished_with_a_verdict(client, store) -> None:
     crashed = registry.start_run(client, exp, "r3", _tags("org/c@1"))
     registry.finish_run(client, crashed, "error", "RuntimeError: boom")
     registry.start_run(client, exp, "r4", _tags("org/d@1"))  # still running (killed)
-    assert registry.processed_keys(client, exp) == {"org/a@1", "org/b@1"}
+    assert registry.processed_keys(client, exp, "organism") == {"org/a@1", "org/b@1"}
     for attempt in range(registry.MAX_ERROR_ATTEMPTS - 1):  # crashing every time: give up
         run_id = registry.start_run(client, exp, f"again{attempt}", _tags("org/c@1"))
         registry.finish_run(client, run_id, "error", "RuntimeError: boom")
-    assert "org/c@1" in registry.processed_keys(client, exp)
+    assert "org/c@1" in registry.processed_keys(client, exp, "organism")
     assert client.get_run(crashed).info.status == "FAILED"
     assert client.get_run(crashed).data.tags["reason"] == "RuntimeError: boom"
     assert registry.find_final_run(client, exp, "org/c@1") is None
     assert registry.find_final_run(client, exp, "org/b@1").info.run_id == rejected
     assert registry.find_final_run(client, exp, "org/c@1") is None
+
+
+def test_processed_counts_per_family(client, store) -> None:
+    """A fine-tune realigned for family A (LSSF) is still new for family B (RESTA)."""
+    exp = _exp(client, store, "exp-families")
+    done = registry.start_run(client, exp, "a1", _tags("org/f@1", "lssf"))
+    registry.finish_run(client, done, "passed", "ok")
+    for attempt in range(registry.MAX_ERROR_ATTEMPTS):
+        crashed = registry.start_run(client, exp, f"b{attempt}", _tags("org/g@1", "lssf"))
+        registry.finish_run(client, crashed, "error", "RuntimeError: boom")
+    assert registry.processed_keys(client, exp, "lssf") == {"org/f@1", "org/g@1"}
+    assert registry.processed_keys(client, exp, "resta") == set()
+    other = registry.start_run(client, exp, "r1", _tags("org/f@1", "resta"))
+    registry.finish_run(client, other, "rejected", "gate failed")
+    assert registry.processed_keys(client, exp, "resta") == {"org/f@1"}
+
+
+def test_record_store_opens_its_experiment(store) -> None:
+    record = registry.RecordStore(
+        tracking_uri=store[0], experiment="exp-store", artifact_root=store[1]
+    )
+    client, exp = record.open()
+    assert record.open()[1] == exp
+    assert client.get_experiment(exp).name == "exp-store"
+    assert str(store[1]) in client.get_experiment(exp).artifact_location
 
 
 def test_restart_marks_the_interrupted_run_killed(client, store) -> None:
