@@ -32,15 +32,6 @@ class Trial:
     reasons: tuple[str, ...] = ()
 
 
-def choose(trials: list[Trial], utility_metrics: tuple[str, ...]) -> Trial | None:
-    """The passing trial with the best utility; ties go to the smaller alpha (less change).
-    The rule of the alpha search's grid mode."""
-    passing = [t for t in trials if t.passed]
-    if not passing:
-        return None
-    return max(passing, key=lambda t: (utility(t.metrics, utility_metrics), -t.alpha))
-
-
 class HeldoutResult(BaseModel):
     """The chosen alpha evaluated once on the held-out split and gated there."""
 

@@ -104,15 +104,25 @@ def test_evaluation_error_becomes_error_report_and_fails_gate(tmp_path: Path) ->
 
 
 def test_choose_prefers_passing_utility_then_small_alpha() -> None:
-    from tasks.report import Trial, before_after_table, choose
+    """The grid rule (one definition: `AlphaSearch.chosen`), and the before/after table."""
+    from evaluation.alpha_search import AlphaSearch, AlphaSearchConfig
+    from tasks.report import Trial, before_after_table
 
     trials = [
         Trial(0.5, {"task_accuracy": 0.9, "general_accuracy": 0.8}, True),
         Trial(1.0, {"task_accuracy": 0.9, "general_accuracy": 0.8}, True),
         Trial(1.5, {"task_accuracy": 1.0, "general_accuracy": 1.0}, False),
     ]
-    chosen = choose(trials, ("task_accuracy", "general_accuracy"))
-    assert chosen is not None and chosen.alpha == 0.5
+
+    def choose(trials: list[Trial], utility_metrics: tuple[str, ...]) -> float | None:
+        grid = AlphaSearchConfig(mode="grid", grid=tuple(t.alpha for t in trials))
+        search = AlphaSearch(grid, utility_metrics)
+        for trial in trials:
+            assert search.propose() == trial.alpha
+            search.observe(trial.alpha, trial.metrics, trial.passed)
+        return search.chosen()
+
+    assert choose(trials, ("task_accuracy", "general_accuracy")) == 0.5
     assert choose([trials[2]], ("task_accuracy",)) is None
     table = before_after_table({"task_accuracy": 0.5}, trials)
     assert "| task_accuracy | 0.500 | 0.900 | 0.900 | 1.000 |" in table
