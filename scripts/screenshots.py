@@ -1,8 +1,11 @@
 """Screenshots of the audit trail in the MLflow UI, taken from the demo's store (issue #12, part 3).
 
-Writes docs/screenshots/model_version.png (the registered model version: tags, aliases, source
-run), realign_run.png (the realign run's overview: tags, parameters, before/after metrics) and
-rank_plot.png (the run's `plots/patch_ranks.png` artifact in the artifact browser).
+Writes into docs/screenshots/: model_version.png (the registered model version: source run,
+alias, first tags) and model_version_tags.png (its tag table scrolled to the source tags);
+realign_run.png (the realign run's overview: description, metrics, tags, registered model,
+parameters), realign_run_before.png and realign_run_after.png (its metric table filtered to
+`before.` and `after.`); search_trace.png (the `search/search_trace.md` artifact, which the
+UI renders as Markdown) and rank_plot.png (the `plots/patch_ranks.png` artifact).
 
 Needs a finished `lssf demo` (default work folder .state/demo; its store is
 WORKDIR/state/mlflow.db) and a Debian-packaged Chromium, installed as root with
@@ -15,9 +18,10 @@ then, from the repository root:
 
 It starts `mlflow server` on that store (127.0.0.1, a free port), waits until `/health` answers,
 finds through MlflowClient the realign run, the model version made from it and the rank plot,
-renders each page with headless Chromium until the page's DOM shows what the screenshot is
-meant to show (the run name, the alias, the metric names, the image), saves the PNGs
-atomically, and stops the server.
+drives headless Chromium over the DevTools protocol (`websockets`, installed with prefect):
+each page is loaded until its text shows what the screenshot is meant to show (the run name,
+the alias, the metric names, the loaded image; otherwise it fails naming what is missing),
+then saved as a 256-colour PNG, atomically. Then it stops the browser and the server.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from urllib.parse import quote
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RANK_PLOT = "plots/patch_ranks.png"
+SEARCH_TRACE = "search/search_trace.md"
 logger = logging.getLogger("screenshots")
 
 
@@ -57,8 +62,8 @@ class Page:
     """One screenshot: the UI route, the window, the text the page must show before it is
     taken, and optionally what to do first: type `search[1]` into the input whose placeholder
     is `search[0]`, scroll the `scroll` element to its end, clip to the section around the
-    `clip[0]` element whose text starts with `clip[1]`; `after` must show and `absent` must
-    not once that is done."""
+    `clip[0]` element whose text starts with `clip[1]`. After that, `after` must show and
+    `absent` must not."""
 
     name: str
     route: str
@@ -159,6 +164,13 @@ def pages(rec: Record) -> list[Page]:
                 absent=(f"{other}.harmful_refusal",),
             )
             for split, other in (("before", "after"), ("after", "before"))
+        ),
+        Page(
+            "search_trace",
+            f"{run}/artifactPath/{SEARCH_TRACE}",
+            (1280, 900),
+            (SEARCH_TRACE, "Held-out (decides)"),
+            absent=("|---|",),  # rendered as Markdown, not shown as text
         ),
         Page("rank_plot", f"{run}/artifactPath/{RANK_PLOT}", (1280, 800), (RANK_PLOT,), True),
     ]
