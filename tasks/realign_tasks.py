@@ -49,7 +49,15 @@ def _key_if_exists(path: Path, *parts: Any) -> str | None:
 # -- sources ----------------------------------------------------------------------------------
 
 
-@task(retries=3, retry_delay_seconds=[5, 20, 60])
+class RevisionMismatchError(ValueError):
+    """A local folder is no longer at the revision the watcher announced (never retried)."""
+
+
+def _retry_unless_mismatch(task: Any, run: Any, state: Any) -> bool:
+    return not isinstance(state.result(raise_on_failure=False), RevisionMismatchError)
+
+
+@task(retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=_retry_unless_mismatch)
 def pin(ref: str | ModelRef, announced: str | None = None) -> ModelRef:
     """`ref` parsed once and pinned to its exact revision (Hub commit sha, or a local folder's
     `local_revision`). `announced`: the revision the watcher saw; a Hub ref is pinned to it,
@@ -59,7 +67,9 @@ def pin(ref: str | ModelRef, announced: str | None = None) -> ModelRef:
         parsed = parsed.model_copy(update={"revision": announced})
     pinned = parsed.pin()
     if announced is not None and pinned.revision != announced:
-        raise ValueError(f"{ref} is at revision {pinned.revision}, not {announced} as announced")
+        raise RevisionMismatchError(
+            f"{ref} is at revision {pinned.revision}, not {announced} as announced"
+        )
     return pinned
 
 

@@ -517,3 +517,31 @@ def test_patch_key_covers_the_calibration_file_content(tmp_path: Path) -> None:
     calibration.write_text('{"prompt": "b"}\n')
     assert patch_key(a1, r1, config) != first
     assert patch_key(a1, r1, PatchConfig()) != first
+
+
+def test_edited_local_folder_fails_at_once_without_retries(harness: None, tmp_path: Path) -> None:
+    """A folder no longer at its announced revision is refused; only Hub errors are retried."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+
+    from lssf.sources import local_revision
+    from tasks.realign_tasks import RevisionMismatchError, pin
+
+    model = tmp_path / "ft"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+
+    @flow
+    def probe(announced: str) -> tuple[Any, Any, Any]:
+        state = pin(str(model), announced, return_state=True)  # the flow itself does not fail
+        result = state.result(raise_on_failure=False)
+        return state.is_failed(), result, state.state_details.task_run_id
+
+    failed, ref, _ = probe(local_revision(model))
+    assert not failed and ref.revision == local_revision(model) and ref.is_local
+    failed, error, task_run_id = probe("0" * 64)
+    assert failed and isinstance(error, RevisionMismatchError) and "as announced" in str(error)
+    with get_client(sync_client=True) as client:
+        run = client.read_task_run(task_run_id)
+    assert run.run_count == 1
