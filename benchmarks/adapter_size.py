@@ -86,7 +86,14 @@ def measure(
     rows.append(("LoRA fine-tune (input adapter)", adapter, 0.0))
     for fmt in ("model", "adapter"):
         t = time.perf_counter()
-        fuse(adapter, patch, work / f"fused_{fmt}", aligned=aligned, format=fmt, progress=False)
+        fuse(
+            adapter,
+            patch,
+            work / f"fused_{fmt}",
+            aligned=aligned,
+            output_format=fmt,
+            progress=False,
+        )
         rows.append((f"fuse --format {fmt}", work / f"fused_{fmt}", time.perf_counter() - t))
     t = time.perf_counter()
     export_patch_adapter(patch, work / "patch_adapter", progress=False)

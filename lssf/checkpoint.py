@@ -166,7 +166,10 @@ class TensorSource(Protocol):
     def iter_file(
         self, header: Header, pool: BufferPool | None = None, mapped: MappedFile | None = None
     ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-        """Every tensor of one shard in file order; ``sha256`` holds its hash afterwards."""
+        """Every tensor of one shard in file order; ``sha256`` holds its hash afterwards.
+
+        (``Checkpoint.iter_file`` also takes ``hash=False``: no hashing, no ``sha256`` entry.)
+        """
 
     def __enter__(self) -> TensorSource: ...
     def __exit__(self, *exc: object) -> None: ...
@@ -281,6 +284,7 @@ class Checkpoint:
         mapped: MappedFile | None = None,
         *,
         prefetch: int = 64 << 20,
+        hash: bool = True,  # noqa: A002 - the caller's word for it
     ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
         """Every tensor of one shard in file order, hashing the whole file as it goes.
 
@@ -290,17 +294,20 @@ class Checkpoint:
         With ``pool``, buffers come from it; the caller may give each tensor back when done.
         With ``mapped`` (``self.mapped(header)``), tensors are views of the mapped file, nothing
         is copied, and the caller gives each back to ``mapped`` when done with it.
-        After the loop, ``self.sha256[header.path.name]`` is the file's SHA-256, at no extra read.
+        After the loop, ``self.sha256[header.path.name]`` is the file's SHA-256, at no extra read;
+        with ``hash=False`` nothing is hashed (the caller has the digest, e.g. from
+        ``lssf.hashcache``) and ``sha256`` is left as it was.
         """
         fd = self._fd(header.path)
         infos = sorted(header.tensors.values(), key=lambda t: t.start)
         budget = ByteBudget(prefetch)
         ready: queue.SimpleQueue = queue.SimpleQueue()
-        hasher = hashlib.sha256()
+        hasher = hashlib.sha256() if hash else None
 
         def read_ahead() -> None:  # the reader thread: tensors in file order, or the error
             try:
-                hasher.update(os.pread(fd, header.data_start, 0))
+                if hasher is not None:
+                    hasher.update(os.pread(fd, header.data_start, 0))
                 for info in infos:
                     if not budget.acquire(info.nbytes):
                         return
@@ -323,4 +330,9 @@ class Checkpoint:
         finally:
             budget.cancel()
             reader.join()
-        self.sha256[header.path.name] = hasher.hexdigest()
+        if hasher is not None:
+            self.sha256[header.path.name] = hasher.hexdigest()
+
+    def fstat(self, header: Header) -> os.stat_result:
+        """``fstat`` of the descriptor ``header``'s file is read through (opened if need be)."""
+        return os.fstat(self._fd(header.path))

@@ -18,11 +18,12 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from lssf import hashcache
 from lssf.adapter_out import write_combined_adapter
-from lssf.checkpoint import INDEX_NAME, TensorSource, folder_file
+from lssf.checkpoint import INDEX_NAME, Checkpoint, TensorSource, folder_file
 from lssf.config import check_alpha
 from lssf.devices import pick_device
-from lssf.errors import ConfigError, NonFiniteError
+from lssf.errors import CheckpointError, ConfigError, NonFiniteError
 from lssf.finetune import (
     check_compatible,
     check_lineage,
@@ -155,6 +156,44 @@ class _Fuser:
         return out
 
 
+def _stream_digest(
+    ft: TensorSource, header: Header
+) -> tuple[Checkpoint, hashcache.Snapshot | None, str | None]:
+    """The checkpoint that reads ``header``'s file, its snapshot and the cached digest (or None).
+
+    A hit counts only if the descriptor the bytes come through is the file the cache entry is
+    for (same inode and device): a file replaced since it was opened is hashed as it is read.
+    """
+    ck = ft.base if isinstance(ft, MergedView) else ft
+    try:
+        snap = hashcache.snapshot(header.path)
+    except OSError:
+        return ck, None, None
+    hit = hashcache.cached_sha256(header.path)
+    st = ck.fstat(header)
+    if (st.st_ino, st.st_dev) != (snap.stat.st_ino, snap.stat.st_dev):
+        return ck, None, None
+    return ck, snap, hit
+
+
+def _settle_digest(
+    ck: Checkpoint, header: Header, snap: hashcache.Snapshot | None, hit: str | None
+) -> None:
+    """After streaming: the digest just computed stored, or the cached one recorded.
+
+    A hit is used only if the file kept its stat data while it was read (else the bytes read
+    may not be the bytes once hashed: the run fails, as for a mapped file).
+    """
+    name = header.path.name
+    if hit is None:
+        if snap is not None:
+            hashcache.store_sha256(header.path, ck.sha256[name], snap)
+        return
+    if snap is None or not hashcache.unchanged(snap):
+        raise CheckpointError(f"{header.path} changed while it was being read; run again")
+    ck.sha256[name] = hit
+
+
 def _write_shard(
     ft: TensorSource,
     header: Header,
@@ -164,17 +203,27 @@ def _write_shard(
     dev: torch.device,
     bar: tqdm,
 ) -> int:
-    """One output shard: read ahead (and hash) in a thread, fuse here, write in another thread."""
+    """One output shard: read ahead (and hash) in a thread, fuse here, write in another thread.
+
+    The input's digest comes from ``lssf.hashcache`` when its stat data is unchanged since it
+    was last hashed; only then is hashing skipped (a plain checkpoint's stream; a LoRA's base
+    is always hashed as it is read, and the digest stored).
+    """
     infos = sorted(header.tensors.values(), key=lambda t: t.start)
     specs = [TensorSpec(i.name, i.torch_dtype, i.shape) for i in infos]
     targets = [i.name for i in infos if i.name in patch.manifest.tensors]
     writer = PlannedWriter(dst, specs, header.metadata or {"format": "pt"}, checked=targets)
+    ck, snap, hit = _stream_digest(ft, header)
     with contextlib.ExitStack() as stack:
         buffers = BufferPool()
         mapped: MappedFile | None = None
         if READ_MODE == "map":
             mapped = stack.enter_context(ft.mapped(header))
-        tensors = ft.iter_file(header, pool=buffers, mapped=mapped)
+        if ft is ck:
+            tensors = ck.iter_file(header, pool=buffers, mapped=mapped, hash=hit is None)
+        else:
+            hit = None  # MergedView.iter_file always hashes the base shard
+            tensors = ft.iter_file(header, pool=buffers, mapped=mapped)
         stack.enter_context(contextlib.closing(tensors))  # stops the reader thread on failure
 
         def release(t: torch.Tensor) -> None:
@@ -189,6 +238,7 @@ def _write_shard(
                 tensor = fused(info.name, tensor)
             out.write(info.name, tensor)
             bar.update(info.nbytes)
+    _settle_digest(ck, header, snap, hit)
     return len(targets)
 
 

@@ -120,6 +120,15 @@ def snapshot(path: str | os.PathLike[str]) -> Snapshot:
     return Snapshot(real, st, taken)
 
 
+def unchanged(before: Snapshot) -> bool:
+    """Whether the file of ``before`` still has the stat data it had then (False if gone)."""
+    try:
+        real, st = _key(before.real)
+    except OSError:
+        return False
+    return real == before.real and _stat_dict(st) == _stat_dict(before.stat)
+
+
 def store_sha256(path: str | os.PathLike[str], digest: str, before: Snapshot | None = None) -> bool:
     """Remember ``digest`` for ``path``'s current stat data; True if an entry was written.
 

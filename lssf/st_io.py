@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lssf import hashcache
 from lssf.errors import CheckpointError, NonFiniteError
 
 if TYPE_CHECKING:
@@ -204,11 +205,12 @@ def read_tensor(
 
 
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """SHA-256 of the file at ``path``, from ``lssf.hashcache`` when its stat data is unchanged.
+
+    A hit means the bytes were not hashed again in this run (git's trust in stat data);
+    ``LSSF_HASH_CACHE=0`` hashes every time.
+    """
+    return hashcache.file_sha256(path, chunk)
 
 
 @dataclass(frozen=True)

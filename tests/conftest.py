@@ -20,6 +20,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # lm-eval's JSON datasets are cached under HF_HOME: keep them out of the user's home.
 os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="lssf-tests-hf-"))
+# lssf's SHA-256 cache (lssf.hashcache) in a temporary folder, never in ~/.cache.
+os.environ.setdefault("LSSF_CACHE_DIR", tempfile.mkdtemp(prefix="lssf-tests-cache-"))
 # Prefect's database and settings for this session only.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="lssf-tests-prefect-"))
 

@@ -254,3 +254,116 @@ def test_module_imports_nothing_heavy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# --- wired into fuse: input shards hashed once per stat data, not on every run ---
+
+
+@pytest.fixture(scope="module")
+def fuse_world(tmp_path_factory: pytest.TempPathFactory):
+    from lssf import extract
+    from lssf.synthetic import LlamaShape, make_trio
+
+    shape = LlamaShape(hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, vocab=96)
+    root = tmp_path_factory.mktemp("fuse-cache")
+    trio = make_trio(root, shape, seed=5, shard_bytes=60_000)
+    patch = extract(trio["aligned"], trio["reference"], root / "patch", progress=False)
+    return trio["finetuned"], patch
+
+
+def fuse_files(ft: Path, patch, out: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, list]:
+    """Fuse into ``out``: the provenance's shard hashes and how each shard was streamed."""
+    from lssf import fuse
+    from lssf.checkpoint import Checkpoint
+
+    streamed: list[bool] = []
+    plain = Checkpoint.iter_file
+
+    def spy(self, header, *args, hash: bool = True, **kwargs):
+        streamed.append(hash)
+        return plain(self, header, *args, hash=hash, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Checkpoint, "iter_file", spy)
+        fuse(ft, patch, out, progress=False)
+    prov = json.loads((out / "lssf_provenance.json").read_text())
+    files = prov["sources"]["finetuned"]["files"]
+    return {k: v for k, v in files.items() if k.endswith(".safetensors")}, streamed
+
+
+def true_hashes(ft: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in ft.glob("*.safetensors")}
+
+
+def test_fuse_twice_same_provenance_second_from_the_cache(
+    cache: Path, fuse_world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ft, patch = fuse_world
+    first, how1 = fuse_files(ft, patch, tmp_path / "a", monkeypatch)
+    assert first == true_hashes(ft) and len(first) > 1
+    assert how1 == [True] * len(first)  # hashed while read, then stored
+    second, how2 = fuse_files(ft, patch, tmp_path / "b", monkeypatch)
+    assert how2 == [False] * len(first)  # not hashed again
+    assert second == first
+    fused = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    for name in fused:  # the same output either way
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_fuse_after_in_place_rewrite_same_size_and_mtime_rehashes(
+    cache: Path, fuse_world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lssf.st_io import read_header
+
+    src, patch = fuse_world
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    for f in src.iterdir():
+        (ft / f.name).write_bytes(f.read_bytes())
+    first, _ = fuse_files(ft, patch, tmp_path / "a", monkeypatch)
+    shard = sorted(ft.glob("*.safetensors"))[0]
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[read_header(shard).data_start] ^= 1  # the lowest mantissa bit of the first value
+    time.sleep(TICK_S)
+    with shard.open("r+b") as fh:  # in place: same inode, same size
+        fh.write(data)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the old mtime
+    assert (shard.stat().st_size, shard.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    second, how = fuse_files(ft, patch, tmp_path / "b", monkeypatch)
+    assert second == true_hashes(ft)
+    assert second[shard.name] != first[shard.name]
+    assert how[sorted(first).index(shard.name)] is True
+    assert {k: v for k, v in second.items() if k != shard.name} == {
+        k: v for k, v in first.items() if k != shard.name
+    }
+
+
+def test_fuse_with_the_cache_off_rehashes(
+    cache: Path, fuse_world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ft, patch = fuse_world
+    first, _ = fuse_files(ft, patch, tmp_path / "a", monkeypatch)
+    monkeypatch.setenv(hashcache.ENV_SWITCH, "0")
+    second, how = fuse_files(ft, patch, tmp_path / "b", monkeypatch)
+    assert how == [True] * len(first)
+    assert second == first == true_hashes(ft)
+
+
+def test_fuse_trusts_the_cache_only_for_the_stat_data(
+    cache: Path, fuse_world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a hit means: the recorded digest, not the bytes hashed again in this run. An entry
+    # for the file's current stat data is believed (here a forged one, to show it is used).
+    ft, patch = fuse_world
+    first, _ = fuse_files(ft, patch, tmp_path / "a", monkeypatch)
+    shard = sorted(ft.glob("*.safetensors"))[0]
+    entry = hashcache._entry_path(os.path.realpath(shard))
+    data = json.loads(entry.read_text())
+    data["sha256"] = "0" * 64
+    entry.write_text(json.dumps(data))
+    second, _ = fuse_files(ft, patch, tmp_path / "b", monkeypatch)
+    assert second[shard.name] == "0" * 64
+    monkeypatch.setenv(hashcache.ENV_SWITCH, "0")
+    third, _ = fuse_files(ft, patch, tmp_path / "c", monkeypatch)
+    assert third == first
