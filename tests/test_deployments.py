@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,35 @@ def _wait_healthy(api: str, server: Any, timeout: float = 180.0) -> None:
     raise TimeoutError("prefect server did not become healthy")
 
 
+@contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real `prefect server start` on a free local port, healthy, stopped on exit; yields its
+    API URL and the environment (PREFECT_HOME=`home`) that points the CLI and workers at it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env |= {"PREFECT_HOME": str(home), "PREFECT_API_URL": api}
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_healthy(api, server)
+        yield api, env
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
 def _flow_runs(api: str, deployment: str) -> list[dict[str, Any]]:
     import httpx
 
@@ -141,27 +172,13 @@ def _test_files(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_watch_deployment_runs_on_a_worker_and_triggers_realign(tmp_path: Path) -> None:
-    import os
-    import signal
     import subprocess
     import sys
     import time
 
     prefect = str(Path(sys.executable).with_name("prefect"))
-    api = f"http://127.0.0.1:{_free_port()}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env |= {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api}
     prefect_file, _ = _test_files(tmp_path)
-    port = api.rsplit(":", 1)[1].split("/")[0]
-    server = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", port],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        _wait_healthy(api, server)
+    with prefect_server(tmp_path / "home") as (api, env):
 
         def run(*args: str, timeout: float = 300) -> None:
             subprocess.run(
@@ -183,6 +200,3 @@ def test_watch_deployment_runs_on_a_worker_and_triggers_realign(tmp_path: Path) 
         (realign_run,) = realigns  # queued on the GPU pool by the event trigger
         assert realign_run["parameters"]["family"] == "organism"
         assert realign_run["parameters"]["finetuned"] == str(tmp_path / "watch" / "ft")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
