@@ -24,7 +24,6 @@ from lssf.calibration import chat_template, encode_prompts, read_calibration, re
 from lssf.checkpoint import Checkpoint, folder_file
 from lssf.config import PatchConfig
 from lssf.errors import CheckpointError, ConfigError, NonFiniteError
-from lssf.extract import patch_tensor, safety_delta
 from lssf.llama_forward import (
     INPUT_GROUPS,
     DecoderSpec,
@@ -35,6 +34,7 @@ from lssf.llama_forward import (
     read_spec,
     rope_tables,
 )
+from lssf.lowrank import patch_tensor, safety_delta
 from lssf.methods import get_rank_rule
 from lssf.patch import CalibrationRecord, TensorRecord
 from lssf.spectral import (

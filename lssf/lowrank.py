@@ -2,29 +2,52 @@
 
 The rank rules need every singular value but only ``r`` left singular vectors are kept. So:
 
-1. all singular values from ``svdvals`` of the tall form (a quarter to a half of a full SVD);
+1. all singular values, from whichever exact route is cheaper for the shape: up to
+   ``GRAM_MAX_SIDE`` on the short side, the eigenvalues of the float64 Gram matrix
+   ``delta delta^T`` (or ``delta^T delta``) with their rigorous error bound (Weyl); beyond it,
+   ``svdvals`` of the tall form;
 2. the rank from the unchanged rule, accepted only if it does not move when every value is
-   shifted by its possible rounding error (else the full SVD's own values decide, as today);
+   shifted by its possible error, or borderline values near the zero cut are dropped (else the
+   full SVD's own values decide, as before);
 3. the top-r left vectors by block subspace iteration in float64, block size and iteration
-   count planned from the exact spectrum (convergence goes as ``s_{k+1} / s_r`` per pass);
-4. an a-posteriori certificate, no full SVD needed: the Ritz values must match the exact
-   singular values, and Wedin's bound ``sqrt(2) ||delta V_r - U_r S_r||_F / (S_r - s_{r+1})``
-   on ``||P' - P||_F`` (which bounds ``||P' delta - P delta|| / ||P delta||``) must be tiny.
+   count planned from the exact spectrum (convergence goes as ``s_{k+1} / s_r`` per pass); on
+   the Gram route the passes multiply by the small Gram matrix, not by ``delta``;
+4. an a-posteriori certificate on ``delta`` itself, no full SVD needed: the Ritz values must
+   match the exact singular values, and Wedin's bound
+   ``sqrt(2) ||delta V_r - U_r S_r||_F / (S_r - s_{r+1})`` on ``||P' - P||_F`` (which bounds
+   ``||P' delta - P delta|| / ||P delta||``) must be tiny.
 
 Anything uncertified (flat or noisy spectra, near-ties at the cut, ``r`` a large share of the
-matrix) falls back to :func:`lssf.spectral.safety_spectrum`, today's exact path, so correctness
-never rests on the shortcut.
+matrix) falls back to :func:`lssf.spectral.safety_spectrum`, the exact path, so correctness
+never rests on the shortcut. Every step is single-threaded-deterministic: the same input gives
+the same bits whichever thread runs it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from lssf.spectral import Spectrum, safety_spectrum, zero_tolerance
+from lssf.config import PatchConfig
+from lssf.errors import NonFiniteError
+from lssf.methods import get_rank_rule
+from lssf.patch import TensorRecord
+from lssf.spectral import (
+    Spectrum,
+    direction_weights,
+    energy_kept,
+    entropy_ratio,
+    safety_factors,
+    safety_spectrum,
+    zero_tolerance,
+)
+from lssf.st_io import is_finite
+
+log = logging.getLogger(__name__)
 
 # A computed singular value may be off by this many eps * s_1 (svd vs svdvals vs float64: up to
 # ~3.5 eps measured on 1024-2816 shapes; 8 leaves a margin).
@@ -35,6 +58,10 @@ CERTIFIED = 1e-6
 MAX_BLOCK_FRACTION = 0.25
 MAX_ITERATIONS = 12
 OVERSAMPLING = (8, 16, 32, 64, 128)
+# Short side up to which float64 Gram + eigvalsh beats float32 svdvals here (measured at
+# 1024: 0.29 s vs 0.35-0.40 s for 1024x2816; at 4096, svdvals is ~2x cheaper), and the passes
+# then cost a small (n, n) product instead of two passes over delta.
+GRAM_MAX_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -60,6 +87,32 @@ def singular_values(delta: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(tall).double().cpu()
 
 
+def gram_matrix(d64: torch.Tensor) -> torch.Tensor:
+    """The small float64 Gram matrix ``(n, n)``, ``n = min(d_out, d_in)``, of ``d64``.
+
+    ``delta delta^T`` when ``d_out <= d_in`` (its eigenvectors are the left singular vectors),
+    else ``delta^T delta`` (the right ones).
+    """
+    return d64 @ d64.T if d64.shape[0] <= d64.shape[1] else d64.T @ d64
+
+
+def gram_values(d64: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every singular value ``(n,)`` float64 descending from ``gram``, and each one's error bound.
+
+    Forming ``gram`` and ``eigvalsh`` move each ``s_i^2`` by at most
+    ``E = 2 (d_out + d_in) eps64 ||delta||_F^2`` (Weyl); so ``|s~_i - s_i| <= min(sqrt(E),
+    E / s~_i)``. For float32 inputs this is far below float32's own rounding of the values.
+    """
+    lam = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+    s = lam.sqrt()
+    total = float(torch.trace(gram))
+    e = 2.0 * sum(d64.shape) * torch.finfo(torch.float64).eps * total
+    err = torch.full_like(s, math.sqrt(e))
+    positive = s > 0
+    err[positive] = torch.minimum(err[positive], e / s[positive])
+    return s.cpu(), err.cpu()
+
+
 def kept(s_all: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """The values above ``s_1 * zero_tolerance``, the same rule as ``safety_spectrum``."""
     if not s_all.numel() or s_all[0] <= 0:
@@ -68,12 +121,17 @@ def kept(s_all: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> tor
     return s_all[: int((s_all > s_all[0] * tol).sum())]
 
 
-def rank_is_stable(select: Callable[[torch.Tensor], int], s: torch.Tensor, err: float) -> bool:
+def rank_is_stable(
+    select: Callable[[torch.Tensor], int], s: torch.Tensor, err: float | torch.Tensor
+) -> bool:
     """True when ``select`` gives the same rank with every value moved by up to ``err``.
 
-    s: (k,) float64 descending. The two extreme moves push the kept head and the tail apart
-    and together; if neither changes the rank, rounding in ``s`` cannot have chosen it.
+    s: (k,) float64 descending; err: a bound for all values, or ``(>= k,)`` one per value. The
+    two extreme moves push the kept head and the tail apart and together; if neither changes
+    the rank, rounding in ``s`` cannot have chosen it.
     """
+    if isinstance(err, torch.Tensor):
+        err = err[: s.numel()]
     rank = select(s)
     head = torch.arange(s.numel()) < rank
     apart = torch.where(head, s + err, (s - err).clamp_min(0.0))
@@ -117,6 +175,25 @@ def range_basis(delta: torch.Tensor, k: int, passes: int, seed: int = 0) -> torc
     return q
 
 
+def gram_basis(
+    d64: torch.Tensor, gram: torch.Tensor, k: int, passes: int, seed: int = 0
+) -> torch.Tensor:
+    """Orthonormal ``Q: (d_out, k)``, the same power of the spectrum as :func:`range_basis`.
+
+    d64: (d_out, d_in) float64; gram: its :func:`gram_matrix`. ``passes + 1`` products with
+    ``gram`` (n x n, cheap) give ``s^(2 passes + 2)``; the right-side Gram's basis is mapped
+    to the left by one product with ``delta``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(gram.shape[0], k, generator=gen, dtype=torch.float64)
+    q = omega.to(gram.device)
+    for _ in range(passes + 1):
+        q, _ = torch.linalg.qr(gram @ q)
+    if d64.shape[0] > d64.shape[1]:
+        q, _ = torch.linalg.qr(d64 @ q)
+    return q
+
+
 def ritz(delta: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rayleigh-Ritz on ``span(Q)``: ``U: (d_out, k)``, values ``(k,)``, ``V: (d_in, k)``.
 
@@ -143,24 +220,61 @@ def update_error_bound(
 
 
 def certified_vectors(
-    delta: torch.Tensor, s_all: torch.Tensor, rank: int, err: float
+    d64: torch.Tensor,
+    s_all: torch.Tensor,
+    rank: int,
+    err: torch.Tensor,
+    gram: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, str]:
     """The top-``rank`` left singular vectors ``(d_out, rank)`` float32, or None and why not.
 
-    delta: (d_out, d_in); s_all: every exact singular value; err: their rounding error.
+    d64: (d_out, d_in) float64; s_all: every exact singular value; err: (n,) their error
+    bounds; gram: the :func:`gram_matrix` when the values came from it (cheaper passes).
     """
     plan = block_plan(s_all, rank)
     if plan is None:
         return None, "rank too large or spectrum too flat for a small block"
-    d64 = delta.double()
-    u, sv, v = ritz(d64, range_basis(d64, *plan))
+    q = range_basis(d64, *plan) if gram is None else gram_basis(d64, gram, *plan)
+    u, sv, v = ritz(d64, q)
     u, sv, v = u[:, :rank], sv[:rank].cpu(), v[:, :rank]
-    if bool(((sv - s_all[:rank]).abs() > err + 1e-9 * s_all[:rank]).any()):
+    if bool(((sv - s_all[:rank]).abs() > err[:rank] + 1e-9 * s_all[:rank]).any()):
         return None, "Ritz values do not match the singular values"
-    bound = update_error_bound(d64, u, sv.to(d64.device), v, float(s_all[rank]) + err)
+    s_next = float(s_all[rank] + err[rank])
+    bound = update_error_bound(d64, u, sv.to(d64.device), v, s_next)
     if bound > CERTIFIED:
         return None, f"error bound {bound:.1e} above {CERTIFIED:.0e}"
     return u.float().contiguous(), ""
+
+
+def exact_values(
+    delta: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Every singular value of ``delta: (d_out, d_in)`` (float64, descending), their error
+    bounds ``(n,)`` against the exact ones, and (Gram route) ``delta`` in float64 and its Gram.
+
+    The bound covers what a float32 SVD may differ by (``VALUE_ERROR`` eps32 s_1), plus the
+    route's own error: so a rank stable under it is the full SVD's rank too.
+    """
+    dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    d64 = gram = None
+    if dtype == torch.float32 and min(delta.shape) <= GRAM_MAX_SIDE:
+        d64 = delta.double()
+        gram = gram_matrix(d64)
+        s_all, own = gram_values(d64, gram)
+    else:
+        s_all = singular_values(delta)
+        own = torch.zeros_like(s_all)
+    s1 = float(s_all[0]) if s_all.numel() else 0.0
+    return s_all, own + VALUE_ERROR * torch.finfo(dtype).eps * s1, d64, gram
+
+
+def cut_is_stable(
+    select: Callable[[torch.Tensor], int], s_all: torch.Tensor, err: torch.Tensor, tol: float
+) -> bool:
+    """True when values within ``err`` of the zero cut ``s_1 * tol`` cannot change the rank."""
+    cut = float(s_all[0]) * tol
+    sure, maybe = s_all[s_all - err > cut], s_all[s_all + err > cut]
+    return sure.numel() == maybe.numel() or select(sure) == select(maybe)
 
 
 def top_subspace(delta: torch.Tensor, select: Callable[[torch.Tensor], int]) -> LowRank:
@@ -172,18 +286,77 @@ def top_subspace(delta: torch.Tensor, select: Callable[[torch.Tensor], int]) -> 
     if delta.ndim != 2:
         raise ValueError(f"delta must be 2-D, got shape {tuple(delta.shape)}")
     dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
-    s_all = singular_values(delta)
+    s_all, err, d64, gram = exact_values(delta)
     s = kept(s_all, tuple(delta.shape), dtype)
     rank = select(s)
     if rank == 0:
         return LowRank(Spectrum(delta.new_zeros(delta.shape[0], 0).float(), s), 0, None)
-    err = VALUE_ERROR * torch.finfo(dtype).eps * float(s_all[0])
     why = "rank moves within rounding of the values"
     u = None
-    if rank_is_stable(select, s, err) and rank < s_all.numel():
-        u, why = certified_vectors(delta, s_all, rank, err)
+    tol = zero_tolerance(tuple(delta.shape), dtype)
+    stable = rank_is_stable(select, s, err) and cut_is_stable(select, s_all, err, tol)
+    if stable and rank < s_all.numel():
+        d64 = delta.double() if d64 is None else d64
+        u, why = certified_vectors(d64, s_all, rank, err, gram)
     if u is None:
         spec = safety_spectrum(delta)
         rank = select(spec.s)
         return LowRank(Spectrum(spec.u[:, :rank], spec.s), rank, why)
     return LowRank(Spectrum(u, s), rank, None)
+
+
+# -- one target tensor: the delta and its factors (shared by every extraction basis) --------
+
+
+def safety_delta(name: str, aligned: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``delta = W_aligned - W_reference`` in float32 whatever the stored dtype."""
+    for label, t in (("aligned", aligned), ("reference", reference)):
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(f"tensor {name!r} of the {label} model has {bad} NaN/Inf values")
+    delta = aligned.float() - reference.float()
+    if not torch.isfinite(delta).all():
+        raise NonFiniteError(f"safety vector of tensor {name!r} overflows float32 (NaN/Inf)")
+    return delta
+
+
+def patch_tensor(
+    delta: torch.Tensor, config: PatchConfig
+) -> tuple[torch.Tensor, torch.Tensor, TensorRecord]:
+    """Steps 2-4 of LSSF for one safety vector ``delta: (d_out, d_in)``.
+
+    Returns ``U': (d_out, r)``, ``C: (r, d_in)`` (float32, CPU) and the tensor's record.
+    Ranked rules take the certified low-rank path (``lssf/lowrank.py``: same ranks, same
+    projection to 1e-6, full SVD whenever that is not certain); ``full`` needs every vector.
+    """
+    rule = get_rank_rule(config.rank_rule)
+
+    def select(s: torch.Tensor) -> int:
+        rank = rule.select(s, config.eta)
+        return rank if config.max_rank is None else min(rank, config.max_rank)
+
+    if config.rank_rule == "full":
+        spec = safety_spectrum(delta)
+        rank = select(spec.s)
+    else:
+        found = top_subspace(delta, select)
+        spec, rank = found.spectrum, found.rank
+        if found.fallback:
+            log.debug("%s delta: full SVD (%s)", list(delta.shape), found.fallback)
+    weights = direction_weights(spec.s, rank, config.weight_top)
+    u, c = safety_factors(delta, spec.u[:, :rank], weights)
+    record = TensorRecord(
+        shape=tuple(delta.shape),
+        rank=rank,
+        entropy_ratio=entropy_ratio(spec.s, rank),
+        energy_kept=energy_kept(spec.s, rank),
+        n_nonzero=int(spec.s.numel()),
+        top_singular_value=float(spec.s[0]) if spec.s.numel() else 0.0,
+        delta_norm=float(torch.linalg.vector_norm(delta.double())),
+    )
+    if not (is_finite(u) and is_finite(c)):
+        raise NonFiniteError(
+            f"safety factors of a {list(delta.shape)} tensor overflow float32 (NaN/Inf); "
+            f"weight_top={config.weight_top} is too large"
+        )
+    return u.cpu(), c.cpu(), record

@@ -18,11 +18,12 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lssf.checkpoint import Checkpoint, folder_file
 from lssf.config import PatchConfig, format_validation_error
 from lssf.errors import CheckpointError, PatchIntegrityError
+from lssf.models import Frozen
 from lssf.sources import SourceRecord
 from lssf.st_io import Header, file_sha256, read_header, short
 
@@ -34,10 +35,8 @@ FACTORS = "factors.safetensors"
 SHA256 = r"^[0-9a-f]{64}$"
 
 
-class TensorRecord(BaseModel):
+class TensorRecord(Frozen):
     """What the rank rule decided for one target tensor."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     shape: tuple[int, int]
     rank: int
@@ -50,10 +49,8 @@ class TensorRecord(BaseModel):
     delta_energy_kept: float | None = Field(None, exclude_if=lambda v: v is None)
 
 
-class CalibrationRecord(BaseModel):
+class CalibrationRecord(Frozen):
     """What the activation basis ran: which prompts, how many tokens, on which model."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -64,10 +61,8 @@ class CalibrationRecord(BaseModel):
     chat_template_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
-class FactorShard(BaseModel):
+class FactorShard(Frozen):
     """One factor file of a sharded patch: its name in the patch folder, hash and targets."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     file: str
     sha256: str = Field(pattern=SHA256)
@@ -85,9 +80,7 @@ class FactorShard(BaseModel):
         return name
 
 
-class PatchManifest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
+class PatchManifest(Frozen):
     format_version: int = FORMAT_VERSION
     method: str = "lssf"
     lssf_version: str

@@ -15,15 +15,15 @@ from prefect.cache_policies import NO_CACHE
 
 from lssf import PatchConfig
 from lssf.errors import CheckpointError
-from lssf.extract import (
+from lssf.extract import list_targets
+from lssf.outputs import check_output
+from lssf.shards import (
     ShardRecord,
     assemble_patch,
     extract_shard,
     group_by_layer,
-    list_targets,
     read_shard_record,
 )
-from lssf.outputs import check_output
 from lssf.st_io import file_sha256
 from tasks._log import run_logger
 

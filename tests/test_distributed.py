@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from lssf import PatchConfig, SafetyPatch, extract, fuse
 from lssf.errors import CheckpointError, ConfigError, OutputExistsError, PatchIntegrityError
-from lssf.extract import assemble_patch, extract_shard, group_by_layer, list_targets
+from lssf.extract import list_targets
 from lssf.outputs import PROVENANCE
 from lssf.patch import FACTORS, MANIFEST, SHARDED_FORMAT_VERSION
+from lssf.shards import assemble_patch, extract_shard, group_by_layer
 from lssf.st_io import file_sha256
 from lssf.synthetic import LlamaShape, make_trio
 from tasks.extract_tasks import extract_group, plan_shards, worker_device, worker_rank

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import lssf
 from lssf import SafetyPatch, extract, fuse
 from lssf.errors import (
     CheckpointError,
+    ConfigError,
     NonFiniteError,
     OutputError,
     OutputExistsError,
@@ -26,6 +28,8 @@ from lssf.errors import (
     ShapeMismatchError,
 )
 from lssf.synthetic import LlamaShape, make_trio
+
+engine = importlib.import_module("lssf.extract")  # the module; lssf.extract is the function
 
 SHAPE = LlamaShape(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=64)
 TRIO = {"shape": SHAPE, "seed": 1, "shard_bytes": 40_000}  # the `trio` fixture (tests/conftest.py)
@@ -268,3 +272,44 @@ def test_non_finite_finetune_is_refused_when_fusing(patch, trio, tmp_path):
     with pytest.raises(NonFiniteError, match=r"fused tensor 'model\.layers\.1\.mlp\.up_proj"):
         fuse(ft, patch, out)
     assert_nothing_written(out)
+
+
+def test_patch_is_the_same_for_any_worker_count_and_read_ahead(trio, tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
+    runs = {}
+    for workers, budget in ((1, engine.READ_AHEAD_BYTES), (2, 1), (3, 10**9)):
+        monkeypatch.setattr(engine, "READ_AHEAD_BYTES", budget)
+        out = tmp_path / f"patch-{workers}"
+        runs[workers] = extract(trio["aligned"], trio["reference"], out, workers=workers)
+        assert torch.get_num_threads() == threads  # the caller's setting is restored
+    first = runs[1]
+    assert (first.folder / "factors.safetensors").stat().st_size > 0
+    for p in runs.values():
+        assert p.patch_id == first.patch_id
+        assert (p.folder / "factors.safetensors").read_bytes() == (
+            first.folder / "factors.safetensors"
+        ).read_bytes()
+        assert p.manifest.tensors == first.manifest.tensors
+
+
+def test_a_failing_matrix_stops_every_worker_and_writes_nothing(trio, tmp_path):
+    al = copy_model(trio["aligned"], tmp_path / "al")
+    name = "model.layers.1.mlp.down_proj.weight"
+    edit_tensor(al, name, lambda t: t.index_fill(0, torch.tensor([0]), float("nan")))
+    out = tmp_path / "patch"
+    with pytest.raises(NonFiniteError, match=r"down_proj\.weight.*aligned.*NaN/Inf"):
+        extract(al, trio["reference"], out, workers=2)
+    assert_nothing_written(out)
+
+
+def test_worker_count_from_the_environment(trio, tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(engine.WORKERS_ENV, "3")
+    assert engine.default_workers(cpu) == 3
+    monkeypatch.delenv(engine.WORKERS_ENV)
+    assert 1 <= engine.default_workers(cpu) <= engine.MAX_WORKERS
+    monkeypatch.setenv(engine.WORKERS_ENV, "two")
+    with pytest.raises(ConfigError, match=r"LSSF_EXTRACT_WORKERS.*'two'"):
+        extract(trio["aligned"], trio["reference"], tmp_path / "patch")
+    with pytest.raises(ConfigError, match="workers must be at least 1, not 0"):
+        extract(trio["aligned"], trio["reference"], tmp_path / "patch", workers=0)

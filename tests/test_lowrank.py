@@ -9,9 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+import lssf.lowrank
 from lssf.config import PatchConfig
-from lssf.extract import patch_tensor
-from lssf.lowrank import block_plan, rank_is_stable, top_subspace
+from lssf.lowrank import (
+    block_plan,
+    cut_is_stable,
+    gram_matrix,
+    gram_values,
+    patch_tensor,
+    rank_is_stable,
+    top_subspace,
+)
 from lssf.methods import get_rank_rule
 from lssf.spectral import entropy_rank, safety_spectrum
 from lssf.synthetic import low_rank
@@ -144,3 +152,34 @@ def test_patch_tensor_is_unchanged_in_format_and_rank():
     assert rec.rank == entropy_rank(spec.s, 0.85) and rec.n_nonzero == spec.s.numel()
     assert u.dtype == c.dtype == torch.float32
     assert u.shape == (256, rec.rank) and c.shape == (rec.rank, 192)
+
+
+@pytest.mark.parametrize("shape", [(256, 128), (128, 256)])
+def test_gram_values_are_within_their_bound_of_float64_svd(shape):
+    delta = synthetic(shape, DECAY, 1e-3, 4)
+    d64 = delta.double()
+    s, err = gram_values(d64, gram_matrix(d64))
+    exact = torch.linalg.svdvals(d64)
+    assert s.shape == err.shape == exact.shape
+    assert bool(((s - exact).abs() <= err).all())
+    assert bool((s[:-1] >= s[1:]).all())  # descending, like svdvals
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_svdvals_route_for_large_sides_matches_too(monkeypatch, seed):
+    # The route beyond GRAM_MAX_SIDE (svdvals of the tall form, passes over delta), forced on a
+    # small shape; and float64 deltas, which never take the Gram route.
+    monkeypatch.setattr(lssf.lowrank, "GRAM_MAX_SIDE", 0)
+    assert assert_matches_full_svd(synthetic((256, 160), DECAY, 1e-3, seed), entropy()) is None
+    monkeypatch.undo()
+    delta64 = synthetic((160, 256), DECAY, 1e-3, seed).double()
+    assert assert_matches_full_svd(delta64, entropy()) is None
+
+
+def test_values_near_the_zero_cut_must_not_decide_the_rank():
+    count = lambda v: int(v.numel())  # noqa: E731  (a rule that counts every kept value)
+    s = torch.tensor([1.0, 0.5, 1e-3], dtype=torch.float64)
+    err = torch.full_like(s, 1e-4)
+    assert cut_is_stable(count, s, err, tol=1e-2)  # nothing within err of the cut at 1e-2
+    assert not cut_is_stable(count, s, err, tol=1.05e-3)  # 1e-3 may be either side of it
+    assert cut_is_stable(lambda v: min(count(v), 2), s, err, tol=1.05e-3)  # and cannot matter

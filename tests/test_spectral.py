@@ -9,7 +9,7 @@ import torch
 
 from lssf.config import PatchConfig
 from lssf.errors import ConfigError
-from lssf.extract import patch_tensor
+from lssf.lowrank import patch_tensor
 from lssf.methods import get_rank_rule
 from lssf.spectral import (
     direction_weights,
