@@ -7,8 +7,16 @@ fresh process, alternating, ``--repeats`` times (median wall, max peak RSS):
 
 - I/O floor: ``safetensors.torch.load_file`` + ``save_file`` of every shard (an identical copy)
 - casting floor: the same, with every 2-D tensor cast to float32 and back on the way
-- fuse, in-process: ``lssf.fuse(...)`` timed after the imports
-- fuse, whole process: ``lssf fuse ...`` timed from outside, beside the floor's whole-process time
+- fuse, in-process: ``lssf.fuse(...)`` timed after the imports, the input shards' digests in
+  the hash cache (``lssf.hashcache``, a private ``LSSF_CACHE_DIR`` filled before timing): what
+  every fuse of an unchanged fine-tune after the first costs
+- fuse, in-process, ``LSSF_HASH_CACHE=0``: every shard hashed while it is read (a first fuse,
+  or strict mode)
+- fuse, pread even on a cache hit: ``READ_MODE = "read"`` instead of the default ``"auto"``
+  (which maps a shard whose digest is cached)
+- sha256 only: ``hashlib`` over the input shards, what hashing alone costs
+- fuse, whole process: ``lssf fuse ...`` timed from outside (cache warm), beside the floor's
+  whole-process time
 - compute only: every target's ``W + alpha U' C`` (``lssf.fuse.fused_rows``) on data in memory,
   what the arithmetic alone costs on this CPU
 - with ``--before REV``: the same fuse from lssf at git revision REV (``git archive``)
@@ -87,14 +95,19 @@ OPS = {
         "from lssf import fuse",
         "fuse('{d}/finetuned', '{d}/patch', '{d}/fused', overwrite=True, progress=False)",
     ),
-    "fuse, mmap instead of pread": (
+    "fuse, in-process, LSSF_HASH_CACHE=0": (
+        "import os\nos.environ['LSSF_HASH_CACHE'] = '0'\nfrom lssf import fuse",
+        "fuse('{d}/finetuned', '{d}/patch', '{d}/fused', overwrite=True, progress=False)",
+    ),
+    "fuse, pread even on a cache hit": (
         "import importlib\nfrom lssf import fuse\n"
-        "importlib.import_module('lssf.fuse').READ_MODE = 'map'",
+        "importlib.import_module('lssf.fuse').READ_MODE = 'read'",
         "fuse('{d}/finetuned', '{d}/patch', '{d}/fused', overwrite=True, progress=False)",
     ),
     "sha256 only": (
-        "from pathlib import Path\nfrom lssf.st_io import file_sha256",
-        "[file_sha256(f) for f in sorted(Path('{d}/finetuned').glob('*.safetensors'))]",
+        "import hashlib\nfrom pathlib import Path",
+        "[hashlib.file_digest(open(f, 'rb'), 'sha256').hexdigest()\n"
+        " for f in sorted(Path('{d}/finetuned').glob('*.safetensors'))]",
     ),
     "compute only": (
         "from pathlib import Path\nfrom lssf.fuse import fused_rows, single_threaded_ops\n"
@@ -150,6 +163,25 @@ def write_patch(folder: Path, finetuned: Path, shape: LlamaShape) -> None:
     )  # fmt: skip
     write_json(folder / MANIFEST, manifest.model_dump(mode="json"))
     write_json(folder / "lssf_provenance.json", {"tool": "lssf", "kind": "patch"})
+
+
+def warm_cache(finetuned: Path, cache: Path) -> None:
+    """Every input shard's digest in ``cache``, as a first fuse leaves it (untimed)."""
+    from lssf import hashcache
+
+    before = os.environ.get(hashcache.ENV_DIR)
+    os.environ[hashcache.ENV_DIR] = str(cache)
+    try:
+        time.sleep(hashcache.RACY_MARGIN_S)  # a file written just now is not trusted yet
+        for f in sorted(finetuned.glob("*.safetensors")):
+            hashcache.file_sha256(f)
+            if hashcache.cached_sha256(f) is None:
+                raise RuntimeError(f"{f}: digest not cached; the warm rows would hash it")
+    finally:
+        if before is None:
+            os.environ.pop(hashcache.ENV_DIR)
+        else:
+            os.environ[hashcache.ENV_DIR] = before
 
 
 def fresh_outputs(folder: Path) -> None:
@@ -223,7 +255,9 @@ def bench_size(name: str, folder: Path, args: argparse.Namespace, before: Path |
     if not (folder / "patch" / "manifest.json").exists():
         write_finetune(folder / "finetuned", SIZES[name])
         write_patch(folder / "patch", folder / "finetuned", SIZES[name])
-    base_env = os.environ | {"PYTHONWARNINGS": "ignore"}
+    cache = folder / "hash-cache"  # never the user's: the cold rows set LSSF_HASH_CACHE=0
+    base_env = os.environ | {"PYTHONWARNINGS": "ignore", "LSSF_CACHE_DIR": str(cache)}
+    warm_cache(folder / "finetuned", cache)
     envs = {"default": base_env, "1": base_env | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}}
     plan = []
     for threads, env in envs.items():
@@ -290,7 +324,8 @@ def main() -> None:
     for name in sizes:
         rows += bench_size(name, root / name, args, before)
     print(f"torch {torch.__version__}, default threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}\n")  # fmt: skip
+          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}, hash cache warm "
+          "(a private LSSF_CACHE_DIR) unless a row says LSSF_HASH_CACHE=0\n")  # fmt: skip
     print_table(rows)
     if args.workdir is None:
         shutil.rmtree(root)

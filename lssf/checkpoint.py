@@ -284,7 +284,7 @@ class Checkpoint:
         mapped: MappedFile | None = None,
         *,
         prefetch: int = 64 << 20,
-        hash: bool = True,  # noqa: A002 - the caller's word for it
+        hash: bool = True,  # noqa: A002 - the name the brief and callers use
     ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
         """Every tensor of one shard in file order, hashing the whole file as it goes.
 

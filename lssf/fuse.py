@@ -62,8 +62,12 @@ def side_files(folder: Path) -> dict[str, Path]:
     return {name: path for name, path in found.items() if path is not None}
 
 
-# fp32 rows per block: the block stays in the core's cache from the cast to the rounding.
-BLOCK_BYTES = 1 << 19
+# fp32 bytes per row block: the block stays in cache (L2/L3) from the cast to the rounding, and
+# MKL packs ``C`` once per block, so blocks too small pay that again and again. Measured on the
+# 1 GB benchmark's shapes and ranks (2816x1024 at rank 224, 1024x2816 at 350, two at rank 5-6;
+# one thread, under load, 2026-12-02): 512 KiB 239-392 ms, 2 MiB 173-299, 4 MiB 161-271, the
+# whole matrix at once 266; the per-element operations are the same at any block size.
+BLOCK_BYTES = 1 << 22
 # No block has fewer rows (unless the tensor has): MKL multiplies 1-3 rows with other kernels
 # (gemv), whose roundings differ from the whole-matrix product; 4 rows and more matched it
 # bit for bit here (tests/test_fuse_speed_paths.py checks it on every machine).
@@ -71,10 +75,13 @@ MIN_ROWS = 16
 # Targets at least this big are computed in two halves on two threads.
 SPLIT_BYTES = 1 << 21
 # How the fine-tune's shards (a LoRA's: its base's) are read: "read" (``pread`` into recycled
-# buffers: the bytes hashed are the bytes fused) or "map" (views of the mapped file, no copy).
-# Measured on 1 GB (benchmarks/fuse_speed.py, 2026-12-01): "read" 3.3 s, "map" 3.6 s quiet;
-# under load the other way round (5.3 s, 4.6 s). No clear win: the simpler guarantee is default.
-READ_MODE = "read"
+# buffers: the bytes hashed are the bytes fused), "map" (views of the mapped file, no copy), or
+# "auto": "map" where the shard's digest came from ``lssf.hashcache`` (nothing to hash; the
+# mapping checks the file's stat data on exit), else "read". Measured on 1 GB with hashing
+# (2026-12-01): "read" 3.3 s, "map" 3.6 s quiet, under load 5.3 s / 4.6 s; without hashing
+# (2026-12-02, under load) "map" took 0.5 CPU-s less of kernel time per GB (no copy into a
+# buffer, no fresh pages).
+READ_MODE = "auto"
 
 
 def fused_rows(
@@ -202,8 +209,11 @@ def _write_shard(
     alpha: float,
     dev: torch.device,
     bar: tqdm,
+    buffers: BufferPool,
 ) -> int:
     """One output shard: read ahead (and hash) in a thread, fuse here, write in another thread.
+
+    ``buffers`` is shared by every shard of a run: later shards reuse the first one's memory.
 
     The input's digest comes from ``lssf.hashcache`` when its stat data is unchanged since it
     was last hashed; only then is hashing skipped (a plain checkpoint's stream; a LoRA's base
@@ -215,9 +225,9 @@ def _write_shard(
     writer = PlannedWriter(dst, specs, header.metadata or {"format": "pt"}, checked=targets)
     ck, snap, hit = _stream_digest(ft, header)
     with contextlib.ExitStack() as stack:
-        buffers = BufferPool()
         mapped: MappedFile | None = None
-        if READ_MODE == "map":
+        cached = hit is not None and ft is ck
+        if READ_MODE == "map" or (READ_MODE == "auto" and cached):
             mapped = stack.enter_context(ft.mapped(header))
         if ft is ck:
             tensors = ck.iter_file(header, pool=buffers, mapped=mapped, hash=hit is None)
@@ -257,8 +267,10 @@ def _write_model(
     total = sum(i.nbytes for h in ft.headers for i in h.tensors.values())
     with atomic_folder(out, overwrite=overwrite, inputs=[*ft.folders, patch.folder]) as tmp:
         with tqdm(total=total, desc="fuse", unit="B", unit_scale=True, disable=not progress) as bar:
+            buffers = BufferPool()
             n_fused = sum(
-                _write_shard(ft, h, tmp / h.path.name, patch, alpha, dev, bar) for h in ft.headers
+                _write_shard(ft, h, tmp / h.path.name, patch, alpha, dev, bar, buffers)
+                for h in ft.headers
             )
         for name, path in sides.items():  # content only: the umask's permissions, not theirs
             shutil.copyfile(path, tmp / name)

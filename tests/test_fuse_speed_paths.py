@@ -91,10 +91,12 @@ def assert_same_or_one_ulp(got: Path, want: Path, targets) -> None:
 @pytest.mark.parametrize(
     ("block", "split", "threads", "alpha", "read"),
     [
-        (1 << 19, 1 << 21, 2, 1.0, "map"),  # the defaults (nothing split at this size)
+        (1 << 22, 1 << 21, 2, 1.0, "map"),  # the defaults (nothing split at this size)
+        (1 << 19, 1 << 21, 2, 1.0, "map"),  # the previous block size
         (256, 0, 2, 0.7, "map"),  # blocks of MIN_ROWS rows, every target split over two threads
         (4096, 0, 1, 1.3, "read"),
         (1 << 30, 1 << 30, 1, 0.0, "read"),  # alpha 0: the fine-tune's bytes
+        (1 << 22, 0, 2, 1.0, "auto"),  # the default read mode (map where the digest is cached)
     ],
 )
 def test_fast_paths_write_the_reference_bytes(

@@ -367,3 +367,30 @@ def test_fuse_trusts_the_cache_only_for_the_stat_data(
     monkeypatch.setenv(hashcache.ENV_SWITCH, "0")
     third, _ = fuse_files(ft, patch, tmp_path / "c", monkeypatch)
     assert third == first
+
+
+def test_auto_read_mode_maps_a_shard_only_when_its_digest_is_cached(
+    cache: Path, fuse_world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hashing needs the bytes read (pread into buffers); a cached digest leaves nothing to hash,
+    # so the shard is mapped instead. The output bytes are the same either way.
+    import importlib
+
+    from lssf.checkpoint import Checkpoint
+
+    assert importlib.import_module("lssf.fuse").READ_MODE == "auto"
+    ft, patch = fuse_world
+    mapped: list[str] = []
+    plain = Checkpoint.mapped
+
+    def spy(self, header):
+        mapped.append(header.path.name)
+        return plain(self, header)
+
+    monkeypatch.setattr(Checkpoint, "mapped", spy)
+    _, how1 = fuse_files(ft, patch, tmp_path / "a", monkeypatch)
+    assert mapped == [] and all(how1)
+    _, how2 = fuse_files(ft, patch, tmp_path / "b", monkeypatch)
+    assert not any(how2) and sorted(mapped) == sorted(p.name for p in ft.glob("*.safetensors"))
+    for out in (tmp_path / "a").glob("*.safetensors"):
+        assert out.read_bytes() == (tmp_path / "b" / out.name).read_bytes()
