@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from lssf._version import __version__
@@ -43,7 +44,7 @@ MAX_WORKERS = 8
 WORKERS_ENV = "LSSF_EXTRACT_WORKERS"
 # Estimated bytes of the matrices read ahead or in work at once (at least one always runs):
 # a constant, so peak memory does not grow with the model.
-READ_AHEAD_BYTES = 768 * 2**20
+READ_AHEAD_BYTES = 3 * 2**30
 
 
 def _matched(ckpt: Checkpoint, config: PatchConfig) -> list[str]:
@@ -173,20 +174,24 @@ def default_workers(dev: torch.device) -> int:
 
 def _work_bytes(a_ckpt: Checkpoint, r_ckpt: Checkpoint, name: str) -> int:
     """Estimated peak bytes of one matrix in work: both inputs as stored, the float32 delta,
-    its float64 copy and the small Gram matrix."""
+    its float64 copy (and, past ``GRAM_MAX_SIDE``, a transposed one) and the small Gram."""
     info = a_ckpt.info(name)
     n = math.prod(info.shape)
     side = min(info.shape, default=1)
-    return info.nbytes + r_ckpt.info(name).nbytes + 12 * n + 8 * side * side
+    return info.nbytes + r_ckpt.info(name).nbytes + 20 * n + 8 * side * side
 
 
 @contextmanager
 def _one_thread_ops() -> Iterator[None]:
-    """Run torch ops on one intra-op thread for the duration; restores the caller's count."""
+    """Torch ops and numpy's BLAS on one thread for the duration; restores the caller's counts.
+
+    One thread per op keeps every matrix's bits independent of the worker count.
+    """
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield
+        with threadpool_limits(limits=1):
+            yield
     finally:
         torch.set_num_threads(saved)
 

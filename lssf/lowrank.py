@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lssf.config import PatchConfig
@@ -92,9 +93,30 @@ def gram_matrix(d64: torch.Tensor) -> torch.Tensor:
     """The small float64 Gram matrix ``(n, n)``, ``n = min(d_out, d_in)``, of ``d64``.
 
     ``delta delta^T`` when ``d_out <= d_in`` (its eigenvectors are the left singular vectors),
-    else ``delta^T delta`` (the right ones).
+    else ``delta^T delta`` (the right ones). On CPU through numpy, whose BLAS spots the
+    self-product (``syrk``, half the work) and beat torch's 0.21 s by 0.14 s at 1024x2816.
     """
-    return d64 @ d64.T if d64.shape[0] <= d64.shape[1] else d64.T @ d64
+    left = d64.shape[0] <= d64.shape[1]
+    if d64.device.type == "cpu":
+        a = d64.numpy()
+        return torch.from_numpy(a @ a.T if left else a.T @ a)
+    return d64 @ d64.T if left else d64.T @ d64
+
+
+def _eigh(gram: torch.Tensor, vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Ascending eigenvalues (and eigenvectors) of the symmetric float64 ``gram: (n, n)``.
+
+    On CPU numpy's LAPACK: 0.075 s against torch's 0.13 s for n = 1024 here (both release
+    the GIL); elsewhere torch.
+    """
+    if gram.device.type != "cpu":
+        if vectors:
+            return torch.linalg.eigh(gram)
+        return torch.linalg.eigvalsh(gram), None
+    if vectors:
+        w, v = np.linalg.eigh(gram.numpy())
+        return torch.from_numpy(w), torch.from_numpy(v)
+    return torch.from_numpy(np.linalg.eigvalsh(gram.numpy())), None
 
 
 def gram_values(d64: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +126,7 @@ def gram_values(d64: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, to
     ``E = 2 (d_out + d_in) eps64 ||delta||_F^2`` (Weyl); so ``|s~_i - s_i| <= min(sqrt(E),
     E / s~_i)``. For float32 inputs this is far below float32's own rounding of the values.
     """
-    lam = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0.0)
+    lam = _eigh(gram, vectors=False)[0].flip(0).clamp_min(0.0)
     s = lam.sqrt()
     total = float(torch.trace(gram))
     e = 2.0 * sum(d64.shape) * torch.finfo(torch.float64).eps * total
@@ -201,7 +223,7 @@ def gram_eigh_basis(d64: torch.Tensor, gram: torch.Tensor, rank: int) -> torch.T
     For spectra too flat beyond the cut for a few passes: one float64 ``eigh`` of the small
     Gram costs about half a float32 SVD of ``delta`` (measured at 1024x2816).
     """
-    _, vecs = torch.linalg.eigh(gram)
+    _, vecs = _eigh(gram, vectors=True)
     q = vecs[:, -rank:].flip(1)
     if d64.shape[0] > d64.shape[1]:
         q, _ = torch.linalg.qr(d64 @ q)
