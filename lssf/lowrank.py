@@ -60,8 +60,10 @@ CERTIFIED = 1e-6
 MAX_BLOCK_FRACTION = 0.25
 MAX_ITERATIONS = 12
 OVERSAMPLING = (8, 16, 32, 64, 128)
-# Short side up to which float64 Gram + eigvalsh beats float32 svdvals here (measured at
-# 1024: 0.29 s vs 0.35-0.40 s for 1024x2816; at 4096, svdvals is ~2x cheaper), and the passes
+# Short side up to which float64 Gram + eigvalsh (numpy) beats float32 svdvals (torch) here,
+# one thread, loaded machine: 1024x2816 0.14 + 0.075 s vs 0.25-0.40 s; 2048x2048 0.46 + 1.86 s
+# vs 4.5 s; 2048x5632 0.8 + 1.6 s vs 6.0 s. eigvalsh grows as n^3 and is memory-bound past
+# 2048 (about 15 s at 4096, against svdvals' 4.8 s), so wider matrices take svdvals. The passes
 # then cost a small (n, n) product instead of two passes over delta.
 GRAM_MAX_SIDE = 2048
 
