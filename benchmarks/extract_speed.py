@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).parent))
 from mergekit_compare import measure, shape_for
@@ -254,8 +255,9 @@ def matrices_table(repeats: int, big: bool) -> None:
     from lssf.spectral import entropy_rank
 
     torch.set_num_threads(1)
+    threadpool_limits(limits=1)  # numpy's BLAS (the Gram route) on one thread too
     select = lambda s: entropy_rank(s, 0.85)  # noqa: E731
-    print(f"\n### Per matrix, in process, one torch thread, median of {repeats}\n")
+    print(f"\n### Per matrix, in process, one thread, median of {repeats}\n")
     print("| shape | full SVD (s) | lssf path (s) | ratio | ranks equal (r) | "
           "proj. update rel. err | fallback |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
