@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -156,10 +157,15 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     args = parser.parse_args()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="lssf-bench-"))
+    # Input digests cached in the run's own folder (lssf.hashcache), never the user's cache:
+    # a fuse after the first of the same inputs does not hash them again.
+    os.environ.setdefault("LSSF_CACHE_DIR", str(root / "hash-cache"))
     rows = []
     for name in args.sizes:
         rows += bench_size(name, SIZES[name], root, args.repeats, args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads\n")
+    print(f"torch {torch.__version__}, {args.threads} threads, LSSF_HASH_CACHE="
+          f"{os.environ.get('LSSF_HASH_CACHE', 'unset')} (LSSF_CACHE_DIR "
+          f"{os.environ['LSSF_CACHE_DIR']})\n")  # fmt: skip
     print_table(rows, args.sizes)
 
 
