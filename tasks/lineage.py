@@ -19,12 +19,21 @@ from collections.abc import Iterable, Sequence
 
 from huggingface_hub import ModelInfo
 
+from lssf.errors import CheckpointError
+from lssf.sources import ModelRef
+
 TAG_PREFIX = "base_model:"
 
 
 def bare_id(model_id: str) -> str:
-    """`org/name@rev` -> `org/name`: lineage is declared against a repo, not a revision."""
-    return model_id.strip().split("@", 1)[0]
+    """`org/name@rev` -> `org/name`: lineage is declared against a repo, not a revision.
+    Parsed by `ModelRef`, the one parser of model references; what is no Hub id (a folder of
+    another machine, a malformed tag) is compared as it is and so matches no Hub repo."""
+    text = model_id.strip()
+    try:
+        return ModelRef.parse(text).repo
+    except CheckpointError:
+        return text
 
 
 def _same_repo(a: str, b: str) -> bool:

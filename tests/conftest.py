@@ -75,3 +75,47 @@ def trio(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return make_trio(
         tmp_path_factory.mktemp("trio") / "trio", **getattr(request.module, "TRIO", {})
     )
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory):
+    """ONE real `prefect server start` per test session (each start costs 20-60 s here):
+    its API URL and the environment that points a CLI or worker subprocess at it. Tests that
+    share it use their own deployment and work-pool names."""
+    from tests.prefect_server import prefect_server
+
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as (api, env):
+        yield api, env
+
+
+@pytest.fixture(scope="session")
+def harness(prefect_api: tuple[str, dict[str, str]]):
+    """Flows in this process run against the session's server (what `prefect_test_harness`
+    does, without a second server); logs and events are flushed before it stops."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_api[0]}):
+        yield
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+
+
+@pytest.fixture
+def forkserver_workers():
+    """A local Dask cluster's workers forked from a forkserver that imported torch, prefect
+    and the tasks once, instead of spawned (Dask's default, which `flows.extract` keeps) and
+    each importing them again: 7 s instead of 24 s for 2 workers here. The forkserver is a fresh
+    one-thread process, so forking from it is safe; forking this process (Prefect's threads
+    running) once hung a worker here. The workers run the same code either way."""
+    import multiprocessing
+
+    import dask
+    from distributed.utils import get_mp_context
+
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        get_mp_context()  # sets distributed's own preload list once; ours replaces it
+        preload = ["distributed", "torch", "prefect", "prefect_dask", "tasks.extract_tasks"]
+        multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
+        yield

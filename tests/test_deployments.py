@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.prefect_server import flow_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "prefect.yaml"
@@ -79,69 +79,7 @@ def test_event_payload_fills_every_trigger_parameter() -> None:
     assert Candidate(repo="o/m", revision="r").spec == "o/m@r"
 
 
-# -- one real run: local `prefect server start`, `prefect deploy`, a process worker -----------
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(api: str, server: Any, timeout: float = 180.0) -> None:
-    import time
-
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError("prefect server exited early")
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("prefect server did not become healthy")
-
-
-@contextlib.contextmanager
-def prefect_server(home: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """A real `prefect server start` on a free local port, healthy, stopped on exit; yields its
-    API URL and the environment (PREFECT_HOME=`home`) that points the CLI and workers at it."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env |= {"PREFECT_HOME": str(home), "PREFECT_API_URL": api}
-    server = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        _wait_healthy(api, server)
-        yield api, env
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-
-
-def _flow_runs(api: str, deployment: str) -> list[dict[str, Any]]:
-    import httpx
-
-    body = {"deployments": {"name": {"any_": [deployment]}}}
-    return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json()
+# -- one real run: the session's `prefect server start`, `prefect deploy`, a process worker --
 
 
 def _test_files(tmp_path: Path) -> tuple[Path, Path]:
@@ -171,32 +109,34 @@ def _test_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow
-def test_watch_deployment_runs_on_a_worker_and_triggers_realign(tmp_path: Path) -> None:
+def test_watch_deployment_runs_on_a_worker_and_triggers_realign(
+    tmp_path: Path, prefect_api: tuple[str, dict[str, str]]
+) -> None:
     import subprocess
     import sys
     import time
 
     prefect = str(Path(sys.executable).with_name("prefect"))
     prefect_file, _ = _test_files(tmp_path)
-    with prefect_server(tmp_path / "home") as (api, env):
+    api, env = prefect_api  # the session's server (tests/conftest.py)
 
-        def run(*args: str, timeout: float = 300) -> None:
-            subprocess.run(
-                [prefect, "--no-prompt", *args], env=env, cwd=ROOT, check=True, timeout=timeout
-            )
+    def run(*args: str, timeout: float = 300) -> None:
+        subprocess.run(
+            [prefect, "--no-prompt", *args], env=env, cwd=ROOT, check=True, timeout=timeout
+        )
 
-        for pool in ("lssf-process", "lssf-gpu"):
-            run("work-pool", "create", pool, "--type", "process")
-        template = str(ROOT / "deploy" / "k8s-gpu-job-template.json")  # realign-k8s's pool
-        run("work-pool", "create", "lssf-k8s", "-t", "kubernetes", "--base-job-template", template)
-        run("deploy", "--all", "--prefect-file", str(prefect_file))
-        run("deployment", "run", "watch/watch")
-        run("worker", "start", "--pool", "lssf-process", "--run-once", timeout=400)
-        (watch_run,) = _flow_runs(api, "watch")
-        assert watch_run["state_type"] == "COMPLETED", watch_run["state_name"]
-        deadline = time.monotonic() + 90
-        while not (realigns := _flow_runs(api, "realign")) and time.monotonic() < deadline:
-            time.sleep(2)
-        (realign_run,) = realigns  # queued on the GPU pool by the event trigger
-        assert realign_run["parameters"]["family"] == "organism"
-        assert realign_run["parameters"]["finetuned"] == str(tmp_path / "watch" / "ft")
+    for pool in ("lssf-process", "lssf-gpu"):
+        run("work-pool", "create", pool, "--type", "process")
+    template = str(ROOT / "deploy" / "k8s-gpu-job-template.json")  # realign-k8s's pool
+    run("work-pool", "create", "lssf-k8s", "-t", "kubernetes", "--base-job-template", template)
+    run("deploy", "--all", "--prefect-file", str(prefect_file))
+    run("deployment", "run", "watch/watch")
+    run("worker", "start", "--pool", "lssf-process", "--run-once", timeout=400)
+    (watch_run,) = flow_runs(api, "watch")
+    assert watch_run["state_type"] == "COMPLETED", watch_run["state_name"]
+    deadline = time.monotonic() + 90
+    while not (realigns := flow_runs(api, "realign")) and time.monotonic() < deadline:
+        time.sleep(2)
+    (realign_run,) = realigns  # queued on the GPU pool by the event trigger
+    assert realign_run["parameters"]["family"] == "organism"
+    assert realign_run["parameters"]["finetuned"] == str(tmp_path / "watch" / "ft")

@@ -267,15 +267,15 @@ def test_the_flow_refuses_an_existing_output_before_any_work(trio, single):
 
 
 @pytest.mark.slow
-def test_the_flow_on_a_local_two_worker_dask_cluster_equals_one_process(trio, single, tmp_path):
-    """A LocalCluster of 2 one-thread worker processes, started by the flow's task runner."""
-    from prefect.testing.utilities import prefect_test_harness
-
+def test_the_flow_on_a_local_two_worker_dask_cluster_equals_one_process(
+    harness, forkserver_workers, trio, single, tmp_path
+):
+    """A LocalCluster of 2 one-thread worker processes, started by the flow's task runner,
+    against the session's Prefect server (`harness`, tests/conftest.py)."""
     from flows.extract import run_distributed, staging_folder
 
     out = tmp_path / "patch"
-    with prefect_test_harness(server_startup_timeout=None):
-        result = run_distributed(trio["aligned"], trio["reference"], out, workers=2)
+    result = run_distributed(trio["aligned"], trio["reference"], out, workers=2)
     patch = SafetyPatch.load(out)
     assert result == {"patch_id": patch.patch_id, "out": str(out), "shards": SHAPE.layers}
     assert len(patch.manifest.shards) == SHAPE.layers

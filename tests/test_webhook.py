@@ -19,7 +19,7 @@ from huggingface_hub import ModelInfo
 from tasks.events import DISCOVERED_EVENT, discovered_event, event_id
 from tasks.lineage import lineage_of
 from tasks.sources import Candidate
-from tests.test_deployments import _flow_runs, _free_port, _wait_healthy
+from tests.prefect_server import flow_runs, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -68,6 +68,21 @@ def test_lineage_from_card_data(card, expected) -> None:
 def test_the_base_model_itself_is_no_descendant() -> None:
     info = ModelInfo(id=BASE, sha="a" * 40, tags=[f"base_model:finetune:{BASE}"])
     assert lineage_of(info, BASE, BOTH) is None
+
+
+@pytest.mark.parametrize(
+    ("ref", "expected"),
+    [
+        ("Qwen/Qwen2.5-0.5B@" + "a" * 40, "Qwen/Qwen2.5-0.5B"),
+        (" org/name@main ", "org/name"),
+        ("org/name", "org/name"),
+        ("/no/such/folder", "/no/such/folder"),  # no Hub id: compared as is, matches nothing
+    ],
+)
+def test_bare_id_drops_the_revision_through_modelref(ref, expected) -> None:
+    from tasks.lineage import bare_id
+
+    assert bare_id(ref) == expected
 
 
 # -- the event ------------------------------------------------------------------------------
@@ -230,7 +245,7 @@ class LiveServer:
 
         import uvicorn
 
-        self.port = _free_port()
+        self.port = free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         # A thread starts with an empty context: hand it the caller's (Prefect's settings).
@@ -531,7 +546,7 @@ def test_lssf_webhook_serve_answers_over_http(tmp_path: Path) -> None:
 
     import httpx
 
-    port = _free_port()
+    port = free_port()
     env = os.environ | {
         "LSSF_WEBHOOK_SECRET": SECRET,
         "PREFECT_API_URL": "http://127.0.0.1:9/api",  # never reached: nothing is emitted
@@ -572,10 +587,16 @@ def test_lssf_webhook_serve_answers_over_http(tmp_path: Path) -> None:
 # -- one real run: a local `prefect server start`, the realign deployment, its trigger ------
 
 
+# The session's server is shared (tests/conftest.py): this test's deployment and work pool
+# have names of their own, so that tests/test_deployments.py's `realign` is not counted here.
+WEBHOOK_DEPLOYMENT = "realign-webhook-test"
+
+
 async def _deploy_shipped_realign() -> None:
     """prefect.yaml's realign deployment and its trigger, created as `prefect deploy` does
     (prefect/cli/deploy/_triggers.py), through the API: tests/test_deployments.py already runs
-    the CLI, and one more of its processes costs this machine half a minute."""
+    the CLI, and one more of its processes costs this machine half a minute. Only the names
+    differ from the shipped ones (`WEBHOOK_DEPLOYMENT`, the pool's with that suffix)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
@@ -583,12 +604,12 @@ async def _deploy_shipped_realign() -> None:
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     (realign,) = [d for d in spec["deployments"] if d["name"] == "realign"]
     async with get_client() as client:
-        pool = realign["work_pool"]["name"]
+        pool = f"{realign['work_pool']['name']}-{WEBHOOK_DEPLOYMENT}"
         await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
         flow_id = await client.create_flow_from_name("realign")
         deployment_id = await client.create_deployment(
             flow_id=flow_id,
-            name=realign["name"],
+            name=WEBHOOK_DEPLOYMENT,
             entrypoint=realign["entrypoint"],
             work_pool_name=pool,
             path=str(ROOT),
@@ -615,13 +636,11 @@ def _events_with_id(api: str, event_id: str, timeout: float = 30.0) -> list[dict
 
 
 @pytest.mark.slow
-def test_a_webhook_delivery_starts_realign_through_the_trigger(tmp_path: Path) -> None:
+def test_a_webhook_delivery_starts_realign_through_the_trigger(
+    tmp_path: Path, prefect_api: tuple[str, dict[str, str]]
+) -> None:
     """Hub delivery -> receiver -> event on a real Prefect server -> the trigger's realign run."""
     import asyncio
-    import os
-    import signal
-    import subprocess
-    import sys
     import time
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -629,46 +648,30 @@ def test_a_webhook_delivery_starts_realign_through_the_trigger(tmp_path: Path) -
     from flows.webhook import create_app
     from tasks.events import send_discovered
 
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
-    env |= {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_URL": api}
-    server = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        _wait_healthy(api, server)
-        with temporary_settings({PREFECT_API_URL: api}):
-            asyncio.run(_deploy_shipped_realign())
-            receiver = _receiver(tmp_path, send_discovered)
-            with LiveServer(create_app(receiver)) as hook:
-                first = _post(hook.url, hub_payload(ADAPTER))
-                assert first.status_code == 202, first.text
-                ((emitted),) = first.json()["emitted"]
-                deadline = time.monotonic() + 60
-                while not (runs := _flow_runs(api, "realign")) and time.monotonic() < deadline:
-                    time.sleep(1)
-                replay = _post(hook.url, hub_payload(ADAPTER))
-        assert replay.status_code == 200 and "already announced" in replay.json()["ignored"]
-        # The event is on the server, under the deterministic id...
-        found = _events_with_id(api, emitted["event_id"])
-        assert [e["resource"]["prefect.resource.id"] for e in found] == [
-            f"lssf.finetune.{ADAPTER}@{SHA}"
-        ]
-        # ...and the realign deployment's trigger turned it into one run with its parameters.
-        (run,) = runs
-        assert run["parameters"] == {
-            "finetuned": f"{ADAPTER}@{SHA}",
-            "revision": SHA,
-            "family": "qwen",
-            "config": receiver.config_ref,
-        }
-        assert len(_flow_runs(api, "realign")) == 1
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+    api = prefect_api[0]  # the session's server (tests/conftest.py)
+    with temporary_settings({PREFECT_API_URL: api}):
+        asyncio.run(_deploy_shipped_realign())
+        receiver = _receiver(tmp_path, send_discovered)
+        with LiveServer(create_app(receiver)) as hook:
+            first = _post(hook.url, hub_payload(ADAPTER))
+            assert first.status_code == 202, first.text
+            ((emitted),) = first.json()["emitted"]
+            deadline = time.monotonic() + 60
+            while not (runs := flow_runs(api, WEBHOOK_DEPLOYMENT)) and time.monotonic() < deadline:
+                time.sleep(1)
+            replay = _post(hook.url, hub_payload(ADAPTER))
+    assert replay.status_code == 200 and "already announced" in replay.json()["ignored"]
+    # The event is on the server, under the deterministic id...
+    found = _events_with_id(api, emitted["event_id"])
+    assert [e["resource"]["prefect.resource.id"] for e in found] == [
+        f"lssf.finetune.{ADAPTER}@{SHA}"
+    ]
+    # ...and the realign deployment's trigger turned it into one run with its parameters.
+    (run,) = runs
+    assert run["parameters"] == {
+        "finetuned": f"{ADAPTER}@{SHA}",
+        "revision": SHA,
+        "family": "qwen",
+        "config": receiver.config_ref,
+    }
+    assert len(flow_runs(api, WEBHOOK_DEPLOYMENT)) == 1
