@@ -12,6 +12,7 @@ never makes a second version.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -23,7 +24,13 @@ from tasks import realign_tasks as rt
 from tasks import record_tasks as rec
 from tasks.config import load_config
 from tasks.realign_tasks import PatchSummary, RealignJob
-from tasks.report import HeldoutResult, search_record, summary_markdown
+from tasks.report import (
+    HeldoutResult,
+    run_description,
+    search_record,
+    summary_markdown,
+    version_description,
+)
 from tasks.sources import Candidate
 from tasks.watch_tasks import use_hf_token
 
@@ -52,7 +59,7 @@ def realign(
     job = RealignJob(
         cfg=cfg, fam=fam, family=family, cand=cand, aligned=aligned, reference=reference
     )
-    run_id = rec.open_record(store, job.run_name, job.tags | {"family": family}, job.params)
+    run_id = rec.open_record(store, job.run_name, job.run_tags, job.params)
     try:
         return _realign_body(job, run_id)
     except BaseException as exc:
@@ -65,6 +72,8 @@ def _realign_body(job: RealignJob, run_id: str) -> dict[str, Any]:
     search_cfg = fam.search_config()  # a margin that makes the gate impossible fails here, early
     cal_gate = calibration_gate(fam.gate_config(), search_cfg.margin, search_cfg.safety_metrics)
     state = str(job.cfg.resolved_state_dir())
+    if fam.extraction.distributed and not rt.patch_is_stored(job.patch_key, state, store):
+        _extract_distributed(job, state)
     patch = rt.get_or_build_patch(
         job.aligned, job.reference, fam.patch, job.patch_key, state, store
     )
@@ -77,11 +86,36 @@ def _realign_body(job: RealignJob, run_id: str) -> dict[str, Any]:
     get_run_logger().info("held-out verdict for %s: %s", job.cand.key, record.reason)
     rec.record_realign(store, run_id, job, record, patch)
     passed = heldout is not None and heldout.passed
-    version = rec.register_model(store, run_id, job, alpha, patch.patch_id) if passed else None
-    rec.close_record(store, run_id, "passed" if passed else "rejected", record.reason)
-    markdown = summary_markdown(job.cand.key, record, version)
-    rec.publish_summary(markdown, key=job.summary_key)
+    version = None
+    if passed:
+        about = version_description(record, job.run_name, run_id)
+        version = rec.register_model(store, run_id, job, alpha, patch.patch_id, about)
+    model = fam.registered_model
+    note = run_description(record, model, version)
+    rec.close_record(store, run_id, "passed" if passed else "rejected", record.reason, note)
+    rec.publish_summary(summary_markdown(job.cand.key, record, model, version), job.summary_key)
     return rec.lookup_outcome(store, job.cand.key, fam.registered_model, job.family)
+
+
+def _extract_distributed(job: RealignJob, state: str) -> None:
+    """The patch extracted over Dask (`flows.extract`) into the folder `get_or_build_patch`
+    reads: consolidated, so the same bytes and patch id as one process would write."""
+    from flows.extract import run_distributed
+
+    ext = job.fam.extraction
+    aligned, reference = rt.materialize(job.aligned), rt.materialize(job.reference)
+    out = Path(state) / "patches" / job.patch_key
+    get_run_logger().info("patch %s: distributed extraction (%s)", job.patch_key, ext)
+    run_distributed(
+        aligned,
+        reference,
+        out,
+        job.fam.patch,
+        workers=ext.workers,
+        address=ext.address,
+        layers_per_task=ext.layers_per_task,
+        consolidate=True,
+    )
 
 
 def _evaluate(job: RealignJob, model: str, out: str, split: str) -> EvalReport:

@@ -68,6 +68,32 @@ class WatchConfig(_Frozen):
         return self
 
 
+class ExtractionConfig(_Frozen):
+    """How a family's patch is extracted when no copy exists yet (`flows/extract.py`)."""
+
+    workers: int = Field(
+        1,
+        ge=1,
+        description="1: one process (lssf.extract); more: that many one-thread Dask worker "
+        "processes on this machine (a LocalCluster), one task per group of layers",
+    )
+    address: str | None = Field(
+        None,
+        min_length=1,
+        description="scheduler of an existing Dask cluster (tcp://host:8786; dask-kubernetes,"
+        " `dask scheduler`), used instead of a local one; its workers must see the model "
+        "folders and the state folder at the same paths",
+    )
+    layers_per_task: int = Field(
+        1, ge=1, description="decoder layers per task (each task writes one factor shard)"
+    )
+
+    @property
+    def distributed(self) -> bool:
+        """Fanned out over Dask: more than one worker, or an existing cluster's address."""
+        return self.workers > 1 or self.address is not None
+
+
 class FamilyConfig(_Frozen):
     """One model family: the aligned/reference pair, how to patch, evaluate and gate."""
 
@@ -80,6 +106,11 @@ class FamilyConfig(_Frozen):
     patch: PatchConfig = Field(
         default_factory=PatchConfig,
         description="safety patch parameters (eta, max_rank, weight_top, ...)",
+    )
+    extraction: ExtractionConfig = Field(
+        default_factory=ExtractionConfig,
+        description="distributed extraction (workers, address, layers_per_task); the patch and"
+        " its id are the same bytes either way",
     )
     alpha_search: AlphaSearchConfig | None = Field(
         None,

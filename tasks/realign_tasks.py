@@ -131,6 +131,18 @@ class PatchSummary(BaseModel):
         return summary(self.manifest)
 
 
+@task(retries=3, retry_delay_seconds=[2, 10, 30])
+def patch_is_stored(key: str, state_dir: str, store: RecordStore) -> bool:
+    """Is the patch of `key` already there, complete in the state folder or in MLflow? (Only
+    then does a distributed extraction have nothing to do.)"""
+    from tasks import registry
+
+    if (Path(state_dir) / "patches" / key / PATCH_MANIFEST).is_file():
+        return True
+    client, exp = store.open()
+    return registry.find_patch_run(client, exp, key) is not None
+
+
 @task(retries=2, retry_delay_seconds=[10, 60], cache_key_fn=_patch_cache_key, persist_result=True)
 def get_or_build_patch(
     aligned: ModelRef,
@@ -141,7 +153,8 @@ def get_or_build_patch(
     store: RecordStore,
 ) -> PatchSummary:
     """The family's safety patch (both refs pinned): local copy, else the MLflow copy, else
-    extracted and stored."""
+    extracted here in one process; stored in MLflow once. (A distributed extraction, when the
+    family asks for one, ran before this and left the local copy.)"""
     from lssf import SafetyPatch, extract
     from tasks import registry
 
@@ -268,6 +281,9 @@ def gate_candidate(
 
 # -- the job ----------------------------------------------------------------------------------
 
+# What MLflow's run page shows as the run's "Source": the flow that made it.
+SOURCE_TAGS = {"mlflow.source.type": "JOB", "mlflow.source.name": "flows/realign.py:realign"}
+
 
 class RealignJob(BaseModel):
     """What every step of one realign knows: config, pinned refs, and the paths derived."""
@@ -305,6 +321,12 @@ class RealignJob(BaseModel):
         return {"source_key": cand.key, "source_repo": cand.repo, "source_revision": cand.revision}
 
     @property
+    def run_tags(self) -> dict[str, str]:
+        """The run's tags at its start: the source, the family, and where the run comes from
+        (MLflow's "Source" field)."""
+        return self.tags | {"family": self.family} | SOURCE_TAGS
+
+    @property
     def params(self) -> dict[str, Any]:
         """The run's inputs: pinned sources, patch settings, the alpha search's settings."""
         patch = self.fam.patch
@@ -334,7 +356,9 @@ class RealignJob(BaseModel):
         return [CANDIDATE_ALIAS] + ([CHAMPION_ALIAS] if self.fam.promote_to_champion else [])
 
     def version_tags(self, alpha: float, patch_id: str) -> dict[str, str]:
-        extra = {"gate_verdict": "pass", "patch_id": patch_id, "family": self.family}
+        """Only a version that passed the held-out gate is registered: both verdicts pass."""
+        extra = {"gate_verdict": "pass", "heldout_verdict": "pass", "patch_id": patch_id}
+        extra |= {"family": self.family}
         return self.tags | extra | {"alpha": f"{alpha:g}"}
 
     def fused_dir(self, alpha: float) -> str:

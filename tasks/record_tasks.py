@@ -15,7 +15,7 @@ from tasks import registry
 from tasks._log import run_logger
 from tasks.realign_tasks import PatchSummary, RealignJob
 from tasks.registry import RecordStore
-from tasks.report import SearchRecord, plot_search, summary_table
+from tasks.report import SearchRecord, plot_search, summary_table, verdict_line
 
 REGISTRY_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
 
@@ -56,8 +56,13 @@ def summary_from_run(run: Any, version: Any | None) -> dict[str, Any]:
 def open_record(
     store: RecordStore, run_name: str, tags: dict[str, str], params: dict[str, Any]
 ) -> str:
-    """Start the realign's MLflow run (closing any interrupted one); its run id."""
+    """Start the realign's MLflow run (closing any interrupted one); its run id. The Prefect
+    flow run it belongs to is tagged on it (`prefect_flow_run_id`)."""
+    from prefect.runtime import flow_run
+
     client, exp = store.open()
+    if flow_run.id:
+        tags = tags | {"prefect_flow_run_id": flow_run.id, "prefect_flow_run": flow_run.name}
     run_id = registry.start_run(client, exp, run_name, tags)
     for name, value in params.items():
         client.log_param(run_id, name, value)
@@ -98,10 +103,16 @@ def log_evidence(
 
 @task(**REGISTRY_RETRIES)
 def register_model(
-    store: RecordStore, run_id: str, job: RealignJob, alpha: float, patch_id: str
+    store: RecordStore,
+    run_id: str,
+    job: RealignJob,
+    alpha: float,
+    patch_id: str,
+    description: str | None = None,
 ) -> str:
     """Log the fused model of `alpha` under the run's `model/` and make it a version of the
-    family's registered model (once per source key), with the family's aliases."""
+    family's registered model (once per source key), with the family's aliases and
+    `description` (`tasks.report.version_description`)."""
     client, name = store.client(), job.fam.registered_model
     tags = job.version_tags(alpha, patch_id)
     existing = registry.find_version(client, name, tags["source_key"])
@@ -112,14 +123,19 @@ def register_model(
     else:
         source = existing.source
     aliases = tuple(job.aliases)
-    version = registry.register_version(client, name, run_id, source, tags, aliases=aliases)
+    version = registry.register_version(
+        client, name, run_id, source, tags, aliases=aliases, description=description
+    )
     run_logger().info("%s version %s, aliases %s", name, version.version, list(version.aliases))
     return str(version.version)
 
 
 @task(**REGISTRY_RETRIES)
-def close_record(store: RecordStore, run_id: str, status: str, reason: str) -> None:
-    registry.finish_run(store.client(), run_id, status, reason)
+def close_record(
+    store: RecordStore, run_id: str, status: str, reason: str, description: str | None = None
+) -> None:
+    """Close the run with its status, reason and description (`registry.finish_run`)."""
+    registry.finish_run(store.client(), run_id, status, reason, description)
 
 
 @task(**REGISTRY_RETRIES)
@@ -138,7 +154,8 @@ def write_search_record(record: SearchRecord, folder: str) -> list[tuple[str, st
 
     out = Path(folder)
     trace = write_atomic(out / "search_trace.json", record.model_dump_json(indent=2) + "\n")
-    table = write_atomic(out / "search_trace.md", summary_table(record) + "\n")
+    text = f"{verdict_line(record)}\n\n{summary_table(record)}\n"
+    table = write_atomic(out / "search_trace.md", text)
     plot = plot_search(record, out / "alpha_search.png")
     return [("search", str(trace)), ("search", str(table)), ("plots", str(plot))]
 

@@ -7,7 +7,8 @@ calls with retries.
 
 Tags on realign runs: `lssf_kind=realign`, `source_key`, `source_repo`, `source_revision`,
 `family`, `lssf_status` (running | passed | rejected | error), `gate_verdict`, `reason`,
-`patch_id`. Patch runs: `lssf_kind=patch`, `patch_key`, `patch_id`.
+`patch_id`, and MLflow's own `mlflow.note.content` (the run page's description: the verdict
+line and the before/after table). Patch runs: `lssf_kind=patch`, `patch_key`, `patch_id`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ FINAL_STATUSES = ("passed", "rejected")
 MAX_ERROR_ATTEMPTS = 3
 CANDIDATE_ALIAS = "candidate"
 CHAMPION_ALIAS = "champion"
+# MLflow 3.17's MAX_TAG_VAL_LENGTH: the run description is a tag, cut to fit.
+MAX_TAG_LENGTH = 8000
+NOTE_TAG = "mlflow.note.content"
 
 
 def client_for(tracking_uri: str) -> MlflowClient:
@@ -134,10 +138,17 @@ def start_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dic
     return run.info.run_id
 
 
-def finish_run(client: MlflowClient, run_id: str, status: str, reason: str) -> None:
-    """Close a realign run: `status` passed | rejected (FINISHED) or error (FAILED)."""
+def finish_run(
+    client: MlflowClient, run_id: str, status: str, reason: str, description: str | None = None
+) -> None:
+    """Close a realign run: `status` passed | rejected (FINISHED) or error (FAILED).
+
+    `description` (Markdown) becomes the run page's description; without one it is the
+    status and reason in one line (`**ERROR**: <reason>`)."""
     client.set_tag(run_id, "lssf_status", status)
     client.set_tag(run_id, "reason", reason[:5000])
+    note = description if description is not None else f"**{status.upper()}**: {reason}"
+    client.set_tag(run_id, NOTE_TAG, note[:MAX_TAG_LENGTH])
     client.set_terminated(run_id, status="FINISHED" if status in FINAL_STATUSES else "FAILED")
 
 
@@ -174,17 +185,26 @@ def register_version(
     source: str,
     tags: dict[str, str],
     aliases: tuple[str, ...] = (CANDIDATE_ALIAS,),
+    description: str | None = None,
 ) -> ModelVersion:
     """A new version from `source` (an artifact URI of `run_id`), unless `source_key` has one.
 
     Idempotent on tags["source_key"]: a realign restarted after a kill finds the version it
-    made before and only (re)sets the aliases.
+    made before, brings its tags and `description` up to date (the restarted run is the one
+    that will hold the verdict) and (re)sets the aliases.
     """
     version = find_version(client, model_name, tags["source_key"])
     if version is None:
         _ensure_registered_model(client, model_name)
-        version = client.create_model_version(model_name, source, run_id=run_id, tags=tags)
+        version = client.create_model_version(
+            model_name, source, run_id=run_id, tags=tags, description=description
+        )
         logger.info("registered %s version %s from %s", model_name, version.version, source)
+    else:
+        for name, value in tags.items():
+            client.set_model_version_tag(model_name, version.version, name, value)
+        if description is not None:
+            client.update_model_version(model_name, version.version, description=description)
     for alias in aliases:
         client.set_registered_model_alias(model_name, alias, version.version)
     return client.get_model_version(model_name, version.version)

@@ -168,18 +168,33 @@ def summary_table(record: SearchRecord) -> str:
     return "\n".join(parts)
 
 
-def summary_markdown(source_key: str, record: SearchRecord, version: str | None) -> str:
-    verdict = "pass" if record.verdict == "pass" else "fail"
-    lines = [
-        f"# lssf realign: `{source_key}`",
-        "",
-        summary_table(record),
-        "",
-        f"**Gate verdict (held-out):** {verdict}. {record.reason}",
-    ]
+def verdict_line(record: SearchRecord) -> str:
+    """The outcome in one Markdown line: `**PASS** (held-out gate, alpha=0.1875): <reason>`."""
+    word = "PASS" if record.verdict == "pass" else "FAIL"
+    if record.heldout is None:
+        how = "no alpha passed the calibration gate"
+    else:
+        how = f"held-out gate, alpha={record.heldout.alpha:g}"
+    return f"**{word}** ({how}): {record.reason}"
+
+
+def run_description(record: SearchRecord, model: str, version: str | None) -> str:
+    """The realign run's description (Markdown): the verdict line, the calibration trace and
+    held-out before/after tables, and the registered version if there is one."""
+    parts = [verdict_line(record), "", summary_table(record)]
     if version:
-        lines.append(f"**Registered version:** {version}")
-    return "\n".join(lines) + "\n"
+        parts += ["", f"Registered: {model} version {version}"]
+    return "\n".join(parts) + "\n"
+
+
+def version_description(record: SearchRecord, run_name: str, run_id: str) -> str:
+    """A registered version's description: its verdict line and the run that made it."""
+    return f"{verdict_line(record)}\n\nsource run: {run_name} ({run_id})\n"
+
+
+def summary_markdown(source_key: str, record: SearchRecord, model: str, version: str | None) -> str:
+    """The Prefect artifact: a title, then the run's description."""
+    return f"# lssf realign: `{source_key}`\n\n" + run_description(record, model, version)
 
 
 def _utility(metrics: dict[str, float], names: tuple[str, ...]) -> float:

@@ -160,3 +160,21 @@ def test_non_finite_numbers_are_refused_naming_the_field(
         load_config(file)
     line = next(ln for ln in str(err.value).splitlines() if field in ln)
     assert "finite" in line, str(err.value)
+
+
+def test_extraction_is_one_process_unless_workers_or_an_address_say_otherwise(
+    tmp_path: Path,
+) -> None:
+    data = _organism()
+    fam = data["families"]["organism"]
+    assert not load_config(_write(tmp_path, data)).family("organism").extraction.distributed
+    fam["extraction"] = {"workers": 2, "layers_per_task": 3}
+    ext = load_config(_write(tmp_path, data)).family("organism").extraction
+    assert ext.distributed and (ext.workers, ext.address, ext.layers_per_task) == (2, None, 3)
+    fam["extraction"] = {"address": "tcp://scheduler:8786"}
+    assert load_config(_write(tmp_path, data)).family("organism").extraction.distributed
+    fam["extraction"] = {"workers": 0, "layers_per_task": 0, "adress": "tcp://x:1"}
+    with pytest.raises(ConfigError) as err:
+        load_config(_write(tmp_path, data))
+    for field in ("extraction.workers", "extraction.layers_per_task", "extraction.adress"):
+        assert f"families.organism.{field}" in str(err.value)

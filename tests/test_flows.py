@@ -1,4 +1,5 @@
-"""Flows under one `prefect_test_harness` session; task logic through `task.fn()`.
+"""Flows against the session's one Prefect server (`harness`, tests/conftest.py); task logic
+through `task.fn()`.
 
 The realign runs on a pico organism (a few optimiser steps per stage): its numbers mean
 nothing, which is the point here: the pipeline, not the method, is under test. The gate is
@@ -26,17 +27,6 @@ FAILING_GATE = {"name": "strict", "rules": [{"metric": "harmful_refusal", "floor
 
 
 @pytest.fixture(scope="session")
-def harness(tmp_path_factory: pytest.TempPathFactory):
-    import os
-
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=None):
-        yield
-
-
-@pytest.fixture(scope="session")
 def pico(tmp_path_factory: pytest.TempPathFactory):
     from evaluation.organism import build_organism
     from tests.test_organism import PICO
@@ -44,7 +34,9 @@ def pico(tmp_path_factory: pytest.TempPathFactory):
     return build_organism(seed=0, out=tmp_path_factory.mktemp("pico") / "organism", config=PICO)
 
 
-def write_config(tmp_path: Path, pico: Any, gate: dict, alphas: list[float]) -> Path:
+def write_config(
+    tmp_path: Path, pico: Any, gate: dict, alphas: list[float], extraction: dict | None = None
+) -> Path:
     watch = tmp_path / "watch"
     data = {
         "state_dir": str(tmp_path / "state"),
@@ -59,6 +51,7 @@ def write_config(tmp_path: Path, pico: Any, gate: dict, alphas: list[float]) -> 
                 "watch": {"kind": "local", "path": str(watch)},
                 "registered_model": "lssf-test",
             }
+            | ({"extraction": extraction} if extraction else {})
         },
     }
     path = tmp_path / "pipeline.yaml"
@@ -144,6 +137,9 @@ def test_watch_realign_register_then_skip(harness: None, pico: Any, tmp_path: Pa
     (version,) = versions(tmp_path)
     assert version.tags["gate_verdict"] == "pass" and version.tags["patch_id"]
     assert version.tags["source_key"] == first["source_key"]
+    assert version.tags["heldout_verdict"] == "pass" and version.run_id == first["run_id"]
+    assert version.description.startswith("**PASS** (held-out gate, alpha=1): ")
+    assert f"({first['run_id']})" in version.description.splitlines()[-1]
     _check_run_record(tmp_path, first["run_id"])
 
 
@@ -163,17 +159,52 @@ def _check_run_record(tmp_path: Path, run_id: str) -> None:
     )
     listed = {a.path for a in client.list_artifacts(run_id)}
     assert {"evaluation", "gate", "patch", "plots", "model_card", "model"} <= listed
+    # The run page on its own: description (verdict line, tables, version) and its source.
+    tags = run.data.tags
+    note = tags["mlflow.note.content"].splitlines()
+    assert note[0] == f"**PASS** (held-out gate, alpha=1): {tags['reason']}"
+    assert "Held-out (decides):" in note and note[-1] == "Registered: lssf-test version 1"
+    assert tags["mlflow.source.type"] == "JOB"
+    assert tags["mlflow.source.name"] == "flows/realign.py:realign"
+    assert tags["prefect_flow_run_id"]
+    trace = client.download_artifacts(run_id, "search/search_trace.md", str(tmp_path / "dl"))
+    assert Path(trace).read_text().splitlines()[0] == note[0]
 
 
-def test_rejected_candidate_gets_no_version(harness: None, pico: Any, tmp_path: Path) -> None:
+def test_rejected_candidate_gets_no_version(
+    harness: None, forkserver_workers: None, pico: Any, tmp_path: Path
+) -> None:
+    """Also: `extraction.workers: 2` extracts the patch on a 2-worker Dask cluster, the very
+    patch (same id) one process makes."""
+    import torch
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
     from flows.realign import realign
+    from lssf import extract
 
-    config = write_config(tmp_path, pico, FAILING_GATE, [1.0])
+    config = write_config(tmp_path, pico, FAILING_GATE, [1.0], extraction={"workers": 2})
     model = drop_model(pico, tmp_path)
     result = realign(str(model), "organism", str(config))
+    _, run = _run_of(tmp_path, result["run_id"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers' one thread: the precondition of equal bytes
+    try:
+        single = extract(str(pico.aligned), str(pico.base), tmp_path / "single", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert run.data.params["patch_id"] == single.patch_id
+    with get_client(sync_client=True) as client:
+        named = FlowFilter(name=FlowFilterName(any_=["extract-distributed"]))
+        subflows = client.read_flow_runs(flow_filter=named)
+    mine = [r for r in subflows if tmp_path.name in r.parameters.get("out", "")]
+    assert mine and all(r.state.is_completed() for r in mine), subflows
     assert result["status"] == "rejected" and result["version"] is None
     assert "harmful_refusal" in result["reason"]
     assert versions(tmp_path) == []
+    _, run = _run_of(tmp_path, result["run_id"])
+    first = run.data.tags["mlflow.note.content"].splitlines()[0]
+    assert first.startswith("**FAIL** (") and first.endswith(result["reason"])
 
 
 def test_killed_after_registration_restarts_to_one_version(
@@ -189,19 +220,29 @@ def test_killed_after_registration_restarts_to_one_version(
     class Killed(Exception):
         pass
 
-    def crash(store: registry.RecordStore, run_id: str, status: str, reason: str) -> None:
+    def crash(
+        store: registry.RecordStore,
+        run_id: str,
+        status: str,
+        reason: str,
+        description: str | None = None,
+    ) -> None:
         if status != "error":  # the process dies right after the version was created
             raise Killed("killed")
-        original(store, run_id, status, reason)
+        original(store, run_id, status, reason, description)
 
     monkeypatch.setattr(realign_module.rec.close_record, "fn", crash)
     with pytest.raises(Killed, match="killed"):
         realign_module.realign(str(model), "organism", str(config))
     assert len(versions(tmp_path)) == 1
+    (killed,) = _realign_runs(tmp_path)
+    assert killed.data.tags["mlflow.note.content"] == "**ERROR**: Killed: killed"
     monkeypatch.setattr(realign_module.rec.close_record, "fn", original)
     result = realign_module.realign(str(model), "organism", str(config))
     assert result["status"] == "passed" and str(result["version"]) == "1"
     assert len(versions(tmp_path)) == 1
+    (version,) = versions(tmp_path)  # its description names the run that holds the verdict
+    assert version.description.endswith(f"({result['run_id']})\n")
     leftovers = [p.name for p in (tmp_path / "state").rglob(".*tmp*")]
     assert leftovers == []
 
@@ -545,3 +586,34 @@ def test_edited_local_folder_fails_at_once_without_retries(harness: None, tmp_pa
     with get_client(sync_client=True) as client:
         run = client.read_task_run(task_run_id)
     assert run.run_count == 1
+
+
+def test_distributed_extraction_runs_only_when_no_patch_is_stored(tmp_path: Path) -> None:
+    """The realign's decision (`patch_is_stored`): a local copy or an MLflow copy of the patch
+    means there is nothing to extract, distributed or not."""
+    from tasks.config import load_config
+    from tasks.realign_tasks import patch_is_stored
+
+    config = tmp_path / "pipeline.yaml"
+    family = {
+        "aligned": "org/aligned",
+        "reference": "org/base",
+        "extraction": {"workers": 2},
+        "watch": {"kind": "local", "path": str(tmp_path / "watch")},
+        "registered_model": "lssf-test",
+    }
+    config.write_text(
+        yaml.safe_dump({"state_dir": str(tmp_path / "state"), "families": {"f": family}})
+    )
+    cfg = load_config(config)
+    assert cfg.family("f").extraction.distributed
+    state, store = str(cfg.resolved_state_dir()), cfg.record_store()
+    assert patch_is_stored.fn("local-key", state, store) is False
+    folder = tmp_path / "state" / "patches" / "local-key"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text("{}")
+    assert patch_is_stored.fn("local-key", state, store) is True
+    assert patch_is_stored.fn("stored-key", state, store) is False
+    client, exp = store.open()
+    registry.store_patch(client, exp, "stored-key", "patch-id", folder)
+    assert patch_is_stored.fn("stored-key", state, store) is True

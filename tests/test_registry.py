@@ -167,3 +167,34 @@ def test_two_families_realign_one_fine_tune_independently(client, store) -> None
     assert registry.find_final_run(client, exp, key, "lssf").info.run_id == lssf_run
     assert registry.find_final_run(client, exp, key, "resta").info.run_id == resta_run
     assert registry.find_final_run(client, exp, key) is not None  # any family
+
+
+def test_a_closed_run_has_a_description_and_an_error_run_says_error(client, store) -> None:
+    """The run page's description (`mlflow.note.content`), cut to MLflow's tag limit."""
+    exp = _exp(client, store, "exp-notes")
+    passed = registry.start_run(client, exp, "r1", _tags("org/n@1"))
+    note = "**PASS** (held-out gate, alpha=0.5): ok\n\n| a | b |\n" + "x" * 9000
+    registry.finish_run(client, passed, "passed", "ok", note)
+    stored = client.get_run(passed).data.tags[registry.NOTE_TAG]
+    assert stored == note[: registry.MAX_TAG_LENGTH]
+    assert stored.splitlines()[0] == "**PASS** (held-out gate, alpha=0.5): ok"
+    crashed = registry.start_run(client, exp, "r2", _tags("org/n@2"))
+    registry.finish_run(client, crashed, "error", "RuntimeError: boom")
+    assert client.get_run(crashed).data.tags[registry.NOTE_TAG] == "**ERROR**: RuntimeError: boom"
+
+
+def test_a_version_has_a_description_and_a_restart_updates_it(client, store, tmp_path) -> None:
+    exp = _exp(client, store, "exp-version-notes")
+    name = "model-notes"
+    tags = _tags("org/v@1") | {"gate_verdict": "pass", "heldout_verdict": "pass"}
+    for attempt in range(2):  # the second attempt is a realign restarted after a kill
+        run_id = registry.start_run(client, exp, f"r{attempt}", _tags("org/v@1"))
+        client.log_artifacts(run_id, str(_model_dir(tmp_path / str(attempt))), "model")
+        source = f"{client.get_run(run_id).info.artifact_uri}/model"
+        about = f"**PASS** (held-out gate, alpha=1): ok\n\nsource run: r{attempt} ({run_id})"
+        version = registry.register_version(client, name, run_id, source, tags, description=about)
+        assert str(version.version) == "1"
+        assert version.description == about
+        assert version.tags["heldout_verdict"] == "pass"
+        assert version.tags["source_key"] == "org/v@1"
+    assert f"source run: r1 ({run_id})" in client.get_model_version(name, "1").description
