@@ -137,7 +137,7 @@ def pages(rec: Record) -> list[Page]:
     version = f"#/models/{model}/versions/{rec.version}"
     run = f"#/experiments/{rec.experiment_id}/runs/{rec.run_id}"
     alias = rec.aliases[0] if rec.aliases else f"Version {rec.version}"
-    shown = (f"Version {rec.version}", alias, "gate_verdict", rec.run_name)
+    shown = (f"Version {rec.version}", alias, "gate_verdict", rec.run_name, "source run:")
     tags_table = ".du-bois-light-table-body"  # MLflow 3.17's tag table scrolls inside the page
     metrics = 'input[placeholder="Search metrics"]'
     return [
@@ -151,7 +151,12 @@ def pages(rec: Record) -> list[Page]:
             clip=(tags_table, "Tags"),
             after=("source_key", "source_repo", "source_revision"),
         ),
-        Page("realign_run", run, (1280, 1450), (rec.run_name, "Metrics (", "before.", "after.")),
+        Page(
+            "realign_run",
+            run,
+            (1280, 1450),
+            (rec.run_name, "PASS (held-out gate", "Held-out (decides)", "Metrics (", "before."),
+        ),
         *(
             Page(
                 f"realign_run_{split}",
@@ -169,7 +174,7 @@ def pages(rec: Record) -> list[Page]:
             "search_trace",
             f"{run}/artifactPath/{SEARCH_TRACE}",
             (1280, 900),
-            (SEARCH_TRACE, "Held-out (decides)"),
+            (SEARCH_TRACE, "PASS (held-out gate", "Held-out (decides)"),
             absent=("|---|",),  # rendered as Markdown, not shown as text
         ),
         Page("rank_plot", f"{run}/artifactPath/{RANK_PLOT}", (1280, 800), (RANK_PLOT,), True),
