@@ -34,17 +34,30 @@ SIZES = {
     "1GB": LlamaShape(hidden=1024, intermediate=2816, layers=34, heads=16, kv_heads=16,
                       vocab=32000),
 }  # fmt: skip
-RUNS = {"lssf.extract, 1 process": 0, "Dask flow, 1 worker": 1, "Dask flow, 2 workers": 2}
+# workers <= 0: one process, -workers matrix threads (0: one at a time); > 0: Dask workers.
+RUNS = {
+    "lssf.extract, 1 process": 0,
+    "lssf.extract, 1 process, 2 matrix threads": -2,
+    "Dask flow, 1 worker": 1,
+    "Dask flow, 2 workers": 2,
+}
 
 
 def child(folder: Path, workers: int, out: Path) -> dict[str, float]:
     """One extraction in this process; its wall time in seconds."""
     torch.set_num_threads(1)
-    if workers == 0:
+    if workers <= 0:
         from lssf import extract
 
         t0 = time.perf_counter()
-        extract(folder / "aligned", folder / "reference", out, overwrite=True, progress=False)
+        extract(
+            folder / "aligned",
+            folder / "reference",
+            out,
+            overwrite=True,
+            progress=False,
+            workers=max(1, -workers),
+        )
         return {"wall_s": time.perf_counter() - t0}
     from prefect.testing.utilities import prefect_test_harness
 

@@ -96,7 +96,11 @@ def extract_group(
     rank = worker_rank()
     device = worker_device(rank, torch.cuda.device_count() if torch.cuda.is_available() else 0)
     log.info("%s: %d tensors on %s (worker %s)", Path(shard).name, len(names), device, rank)
-    extract_shard(aligned, reference, shard, names, config, device=device, overwrite=True)
+    # One matrix at a time per worker: the cluster's workers are the parallelism (a pool of
+    # matrix threads in every worker would oversubscribe the cores).
+    extract_shard(
+        aligned, reference, shard, names, config, device=device, overwrite=True, workers=threads
+    )
     return shard
 
 
