@@ -1,11 +1,9 @@
 """Write PEFT LoRA adapters: a LoRA fine-tune with the safety patch folded in, or the patch alone.
 
-Per module the adapter holds ``B = [s * B_ft, alpha * U']`` and ``A = [A_ft ; C]``, so that
-``B @ A = s * B_ft @ A_ft + alpha * U' C``. All scaling is baked into ``B`` and every module is
-written with an effective scale of exactly 1: ``lora_alpha = r`` and, per module,
-``rank_pattern[m] = alpha_pattern[m] = r_m`` with ``use_rslora`` off. PEFT reads the patterns;
-vLLM ignores them and applies one ``lora_alpha / r`` to every module (taking each module's rank
-from its tensors), which is also 1. Both therefore apply the same weights.
+Per module ``B = [s * B_ft, alpha * U']`` and ``A = [A_ft ; C]``, so ``B @ A = s * B_ft @ A_ft +
+alpha * U' C``. All scaling is baked into ``B``: ``lora_alpha = r`` and ``rank_pattern[m] =
+alpha_pattern[m] = r_m`` (``use_rslora`` off) give every module a scale of exactly 1 in PEFT,
+and in vLLM, which ignores the patterns and applies one ``lora_alpha / r`` to every module.
 """
 
 from __future__ import annotations
@@ -17,11 +15,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from lssf.checkpoint import Checkpoint
 from lssf.config import check_alpha
 from lssf.errors import CheckpointError
 from lssf.finetune import finetune_sources, open_patch
-from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, LoraAdapter, MergedView
+from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, MergedView
 from lssf.outputs import atomic_folder, write_json
 from lssf.patch import SafetyPatch
 from lssf.provenance import Provenance, model_card, write_outputs
@@ -53,17 +50,10 @@ def combine_lora(first: Factors | None, scale: float, second: Factors | None) ->
     return torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1)
 
 
-def lora_keys(module: str, embedding: bool) -> tuple[str, str]:
-    """PEFT's on-disk names of a module's A and B."""
-    if embedding:
-        return f"{PREFIX}{module}.lora_embedding_A", f"{PREFIX}{module}.lora_embedding_B"
-    return f"{PREFIX}{module}.lora_A.weight", f"{PREFIX}{module}.lora_B.weight"
-
-
 def adapter_config(ranks: dict[str, int], base: str | None, **fields: Any) -> dict[str, Any]:
     """A PEFT LoraConfig in which every module's scale ``alpha_m / r_m`` is exactly 1."""
     top = max(ranks.values(), default=1)
-    config: dict[str, Any] = {
+    return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base,
@@ -83,9 +73,7 @@ def adapter_config(ranks: dict[str, int], base: str | None, **fields: Any) -> di
         "inference_mode": True,
         "layers_to_transform": None,
         "layers_pattern": None,
-    }
-    config.update(fields)
-    return config
+    } | fields
 
 
 class AdapterWriter:
@@ -98,14 +86,14 @@ class AdapterWriter:
         self._writer = AppendingWriter(self.folder / ADAPTER_WEIGHTS, {"format": "pt"})
 
     def module(self, name: str, factors: Factors, embedding: bool = False) -> None:
-        """Write one module's factors in ``dtype``; a rank-0 module is left out."""
-        a, b = factors
-        if a.shape[0] == 0:
+        """Write one module's factors in ``dtype``, named as PEFT does; rank 0 is left out."""
+        rank = int(factors[0].shape[0])
+        if rank == 0:
             return
-        a_key, b_key = lora_keys(name, embedding)
-        self._writer.write(a_key, a.to(self.dtype).contiguous())
-        self._writer.write(b_key, b.to(self.dtype).contiguous())
-        self.ranks[name] = int(a.shape[0])
+        parts = ("embedding_A", "embedding_B") if embedding else ("A.weight", "B.weight")
+        for part, t in zip(parts, factors, strict=True):
+            self._writer.write(f"{PREFIX}{name}.lora_{part}", t.to(self.dtype).contiguous())
+        self.ranks[name] = rank
 
     def tensor(self, key: str, tensor: torch.Tensor) -> None:
         """Write a whole tensor (modules_to_save) as it is."""
@@ -129,39 +117,28 @@ def patch_module(name: str) -> str:
     return name.removesuffix(".weight")
 
 
-def _write_union(
-    writer: AdapterWriter,
-    adapter: LoraAdapter,
-    base: Checkpoint,
-    patch: SafetyPatch,
-    alpha: float,
-    progress: bool,
+def _write_modules(
+    writer: AdapterWriter, ft: MergedView, patch: SafetyPatch, alpha: float, progress: bool
 ) -> int:
-    """Every module the fine-tune or the patch touches, in the base's tensor order."""
-    patched = {n for n, rec in patch.manifest.tensors.items() if rec.rank > 0}
-    fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
+    """The fine-tune's modules and saved tensors with the patch folded in; how many it patched.
+
+    Modules come in the base's tensor order (the patch's own where the fine-tune has none).
+    """
+    adapter = ft.adapter
+    patched = {n for n, rank in patch.ranks().items() if rank > 0}
     n_fused = 0
-    for name in tqdm(base.names(), desc="adapter", unit="tensor", disable=not progress):
+    for name in tqdm(ft.base.names(), desc="adapter", unit="tensor", disable=not progress):
         module = adapter.modules.get(name)
-        if name in adapter.overrides and module is None:
-            continue  # a whole tensor (modules_to_save): written with the overrides
-        if module is None and name not in patched:
-            continue
-        transposed = module.transposed if module else fan_in_fan_out
+        if module is None and (name in adapter.overrides or name not in patched):
+            continue  # untouched, or a whole tensor (modules_to_save): written below
+        transposed = module.transposed if module else bool(adapter.config.get("fan_in_fan_out"))
         safety = safety_lora(*patch.factors(name), alpha, transposed) if name in patched else None
-        ft = adapter.factors(module) if module else None
-        scale = module.scale if module else 1.0
-        mod_name = module.name if module else patch_module(name)
-        writer.module(mod_name, combine_lora(ft, scale, safety), bool(module and module.embedding))
         n_fused += safety is not None
-    return n_fused
-
-
-def _write_overrides(
-    writer: AdapterWriter, adapter: LoraAdapter, patch: SafetyPatch, alpha: float
-) -> int:
-    """Whole saved tensors, with the patch fused into any that the patch targets."""
-    n_fused = 0
+        if module is None:
+            writer.module(patch_module(name), safety)
+        else:
+            lora = combine_lora(adapter.factors(module), module.scale, safety)
+            writer.module(module.name, lora, module.embedding)
     for name, key in adapter.overrides.items():
         tensor = adapter.tensor(key)
         if name in patch.manifest.tensors and name not in adapter.modules:
@@ -183,17 +160,14 @@ def write_combined_adapter(
 ) -> tuple[int, Provenance]:
     """One PEFT adapter on the aligned model: the LoRA fine-tune plus ``alpha`` times the patch.
 
-    Shapes have been checked by the caller (``MergedView``, ``check_compatible``).
-    Returns the number of patched tensors written and the provenance recorded.
+    The caller checked shapes (``MergedView``, ``check_compatible``); returns (n patched, record).
     """
-    adapter, base = ft.adapter, ft.base
-    config = adapter.config
+    config = ft.adapter.config
     sources = finetune_sources(ft, None)
     base_record = sources["finetuned_base"]
     with atomic_folder(out, overwrite=overwrite, inputs=[*ft.folders, patch.folder]) as tmp:
-        writer = AdapterWriter(tmp, dtype or adapter.dtype())
-        n_fused = _write_union(writer, adapter, base, patch, alpha, progress)
-        n_fused += _write_overrides(writer, adapter, patch, alpha)
+        writer = AdapterWriter(tmp, dtype or ft.adapter.dtype())
+        n_fused = _write_modules(writer, ft, patch, alpha, progress)
         written = writer.close(
             base_record.name,
             revision=base_record.revision if base_record.kind == "hub" else None,
@@ -223,16 +197,12 @@ def export_patch_adapter(
     alpha = check_alpha(alpha)
     patch = open_patch(patch)
     manifest = patch.manifest
-    names = [n for n, rec in manifest.tensors.items() if rec.rank > 0]
-    modules = [patch_module(n) for n in names]  # refuse before anything is written
+    # Every tensor's module name first: refuse before anything is written.
+    modules = {n: patch_module(n) for n, rank in patch.ranks().items() if rank > 0}
     with patch, atomic_folder(Path(out), overwrite=overwrite, inputs=[patch.folder]) as tmp:
         writer = AdapterWriter(tmp, dtype)
-        for name, module in tqdm(
-            list(zip(names, modules, strict=True)),
-            desc="export",
-            unit="tensor",
-            disable=not progress,
-        ):
+        bar = tqdm(modules.items(), desc="export", unit="tensor", disable=not progress)
+        for name, module in bar:
             writer.module(module, safety_lora(*patch.factors(name), alpha, fan_in_fan_out))
         written = writer.close(manifest.aligned.name, fan_in_fan_out=fan_in_fan_out)
         prov = Provenance.build(manifest, alpha, adapter_ranks=writer.ranks)

@@ -1,26 +1,12 @@
 """A cache of file SHA-256 digests that trusts stat data, the way git's index does.
 
-Hashing every input shard costs about 0.8-0.9 CPU-s per GB here (issue #13). A file's digest is
-stored with the stat data it had when it was hashed: absolute path, ``st_size``,
-``st_mtime_ns``, ``st_ctime_ns``, ``st_ino`` and ``st_dev``. A later lookup is a hit only when
-all six still match, so any rewrite (which moves ``ctime``, even where ``mtime`` is forced back
-with ``os.utime``) or replacement (a new inode) misses, and the file is hashed again.
-
-What this trusts: that nobody rewrites a file and resets its ``ctime`` (only root, by changing
-the clock). What it guards against, as git does with "racily clean" entries: a file modified
-within the same timestamp tick as it was hashed keeps its stat data, so a digest is stored only
-for a file whose ``ctime`` and ``mtime`` are ``RACY_MARGIN_S`` older than the moment it was
-stat'ed before hashing (``snapshot``), and only if the stat is unchanged after hashing (see
-``file_sha256``).
-
-Storage: one small JSON file per input path under ``cache_dir()`` (``$LSSF_CACHE_DIR``, else
-``~/.cache/lssf/hashes``), named by the SHA-256 of the path, written to a temporary file and
-``os.replace``d, so concurrent processes never leave a partial entry (the last writer wins).
-An entry that is unreadable, corrupt, of another user, or for other stat data is a miss (logged
-at debug level), never an error. ``LSSF_HASH_CACHE=0`` turns the cache off; ``prune()`` drops
-entries of files that are gone or changed.
-
-Pure standard library: importing this costs nothing.
+A digest is stored with the file's absolute path, size, mtime, ctime, inode and device and used
+only while all six match: a rewrite moves ``ctime`` (even where ``mtime`` is forced back), a
+replacement is a new inode, and only root can reset ``ctime`` (by changing the clock). As git
+does with "racily clean" entries, a file modified within ``RACY_MARGIN_S`` before its snapshot,
+or while it was hashed, is not stored: a write in the same timestamp tick keeps its stat data.
+One JSON entry per path, replaced atomically; an unreadable, corrupt, another user's or stale
+entry is a miss, never an error. Pure standard library: importing this costs nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -55,53 +42,9 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "lssf" / "hashes"
 
 
-def _key(path: str | os.PathLike[str]) -> tuple[str, os.stat_result]:
-    """The absolute, symlink-free path and its stat (raises ``OSError`` if it is missing)."""
-    real = os.path.realpath(os.fspath(path))
-    return real, os.stat(real)
-
-
-def _stat_dict(st: os.stat_result) -> dict[str, int]:
-    return {f: int(getattr(st, f)) for f in _STAT_FIELDS}
-
-
 def _entry_path(real: str) -> Path:
-    return cache_dir() / (
-        hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest() + ".json"
-    )
-
-
-def cached_sha256(path: str | os.PathLike[str]) -> str | None:
-    """The stored digest of ``path`` if its stat data is unchanged since hashing, else None."""
-    if not enabled():
-        return None
-    try:
-        real, st = _key(path)
-        entry = _entry_path(real)
-        if entry.stat().st_uid != os.getuid():
-            log.debug("hash cache entry %s belongs to another user; ignored", entry)
-            return None
-        data = json.loads(entry.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:  # unreadable or corrupt: a miss
-        log.debug("hash cache entry for %s unreadable (%s); ignored", path, exc)
-        return None
-    if not _valid(data, real, st):
-        return None
-    return data["sha256"]
-
-
-def _valid(data: object, real: str, st: os.stat_result) -> bool:
-    """True when ``data`` is a well-formed entry for ``real`` with exactly the stat ``st``."""
-    if not isinstance(data, dict) or data.get("version") != VERSION:
-        log.debug("hash cache entry for %s malformed; ignored", real)
-        return False
-    digest = data.get("sha256")
-    if not isinstance(digest, str) or not _is_hex64(digest):
-        log.debug("hash cache entry for %s has no valid sha256; ignored", real)
-        return False
-    return data.get("path") == real and data.get("stat") == _stat_dict(st)
+    digest = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()
+    return cache_dir() / f"{digest}.json"
 
 
 @dataclass(frozen=True)
@@ -112,32 +55,65 @@ class Snapshot:
     stat: os.stat_result
     taken_ns: int
 
+    @property
+    def key(self) -> dict[str, object]:
+        """The path and stat data a cache entry is stored under."""
+        return {"path": self.real, "stat": {f: int(getattr(self.stat, f)) for f in _STAT_FIELDS}}
+
 
 def snapshot(path: str | os.PathLike[str]) -> Snapshot:
-    """Take this before hashing ``path``; hand it to ``store_sha256`` afterwards."""
+    """Take this before hashing ``path`` (``OSError`` if missing); give it to ``store_sha256``."""
     taken = time.time_ns()
-    real, st = _key(path)
-    return Snapshot(real, st, taken)
+    real = os.path.realpath(os.fspath(path))
+    return Snapshot(real, os.stat(real), taken)
 
 
 def unchanged(before: Snapshot) -> bool:
     """Whether the file of ``before`` still has the stat data it had then (False if gone)."""
     try:
-        real, st = _key(before.real)
+        return snapshot(before.real).key == before.key
     except OSError:
         return False
-    return real == before.real and _stat_dict(st) == _stat_dict(before.stat)
+
+
+def cached_sha256(path: str | os.PathLike[str]) -> str | None:
+    """The stored digest of ``path`` if its stat data is unchanged since hashing, else None."""
+    if not enabled():
+        return None
+    try:
+        now = snapshot(path)
+        entry = _entry_path(now.real)
+        if entry.stat().st_uid != os.getuid():
+            log.debug("hash cache entry %s belongs to another user; ignored", entry)
+            return None
+        data = json.loads(entry.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # unreadable or corrupt: a miss
+        log.debug("hash cache entry for %s unreadable (%s); ignored", path, exc)
+        return None
+    return data["sha256"] if _valid(data, now) else None
+
+
+def _valid(data: Any, snap: Snapshot) -> bool:
+    """True when ``data`` is a well-formed entry for exactly the file and stat of ``snap``."""
+    digest = data.get("sha256") if isinstance(data, dict) else None
+    if not isinstance(digest, str) or not _is_hex64(digest) or data.get("version") != VERSION:
+        log.debug("hash cache entry for %s malformed (version or sha256); ignored", snap.real)
+        return False
+    return {"path": data.get("path"), "stat": data.get("stat")} == snap.key
+
+
+def _is_hex64(digest: str) -> bool:
+    return len(digest) == 64 and not digest.strip("0123456789abcdef")
 
 
 def store_sha256(path: str | os.PathLike[str], digest: str, before: Snapshot | None = None) -> bool:
     """Remember ``digest`` for ``path``'s current stat data; True if an entry was written.
 
-    ``before``: ``snapshot(path)`` taken before hashing began. Nothing is stored if the file has
-    changed since then, or if it was modified less than ``RACY_MARGIN_S`` before the snapshot (a
-    rewrite within the same timestamp tick would not change its stat data). Without ``before``
-    the current stat and time stand in for it, which is only safe if nothing wrote the file
-    while it was hashed. A digest that is not 64 hex digits is a ``ValueError``; failing to
-    write the entry is logged at debug level and returns False.
+    ``before``: ``snapshot(path)`` taken before hashing (default now: safe only if nothing wrote
+    the file meanwhile). Nothing is stored for a file changed since, or modified less than
+    ``RACY_MARGIN_S`` before it.
     """
     if not isinstance(digest, str) or not _is_hex64(digest.lower()):
         raise ValueError(f"store_sha256({path!s}): {digest!r} is not a hex SHA-256 digest")
@@ -148,35 +124,22 @@ def store_sha256(path: str | os.PathLike[str], digest: str, before: Snapshot | N
     except OSError as exc:
         log.debug("cannot stat %s (%s); digest not cached", path, exc)
         return False
-    ref = before if before is not None else now
-    if ref.real != now.real or _stat_dict(ref.stat) != _stat_dict(now.stat):
+    ref = before or now
+    if ref.key != now.key:
         log.debug("%s changed while it was hashed; digest not cached", now.real)
         return False
-    if _racy(ref):
+    # File timestamps come from the kernel's coarse clock, which lags time.time_ns() by at
+    # most a tick, so the age measured here is never larger than the real one.
+    if ref.taken_ns - max(ref.stat.st_mtime_ns, ref.stat.st_ctime_ns) < RACY_MARGIN_S * 1e9:
         log.debug("%s was modified too recently to trust its stat data; not cached", now.real)
         return False
-    entry = {"version": VERSION, "path": now.real, "stat": _stat_dict(now.stat),
-             "sha256": digest.lower()}  # fmt: skip
+    entry = {"version": VERSION, **now.key, "sha256": digest.lower()}
     try:
         _write_atomic(_entry_path(now.real), json.dumps(entry, sort_keys=True))
     except OSError as exc:
         log.debug("cannot write hash cache entry for %s (%s)", now.real, exc)
         return False
     return True
-
-
-def _is_hex64(digest: str) -> bool:
-    return len(digest) == 64 and not digest.strip("0123456789abcdef")
-
-
-def _racy(snap: Snapshot) -> bool:
-    """True when the file changed less than ``RACY_MARGIN_S`` before the snapshot was taken.
-
-    File timestamps come from the kernel's coarse clock, which lags ``time.time_ns()`` by at
-    most a tick, so the difference measured here is never larger than the real one.
-    """
-    newest = max(snap.stat.st_mtime_ns, snap.stat.st_ctime_ns)
-    return snap.taken_ns - newest < RACY_MARGIN_S * 1e9
 
 
 def _write_atomic(target: Path, text: str) -> None:
@@ -199,12 +162,11 @@ def prune() -> int:
     calls this on its own. Entries being written by another process are left alone.
     """
     removed = 0
-    folder = cache_dir()
-    for entry in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for entry in sorted(cache_dir().glob("*.json")):
         try:
             data = json.loads(entry.read_text(encoding="utf-8"))
             real = data["path"] if isinstance(data, dict) else None
-            keep = isinstance(real, str) and _valid(data, real, os.stat(real))
+            keep = isinstance(real, str) and _valid(data, Snapshot(real, os.stat(real), 0))
         except (OSError, ValueError, KeyError):
             keep = False
         if not keep:
@@ -216,8 +178,7 @@ def prune() -> int:
 def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 24) -> str:
     """SHA-256 of ``path``: from the cache when its stat data is unchanged, else hashed and stored.
 
-    The drop-in for ``lssf.st_io.file_sha256`` where a file is only hashed (not also read for
-    its contents, where hashing the bytes already read is cheaper than a lookup miss).
+    For files only hashed: one also read for its contents is cheaper hashed as it is read.
     """
     hit = cached_sha256(path)
     if hit is not None:

@@ -1,10 +1,4 @@
-"""Distributed extraction: the factors of a subset of the targets into one shard, then one patch.
-
-``extract_shard`` computes the factors of a named subset of the targets into one shard file
-(each matrix decomposed by the same code as ``lssf.extract.extract``), and ``assemble_patch``
-checks the shards against each other and the sources and writes one patch folder that lists
-them (or, consolidated, the very folder ``extract`` writes).
-"""
+"""Distributed extraction: the factors of a subset of the targets into one shard, then one patch."""
 
 from __future__ import annotations
 
@@ -155,13 +149,10 @@ def extract_shard(
             tensors=records,
             sha256=file_sha256(tmp),
         )
-        side = tmp.with_name(tmp.name + ".json")
-        write_json(side, record.model_dump(mode="json"))
         os.replace(tmp, out)  # the data first: its record, written last, marks it complete
-        os.replace(side, shard_record_path(out))
+        write_json(shard_record_path(out), record.model_dump(mode="json"))
     finally:
-        for leftover in (tmp, tmp.with_name(tmp.name + ".json")):
-            leftover.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     log.info("shard %s: %d tensors", out.name, len(records))
     return record
 
@@ -186,11 +177,7 @@ def _check_shards(
     sources: tuple[SourceRecord, SourceRecord],
     inputs: dict[str, str],
 ) -> dict[str, TensorRecord]:
-    """The tensor records in the checkpoint's order, once the shards are checked.
-
-    Every target in exactly one shard, each made from these sources and this config, its file
-    unchanged.
-    """
+    """Records in ``targets``' order, once each target is in one unchanged shard of these inputs."""
     where: dict[str, Path] = {}
     for path, rec in shards:
         differs = [
@@ -246,9 +233,7 @@ def _write_factors(
     for k, (path, rec) in enumerate(shards, 1):
         name = f"factors-{k:05d}-of-{len(shards):05d}.safetensors"
         shutil.copyfile(path, tmp / name)
-        out.append(
-            FactorShard(file=name, sha256=file_sha256(tmp / name), tensors=tuple(rec.tensors))
-        )
+        out.append(FactorShard(file=name, sha256=rec.sha256, tensors=tuple(rec.tensors)))
     return {"format_version": SHARDED_FORMAT_VERSION, "shards": tuple(out)}
 
 
@@ -273,21 +258,15 @@ def assemble_patch(
     r_dir, r_rec = resolve_source(reference)
     with Checkpoint(a_dir) as a_ckpt, Checkpoint(r_dir) as r_ckpt:
         targets = target_names(a_ckpt, r_ckpt, config)
-        inputs = _fingerprint(a_ckpt, r_ckpt)
-        records = _check_shards(recs, targets, config, (a_rec, r_rec), inputs)
-        sources = (
-            with_hashes(a_rec, content_files(a_ckpt.folder)),
-            with_hashes(r_rec, content_files(r_ckpt.folder)),
-        )
-    first = {t: k for k, t in enumerate(targets)}
-    recs.sort(key=lambda pr: first[next(iter(pr[1].tensors))])
+        records = _check_shards(recs, targets, config, (a_rec, r_rec), _fingerprint(a_ckpt, r_ckpt))
+    recs.sort(key=lambda pr: targets.index(next(iter(pr[1].tensors))))
     inputs_dirs = [a_dir, r_dir, *{p.parent for p, _ in recs}]
     with atomic_folder(Path(out), overwrite=overwrite, inputs=inputs_dirs) as tmp:
         manifest = PatchManifest(
             lssf_version=__version__,
             config=config,
-            aligned=sources[0],
-            reference=sources[1],
+            aligned=with_hashes(a_rec, content_files(a_dir)),
+            reference=with_hashes(r_rec, content_files(r_dir)),
             tensors=records,
             **_write_factors(tmp, recs, targets, consolidate),
         )
