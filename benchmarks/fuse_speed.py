@@ -132,8 +132,17 @@ def write_finetune(folder: Path, shape: LlamaShape) -> None:
     write_checkpoint(folder, shape, make, dtype=torch.bfloat16, shard_bytes=500_000_000)
 
 
-def write_patch(folder: Path, finetuned: Path, shape: LlamaShape) -> None:
-    """A valid patch folder for ``finetuned``: orthonormal ``U`` of the ranks in ``RANKS``."""
+def write_patch(
+    folder: Path,
+    finetuned: Path,
+    shape: LlamaShape,
+    ranks: list[tuple[int, ...]] | None = None,
+) -> None:
+    """A valid patch folder for ``finetuned``: orthonormal ``U`` of the ranks in ``ranks``.
+
+    ``ranks``: one row of per-module ranks (``MODULES``' order) per layer, layer n using row
+    ``n % len(ranks)``; default ``RANKS``.
+    """
     from lssf.config import PatchConfig
     from lssf.outputs import write_json
     from lssf.patch import FACTORS, MANIFEST, PatchManifest, TensorRecord
@@ -142,9 +151,10 @@ def write_patch(folder: Path, finetuned: Path, shape: LlamaShape) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     writer, records = AppendingWriter(folder / FACTORS), {}
+    table = RANKS if ranks is None else ranks
     dims = dict(shape.tensors())
     for n in range(shape.layers):
-        for module, rank in zip(MODULES, RANKS[n % len(RANKS)], strict=True):
+        for module, rank in zip(MODULES, table[n % len(table)], strict=True):
             name = f"model.layers.{n}.{module}.weight"
             d_out, d_in = dims[name]
             g = torch.Generator().manual_seed(n * 31 + len(records))
