@@ -66,12 +66,6 @@ OVERSAMPLING = (8, 16, 32, 64, 128)
 # 2048 (about 15 s at 4096, against svdvals' 4.8 s), so wider matrices take svdvals. The passes
 # then cost a small (n, n) product instead of two passes over delta.
 GRAM_MAX_SIDE = 2048
-# Beyond GRAM_MAX_SIDE, a delta whose energy mostly lies outside its top SKETCH directions (a
-# noise floor: the entropy rank is then a large share of the matrix and no small block can
-# be certified) goes straight to the full SVD instead of paying ``svdvals`` first (~0.22x of a
-# full SVD at 4096x4096). Only the route depends on this guess, never the result.
-SKETCH = 128
-HEAVY_TAIL = 0.5
 
 
 @dataclass(frozen=True)
@@ -238,24 +232,6 @@ def gram_eigh_basis(d64: torch.Tensor, gram: torch.Tensor, rank: int) -> torch.T
     return q
 
 
-def tail_share(delta: torch.Tensor, k: int = SKETCH) -> float:
-    """Upper bound on the share of ``||delta||_F^2`` outside its top-``k`` directions.
-
-    delta: (d_out, d_in). A seeded sketch with one power pass, in float32: what it captures
-    is at most the top-``k`` energy, so the share returned is never below the true one.
-    """
-    work = delta.float()
-    total = float(torch.linalg.vector_norm(work.double())) ** 2
-    if total == 0.0 or k >= min(work.shape):
-        return 0.0
-    gen = torch.Generator().manual_seed(0)
-    omega = torch.randn(work.shape[1], k, generator=gen).to(work.device)
-    q, _ = torch.linalg.qr(work @ omega)
-    q, _ = torch.linalg.qr(work @ (work.T @ q))
-    captured = float(torch.linalg.matrix_norm((q.T @ work).double())) ** 2
-    return max(0.0, 1.0 - captured / total)
-
-
 def ritz(delta: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rayleigh-Ritz on ``span(Q)``: ``U: (d_out, k)``, values ``(k,)``, ``V: (d_in, k)``.
 
@@ -358,8 +334,6 @@ def top_subspace(delta: torch.Tensor, select: Callable[[torch.Tensor], int]) -> 
     if delta.ndim != 2:
         raise ValueError(f"delta must be 2-D, got shape {tuple(delta.shape)}")
     dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
-    if min(delta.shape) > GRAM_MAX_SIDE and tail_share(delta, SKETCH) > HEAVY_TAIL:
-        return full_svd(delta, select, f"over {HEAVY_TAIL:.0%} of the energy beyond {SKETCH}")
     s_all, err, d64, gram = exact_values(delta)
     s = kept(s_all, tuple(delta.shape), dtype)
     rank = select(s)
