@@ -1,12 +1,9 @@
 """The activation basis: output directions a layer uses on calibration prompts (ActSVD).
 
-For a linear map with weight ``W: (d_out, d_in)`` and calibration inputs ``X: (T, d_in)``, the
-basis is the left singular vectors of ``W X^T: (d_out, T)`` (Wei et al. 2024, arXiv 2402.05162,
-as LSSF's paper builds its subspace, arXiv 2602.00038). They are the eigenvectors of
-``W G W^T: (d_out, d_out)`` with ``G = X^T X / T`` (inputs normalised by the token count, so
-the singular values are root-mean-square outputs, comparable across calibration sizes; the
-directions and entropy ranks do not depend on it), singular values ``sqrt(eigenvalues)``.
-Only ``G`` is ever held, never ``X``. Small pure functions, no I/O.
+For weight ``W: (d_out, d_in)`` and calibration inputs ``X: (T, d_in)``, the basis is the left
+singular vectors of ``W X^T`` (Wei et al. 2024, arXiv 2402.05162): the eigenvectors of
+``W G W^T`` with ``G = X^T X / T``, singular values ``sqrt(eigenvalues)``. Dividing by ``T``
+makes them root-mean-square outputs, comparable across calibration sizes; only ``G`` is held.
 """
 
 from __future__ import annotations
@@ -59,7 +56,5 @@ def captured_energy(u: torch.Tensor, delta: torch.Tensor) -> float:
     total = float(torch.linalg.vector_norm(delta.double()) ** 2)
     if total == 0.0:
         return 1.0
-    if u.shape[1] == 0:
-        return 0.0
     kept = float(torch.linalg.vector_norm(u.double().T @ delta.double()) ** 2)
     return kept / total

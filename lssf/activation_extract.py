@@ -1,10 +1,8 @@
 """Extraction with the activation basis: one layer-by-layer pass over the aligned model.
 
-The calibration prompts, chat-templated, run through lssf's own forward pass
-(``lssf/llama_forward.py``); at each decoder layer the Grams of its targeted linear maps'
-inputs are accumulated, every targeted tensor of the layer gets its basis
-(``lssf/activation.py``) and factors, the Grams are dropped and the hidden states move on.
-Peak memory: see ``lssf/llama_forward.py`` (1.4 GB of Grams for a 7B Llama).
+At each decoder layer (``lssf/llama_forward.py``) the Grams of the targeted maps' inputs are
+accumulated, each target gets its basis (``lssf/activation.py``) and factors, then the Grams
+are dropped and the hidden states move on.
 """
 
 from __future__ import annotations
@@ -14,7 +12,6 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -37,17 +34,10 @@ from lssf.llama_forward import (
 from lssf.lowrank import patch_tensor, safety_delta
 from lssf.methods import get_rank_rule
 from lssf.patch import CalibrationRecord, TensorRecord
-from lssf.spectral import (
-    direction_weights,
-    energy_kept,
-    entropy_ratio,
-    safety_factors,
-)
+from lssf.spectral import direction_weights, energy_kept, entropy_ratio, safety_factors
 from lssf.st_io import is_finite
 
 log = logging.getLogger(__name__)
-
-Write = Callable[[str, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -73,15 +63,6 @@ def plan_targets(targets: list[str], spec: DecoderSpec) -> dict[int, list[Target
     return by_layer
 
 
-def _group_width(spec: DecoderSpec, group: str) -> int:
-    return {
-        "attn_in": spec.hidden,
-        "o_in": spec.heads * spec.head_dim,
-        "mlp_in": spec.hidden,
-        "down_in": spec.intermediate,
-    }[group]
-
-
 def _spectrum_stats(s: torch.Tensor, rank: int) -> dict[str, float | int]:
     """The record fields that describe the spectrum ``s: (k,)`` that set ``rank``."""
     return {
@@ -97,8 +78,9 @@ def _delta_rank(delta: torch.Tensor, n_act: int, config: PatchConfig) -> tuple[i
     basis's ``n_act`` non-zero directions: beyond them the eigenvectors span a null space in
     no particular order."""
     record = patch_tensor(delta, config)[2]
-    stats = record.model_dump(include={"entropy_ratio", "energy_kept", "n_nonzero"})
-    stats["top_singular_value"] = record.top_singular_value
+    stats = record.model_dump(
+        include={"entropy_ratio", "energy_kept", "n_nonzero", "top_singular_value"}
+    )
     if record.rank <= n_act:
         return record.rank, stats
     log.warning(
@@ -145,26 +127,21 @@ def activation_tensor(
     return u.cpu(), c.cpu(), record
 
 
-def _config_json(folder: Path) -> dict:
-    path = folder_file(folder, "config.json")
-    if path is None:
-        raise CheckpointError(f"{folder} has no config.json; the activation basis needs it")
-    return read_json(path)
-
-
 def activation_patch(
     a_ckpt: Checkpoint,
     r_ckpt: Checkpoint,
     targets: list[str],
     config: PatchConfig,
     device: torch.device,
-    write: Write,
+    write: Callable[[str, torch.Tensor, torch.Tensor], None],
     progress: bool = True,
 ) -> tuple[dict[str, TensorRecord], CalibrationRecord]:
     """Factors of every target (written through ``write(name, U, C)``) and the calibration
     record (``model_revision`` left empty: the caller knows the hashed revision)."""
     folder = a_ckpt.folder
-    spec = read_spec(_config_json(folder), a_ckpt, str(folder / "config.json"))
+    if (config_path := folder_file(folder, "config.json")) is None:
+        raise CheckpointError(f"{folder} has no config.json; the activation basis needs it")
+    spec = read_spec(read_json(config_path), a_ckpt, str(config_path))
     by_layer = plan_targets(targets, spec)
     calib = read_calibration(config.calibration, config.calibration_limit)
     full = encode_prompts(folder, calib.prompts)
@@ -179,10 +156,9 @@ def activation_patch(
     for layer in range(max(by_layer) + 1):
         w = layer_weights(a_ckpt, spec, layer, device)
         layer_targets = by_layer.get(layer, [])
+        widths = {t.group: w[f"{t.module}.weight"].shape[1] for t in layer_targets}
         grams = {
-            g: torch.zeros(d, d, dtype=torch.float64, device=device)
-            for g in {t.group for t in layer_targets}
-            for d in [_group_width(spec, g)]
+            g: torch.zeros(d, d, dtype=torch.float64, device=device) for g, d in widths.items()
         }
         h = layer_forward(h, w, spec, lengths, tables, grams)
         if not is_finite(h):

@@ -1,14 +1,10 @@
 """Calibration prompts for the activation basis: read, chat-templated and tokenized.
 
-The file is JSONL with a ``prompt`` field per row (the user turn, as in the evaluation data);
-the first ``limit`` rows are used. Rows marked ``"split": "heldout"`` are refused: the
-release decision reads that split, so the basis must never have seen it.
-
-Each prompt is rendered with the model's own chat template (``chat_template.jinja``, else
-``tokenizer_config.json``'s ``chat_template``), ``add_generation_prompt=True``, in a sandboxed
-jinja2 environment set up as transformers' ``apply_chat_template`` sets it up, then tokenized
-with ``tokenizer.json`` and no added special tokens (the template writes them), so the ids
-equal ``AutoTokenizer.apply_chat_template(..., add_generation_prompt=True)``'s.
+The file is JSONL with a ``prompt`` (user turn) per row. Rows marked ``"split": "heldout"`` are
+refused: the release decision reads that split, so the basis must never have seen it.
+Prompts are rendered with the model's chat template in a sandboxed jinja2 set up as
+transformers' ``apply_chat_template`` sets it up, then tokenized with ``tokenizer.json`` and no
+added special tokens (the template writes them): the ids equal transformers'.
 """
 
 from __future__ import annotations
@@ -100,9 +96,7 @@ def chat_template(folder: Path) -> tuple[str, dict[str, str]]:
     """The folder's chat template and the special tokens it may refer to (``eos_token``...)."""
     config_path = folder_file(folder, "tokenizer_config.json")
     config = read_json(config_path) if config_path is not None else {}
-    template = None
-    jinja = folder_file(folder, "chat_template.jinja")
-    if jinja is not None:
+    if (jinja := folder_file(folder, "chat_template.jinja")) is not None:
         template = jinja.read_text(encoding="utf-8")
     elif (side := folder_file(folder, "chat_template.json")) is not None:
         template = read_json(side).get("chat_template")

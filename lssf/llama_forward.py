@@ -1,22 +1,14 @@
 """A minimal pure-torch Llama-family decoder, driven one layer at a time from a checkpoint.
 
-Only what the activation basis needs: the hidden states of the calibration tokens and, per
-layer, the inputs of its linear maps, accumulated as Gram matrices ``G = X^T X`` (float64).
-Weights are read lazily through :class:`lssf.checkpoint.Checkpoint`, one layer at a time
-(GPTQ/ActSVD-style sequential calibration); nothing is modified, so layer ``i`` sees exactly
-the aligned model's own activations. The maths follows transformers' ``LlamaModel`` (RMSNorm
-in float32, rotate-half RoPE, GQA by repeating key/value heads, causal softmax attention,
-SwiGLU MLP); ``tests/test_activation.py`` checks hidden states against it to 1e-5.
+Only what the activation basis needs: the calibration tokens' hidden states and, per layer,
+the Gram matrices ``G = X^T X`` (float64) of its linear maps' inputs. Weights are read one
+layer at a time (ActSVD-style sequential calibration), so layer ``i`` sees exactly the aligned
+model's own activations. The maths follows transformers' ``LlamaModel`` (checked to 1e-5 in
+``tests/test_activation.py``); ``model_type`` llama, mistral and qwen2 (SiLU, default RoPE,
+optional linear biases) are supported, anything else is refused naming the field.
 
-Supported: ``model_type`` llama, mistral and qwen2 with SiLU, default RoPE and optional
-biases on the linear maps (Qwen2's q/k/v). Anything else is refused naming the field.
-
-Memory at layer ``i`` (``T`` calibration tokens): the hidden states ``T x hidden`` float32, one
-layer's weights in float32, the Grams ``d_in^2`` float64 per distinct targeted input (q/k/v
-share one, gate/up share one; o_proj and down_proj one each), plus transients of ``T x
-(q + 2 kv)`` and a token chunk of the MLP. For a 7B Llama (hidden 4096, intermediate 11008):
-``3 * 4096^2 + 11008^2`` doubles = 1.4 GB of Grams, 0.8 GB of float32 layer weights, and
-``T * 16 KB`` of hidden states (65 MB for 4096 tokens).
+Memory at a layer: the hidden states, one layer's float32 weights and one ``d_in^2`` float64
+Gram per distinct targeted input; for a 7B Llama 1.4 GB of Grams, 0.8 GB of weights.
 """
 
 from __future__ import annotations
@@ -74,8 +66,7 @@ def _rope_theta(config: dict[str, Any], where: str) -> float:
             f"{where}: rope_type {rope_type!r} is not supported by lssf's forward pass "
             "(only 'default' RoPE); use basis delta-svd for this model"
         )
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-    return float(theta)
+    return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
 def _check_supported(config: dict[str, Any], where: str) -> None:
@@ -98,10 +89,7 @@ def read_spec(config: dict[str, Any], ckpt: Checkpoint, where: str) -> DecoderSp
     _check_supported(config, where)
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-        spec_fields = {
-            "intermediate": int(config["intermediate_size"]),
-            "layers": int(config["num_hidden_layers"]),
-        }
+        intermediate, layers = int(config["intermediate_size"]), int(config["num_hidden_layers"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: missing or invalid field {exc}") from exc
     embed = [n for n in ckpt.names() if n.endswith("embed_tokens.weight")]
@@ -114,13 +102,14 @@ def read_spec(config: dict[str, Any], ckpt: Checkpoint, where: str) -> DecoderSp
         model_type=str(config["model_type"]),
         hidden=hidden,
         heads=heads,
+        intermediate=intermediate,
+        layers=layers,
         kv_heads=int(config.get("num_key_value_heads") or heads),
         head_dim=int(config.get("head_dim") or hidden // heads),
         eps=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(config, where),
         sliding_window=int(sliding) if sliding else None,
         prefix=embed[0][: -len("embed_tokens.weight")],
-        **spec_fields,
     )
 
 
@@ -173,8 +162,7 @@ def gram_update(grams: dict[str, torch.Tensor], group: str, x: torch.Tensor) -> 
 
 
 def _linear(x: torch.Tensor, w: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    bias = w.get(f"{name}.bias")
-    return F.linear(x, w[f"{name}.weight"], bias)
+    return F.linear(x, w[f"{name}.weight"], w.get(f"{name}.bias"))
 
 
 def layer_forward(

@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import torch
 from lssf.checkpoint import PICKLE_SUFFIXES, Checkpoint, check_tensors, folder_file
 from lssf.errors import CheckpointError, PickleRefusedError, ShapeMismatchError
 from lssf.pipeline import BufferPool, MappedFile, give_back
-from lssf.st_io import Header, TensorInfo, read_header, read_tensor, short
+from lssf.st_io import Header, TensorInfo, short
 
 if TYPE_CHECKING:
     from lssf.models import SourceRecord
@@ -75,8 +74,7 @@ class LoraModule:
     name: str  # module path in the base model, "model.layers.0.self_attn.q_proj"
     a_key: str
     b_key: str
-    rank: int
-    alpha: float
+    shape: tuple[int, int]  # of the base tensor the delta is added to
     scale: float
     transposed: bool
     embedding: bool
@@ -113,14 +111,6 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, transposed: bool)
     return delta.T if transposed else delta
 
 
-def merged_weight(
-    w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, transposed: bool
-) -> torch.Tensor:
-    """``W + scale * B @ A`` computed in float32 and cast back to ``w``'s dtype, as PEFT merges."""
-    a, b = a.to(w.device), b.to(w.device)
-    return (w.float() + lora_delta(a, b, scale, transposed)).to(w.dtype)
-
-
 def read_adapter_config(folder: Path) -> dict[str, Any]:
     """``adapter_config.json``, refused unless it describes plain LoRA."""
     path = folder_file(folder, ADAPTER_CONFIG)
@@ -155,12 +145,7 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
 
 
 def _positive(value: object) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value > 0
-    )
+    return type(value) in (int, float) and 0 < value < math.inf  # bool, NaN and inf are not
 
 
 def _check_numbers(path: Path, config: dict[str, Any]) -> None:
@@ -209,8 +194,7 @@ def _pair_modules(header: Header, config: dict[str, Any]) -> dict[str, LoraModul
     """Group ``lora_A``/``lora_B`` keys by module; each pair checked by ``_module``."""
     parts: dict[str, dict[str, TensorInfo]] = {}
     for key, info in header.tensors.items():
-        match = LORA_KEY.match(key)
-        if match:
+        if match := LORA_KEY.match(key):
             module = match["module"].removeprefix(PREFIX)
             parts.setdefault(module, {})[match["part"].removeprefix("lora_")] = info
     modules = [_module(header.path, name, found, config) for name, found in parts.items()]
@@ -245,24 +229,37 @@ def _module(path: Path, name: str, found: dict[str, TensorInfo], config: dict) -
             "in adapter_config.json (r / rank_pattern)"
         )
     alpha = pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
+    transposed = embedding or bool(config.get("fan_in_fan_out"))
     return LoraModule(
         name=name,
         a_key=a.name,
         b_key=b.name,
-        rank=rank,
-        alpha=float(alpha),
+        shape=(a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1]),
         scale=lora_scale(alpha, rank, bool(config.get("use_rslora"))),
-        transposed=embedding or bool(config.get("fan_in_fan_out")),
+        transposed=transposed,
         embedding=embedding,
     )
 
 
-def _override_name(key: str, saved: list[str], lora_modules: set[str]) -> str | None:
-    """Model tensor that a whole saved tensor replaces, or None if the key is not one."""
-    name = OVERRIDE_WRAPPERS.sub(".", key.removeprefix(PREFIX))
-    module = name.rpartition(".")[0]
-    in_saved = any(module == m or module.endswith(f".{m}") for m in saved)
-    return name if in_saved or module in lora_modules else None
+def _overrides(header: Header, config: dict, modules: dict[str, LoraModule]) -> dict[str, str]:
+    """The model tensor each whole saved tensor replaces -> its key; any other key is refused."""
+    saved = list(config.get("modules_to_save") or [])
+    lora_modules = {m.name for m in modules.values()}
+    paired = {k for m in modules.values() for k in (m.a_key, m.b_key)}
+    out = {}
+    for key in header.tensors:
+        if key in paired:
+            continue
+        name = OVERRIDE_WRAPPERS.sub(".", key.removeprefix(PREFIX))
+        module = name.rpartition(".")[0]
+        in_saved = any(module == m or module.endswith(f".{m}") for m in saved)
+        if "lora_" in key or not (in_saved or module in lora_modules):
+            raise CheckpointError(
+                f"{header.path}: tensor {key!r} is neither a LoRA factor (lora_A/lora_B) nor "
+                f"part of modules_to_save {saved}; {SUPPORTED}"
+            )
+        out[name] = key
+    return out
 
 
 class LoraAdapter:
@@ -275,29 +272,12 @@ class LoraAdapter:
         self.folder = Path(folder)
         self.config = read_adapter_config(self.folder)
         self.path = adapter_weights(self.folder)
-        self.header = read_header(self.path)
+        self._file = Checkpoint(self.folder, files=[self.path])
+        self.header = self._file.headers[0]
         self.modules = _pair_modules(self.header, self.config)
-        self.overrides = self._overrides()
+        self.overrides = _overrides(self.header, self.config, self.modules)
         if not self.modules and not self.overrides:
             raise CheckpointError(f"adapter {self.path} holds no LoRA tensors")
-        self._fd: int | None = None
-
-    def _overrides(self) -> dict[str, str]:
-        saved = list(self.config.get("modules_to_save") or [])
-        lora_modules = {m.name for m in self.modules.values()}
-        paired = {k for m in self.modules.values() for k in (m.a_key, m.b_key)}
-        out = {}
-        for key in self.header.tensors:
-            if key in paired:
-                continue
-            name = None if "lora_" in key else _override_name(key, saved, lora_modules)
-            if name is None:
-                raise CheckpointError(
-                    f"{self.path}: tensor {key!r} is neither a LoRA factor (lora_A/lora_B) nor "
-                    f"part of modules_to_save {saved}; {SUPPORTED}"
-                )
-            out[name] = key
-        return out
 
     @property
     def base(self) -> str | None:
@@ -310,40 +290,22 @@ class LoraAdapter:
 
     def tensor(self, key: str) -> torch.Tensor:
         """The adapter tensor stored under ``key``."""
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        return read_tensor(self._fd, self.header.tensors[key])
+        return self._file.get(key)
 
     def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A (r, d_in), B (d_out, r))`` as stored."""
         return self.tensor(module.a_key), self.tensor(module.b_key)
 
-    def delta_shape(self, module: LoraModule) -> tuple[int, int]:
-        """The shape of the base tensor that ``module``'s ``B @ A`` is added to."""
-        a = self.header.tensors[module.a_key].shape
-        b = self.header.tensors[module.b_key].shape
-        return (a[1], b[0]) if module.transposed else (b[0], a[1])
-
     def dtype(self) -> torch.dtype:
         """The dtype of the LoRA factors (float32 when there are none)."""
-        for module in self.modules.values():
-            return self.header.tensors[module.b_key].torch_dtype
-        return torch.float32
+        b_keys = (m.b_key for m in self.modules.values())
+        return next((self.header.tensors[k].torch_dtype for k in b_keys), torch.float32)
 
     def __enter__(self) -> LoraAdapter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-def check_against_base(adapter: LoraAdapter, base: Checkpoint) -> None:
-    """Every module and override must exist in the base with the shape the adapter implies."""
-    wanted = {m.weight: adapter.delta_shape(m) for m in adapter.modules.values()}
-    wanted |= {n: adapter.header.tensors[k].shape for n, k in adapter.overrides.items()}
-    check_tensors(base, wanted, floats=set(adapter.modules), wanted_by=f"adapter {adapter.path}")
+        self._file.close()
 
 
 class MergedView:
@@ -362,23 +324,19 @@ class MergedView:
         record: SourceRecord | None = None,
     ) -> None:
         """``record``: the adapter's source; the base's is ``base.record``."""
-        check_against_base(adapter, base)
+        # Every module and override must exist in the base with the shape the adapter implies.
+        wanted = {m.weight: m.shape for m in adapter.modules.values()}
+        wanted |= {n: adapter.header.tensors[k].shape for n, k in adapter.overrides.items()}
+        check_tensors(base, wanted, set(adapter.modules), wanted_by=f"adapter {adapter.path}")
         self.base = base
         self.adapter = adapter
         self.device = device
         self.record = record
         self.folder = base.folder
+        self.folders = [base.folder, adapter.folder]
         self.headers = base.headers
-
-    @property
-    def sha256(self) -> dict[str, str]:
-        """Hashes of the base's shards streamed so far (the adapter is hashed when opened)."""
-        return self.base.sha256
-
-    @property
-    def folders(self) -> list[Path]:
-        """The folders read: the base's and the adapter's."""
-        return [self.base.folder, self.adapter.folder]
+        # Hashes of the base's shards streamed so far (the adapter is hashed when opened).
+        self.sha256 = base.sha256
 
     def __contains__(self, name: str) -> bool:
         return name in self.base
@@ -396,10 +354,11 @@ class MergedView:
         if name in self.adapter.overrides:
             tensor = self.adapter.tensor(self.adapter.overrides[name]).to(tensor.dtype)
         module = self.adapter.modules.get(name)
-        if module is not None:
-            a, b = self.adapter.factors(module)
-            merged = merged_weight(tensor.to(self.device), a, b, module.scale, module.transposed)
-            tensor = merged.cpu()
+        if module is not None:  # W + scale * B @ A in float32, cast back, as PEFT merges
+            w = tensor.to(self.device)
+            a, b = (t.to(self.device) for t in self.adapter.factors(module))
+            delta = lora_delta(a, b, module.scale, module.transposed)
+            tensor = (w.float() + delta).to(w.dtype).cpu()
         return tensor
 
     def get(self, name: str) -> torch.Tensor:

@@ -1,14 +1,9 @@
 """The safety patch: per target tensor ``U' (d_out, r)`` and ``C = U'^T delta (r, d_in)``.
 
-Computed once per aligned model, applied to any of its fine-tunes in one streaming pass.
-On disk: ``manifest.json`` and ``factors.safetensors`` (float32, ``NAME.U`` and ``NAME.C``).
-The manifest records the factors file's SHA-256 and the patch id covers it, so a patch edited
-after extraction is refused on load (or, if its manifest was re-hashed, carries another id).
-
-The sharded variant (``format_version`` 2, written by a distributed extraction) has no
-``factors.safetensors``: its manifest lists factor shards instead, each a file name, its
-SHA-256 and the target tensors it holds; every target is in exactly one shard and the patch id
-covers the list. ``SafetyPatch`` reads both variants the same way.
+On disk: ``manifest.json`` and ``factors.safetensors`` (float32, ``NAME.U`` and ``NAME.C``), or
+(``format_version`` 2, from a distributed extraction) factor shards listed in the manifest,
+each target in exactly one. The manifest records every factor file's SHA-256 and the patch id
+covers them, so a patch edited after extraction is refused on load or carries another id.
 """
 
 from __future__ import annotations
@@ -53,12 +48,12 @@ class CalibrationRecord(Frozen):
     """What the activation basis ran: which prompts, how many tokens, on which model."""
 
     file: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str = Field(pattern=SHA256)
     rows: int  # prompts used (the first `calibration_limit` of the file)
     tokens: int  # chat-templated tokens run through the aligned model
     truncated: int  # prompts cut at calibration_max_tokens
     model_revision: str  # the aligned model's revision the forward pass read
-    chat_template_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    chat_template_sha256: str = Field(pattern=SHA256)
 
 
 class FactorShard(Frozen):

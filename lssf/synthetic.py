@@ -37,9 +37,8 @@ class LlamaShape:
             for proj, shape in (("q", (h, h)), ("k", (kv, h)), ("v", (kv, h)), ("o", (h, h))):
                 yield f"{p}self_attn.{proj}_proj.weight", shape
             yield p + "post_attention_layernorm.weight", (h,)
-            yield p + "mlp.gate_proj.weight", (i, h)
-            yield p + "mlp.up_proj.weight", (i, h)
-            yield p + "mlp.down_proj.weight", (h, i)
+            for proj, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))):
+                yield f"{p}mlp.{proj}_proj.weight", shape
         yield "model.norm.weight", (h,)
         yield "lm_head.weight", (self.vocab, h)
 
@@ -118,11 +117,10 @@ def make_trio(
     """Write ``out/{reference,aligned,finetuned}``; returns the three folders.
 
     Per 2-D tensor: safety vector with singular values ``0.5 * q^i`` (i < safety_rank, q drawn
-    in [0.35, 0.9] per tensor) plus
-    isotropic noise whose singular values are about ``noise * s_1``; fine-tune drift of rank 4 at
-    0.3. 1-D tensors are ones (norm weights). The entropy rule is sensitive to that noise floor:
-    thousands of tiny directions carry real entropy: on a 2048x1024 matrix ``noise=1e-3`` gives
-    rank 5 at eta 0.85 and ``noise=1e-2`` rank 231 (measured).
+    in [0.35, 0.9] per tensor) plus isotropic noise whose singular values are about
+    ``noise * s_1``; fine-tune drift of rank 4 at 0.3. 1-D tensors are ones (norm weights).
+    The entropy rule is sensitive to that noise floor: on a 2048x1024 matrix ``noise=1e-3``
+    gives rank 5 at eta 0.85 and ``noise=1e-2`` rank 231.
     """
 
     def base(name: str, s: tuple[int, ...]) -> torch.Tensor:
