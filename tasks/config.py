@@ -1,8 +1,4 @@
-"""The pipeline configuration: families to re-align, where to watch, where to record.
-
-One YAML file, validated at the edge into frozen pydantic models (`extra="forbid"`), so a typo
-fails with the field's name instead of being ignored. `lssf config schema` prints the JSON
-schema of `PipelineConfig`; `lssf config validate FILE` checks a file.
+"""The pipeline configuration (one YAML file): families to re-align, where to watch and record.
 
 Relative paths (local models, the watch folder, the state folder) resolve against the current
 working directory, the repository root in the commands the README shows.
@@ -14,7 +10,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
 from evaluation.alpha_search import AlphaSearchConfig
 from evaluation.gates import GateConfig, default_gate_config
@@ -25,7 +21,6 @@ if TYPE_CHECKING:
     from tasks.registry import RecordStore
 
 DEFAULT_STATE_DIR = Path(".state")
-LINEAGES = ("finetune", "adapter")
 
 
 class _Frozen(Frozen):
@@ -50,7 +45,7 @@ class WatchConfig(_Frozen):
         "aligned model id without revision",
     )
     lineages: tuple[Literal["finetune", "adapter"], ...] = Field(
-        LINEAGES,
+        ("finetune", "adapter"),
         description="Hub lineage filters to query: base_model:finetune:<id> and/or "
         "base_model:adapter:<id>",
     )
@@ -119,7 +114,7 @@ class FamilyConfig(_Frozen):
         "evaluations, safety floors raised by `margin`) or grid; null: bisection with the "
         "defaults, or the grid in `alphas` when that is given",
     )
-    alphas: tuple[float, ...] | None = Field(
+    alphas: tuple[PositiveFloat, ...] | None = Field(
         None,
         description="shorthand for alpha_search {mode: grid, grid: alphas}: evaluate each of "
         "these fusion strengths on calibration, the passing one with the best utility wins; "
@@ -160,15 +155,11 @@ class FamilyConfig(_Frozen):
 
     @field_validator("alphas")
     @classmethod
-    def _positive_alphas(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
-        if v is None:
-            return v
-        if not v:  # here, not min_length: pydantic would add it to every non-finite error
+    def _distinct_alphas(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        # Here, not min_length: pydantic would add that error to every bad element's.
+        if v is not None and not v:
             raise ValueError("alphas must not be empty")
-        bad = [a for a in v if not a > 0]
-        if bad:
-            raise ValueError(f"alphas must be > 0, got {bad}")
-        if len(set(v)) != len(v):
+        if v is not None and len(set(v)) != len(v):
             raise ValueError(f"alphas must be distinct, got {list(v)}")
         return v
 
@@ -244,15 +235,11 @@ class PipelineConfig(_Frozen):
             return self.tracking_uri
         return f"sqlite:///{self.resolved_state_dir() / 'mlflow.db'}"
 
-    def artifact_root(self) -> Path:
-        """Where MLflow artifacts go when the experiment is created here (not ./mlruns)."""
-        return self.resolved_state_dir() / "mlartifacts"
-
     def record_store(self) -> RecordStore:
-        """Where this pipeline's MLflow record lives."""
+        """Where this pipeline's MLflow record lives (artifacts under the state folder)."""
         from tasks.registry import RecordStore
 
-        uri, root = self.resolved_tracking_uri(), self.artifact_root()
+        uri, root = self.resolved_tracking_uri(), self.resolved_state_dir() / "mlartifacts"
         return RecordStore(tracking_uri=uri, experiment=self.experiment, artifact_root=root)
 
     def family(self, name: str) -> FamilyConfig:

@@ -1,10 +1,10 @@
 """Prefect tasks of a realign, each wrapping one lssf or evaluation call.
 
 Only paths, ids and small configs travel between tasks, never tensors. Outputs live under the
-state folder at paths derived from input revisions and are written atomically, so a task that
-finds its output complete returns it at once: a realign killed anywhere and started again
-redoes only the unfinished work. Prefect's cache (keyed by the same revisions, and only while
-the output exists) skips even that check. Hub and registry I/O retry; computation does not.
+state folder at paths derived from input revisions and are written atomically, so a realign
+killed anywhere and started again redoes only the unfinished work; Prefect's cache (keyed by
+the same revisions, only while the output exists) skips even the check for it. Hub and
+registry I/O retry; computation does not.
 """
 
 from __future__ import annotations
@@ -18,18 +18,22 @@ from typing import Any
 
 from prefect import task
 from prefect.context import TaskRunContext
-from pydantic import BaseModel, ConfigDict
 
 from evaluation.gates import GateConfig, GateReport, evaluate_gate
-from evaluation.report import EvalReport
-from lssf import PatchConfig
+from evaluation.report import EvalReport, write_atomic
+from evaluation.splits import SPLITS
+from lssf import PatchConfig, SafetyPatch, extract, fuse, resolve_source
+from lssf.models import Frozen
+from lssf.outputs import atomic_folder
 from lssf.patch import MANIFEST as PATCH_MANIFEST
 from lssf.patch import PatchManifest
 from lssf.provenance import PROVENANCE
 from lssf.sources import ModelRef
+from lssf.st_io import file_sha256
+from tasks import registry
 from tasks._log import run_logger
 from tasks.config import FamilyConfig, PipelineConfig
-from tasks.registry import RecordStore
+from tasks.registry import CANDIDATE_ALIAS, CHAMPION_ALIAS, RecordStore
 from tasks.sources import Candidate
 
 
@@ -48,6 +52,9 @@ def _key_if_exists(path: Path, *parts: Any) -> str | None:
 
 # -- sources ----------------------------------------------------------------------------------
 
+HUB_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [5, 20, 60]}
+REGISTRY_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
+
 
 class RevisionMismatchError(ValueError):
     """A local folder is no longer at the revision the watcher announced (never retried)."""
@@ -57,7 +64,7 @@ def _retry_unless_mismatch(task: Any, run: Any, state: Any) -> bool:
     return not isinstance(state.result(raise_on_failure=False), RevisionMismatchError)
 
 
-@task(retries=3, retry_delay_seconds=[5, 20, 60], retry_condition_fn=_retry_unless_mismatch)
+@task(**HUB_RETRIES, retry_condition_fn=_retry_unless_mismatch)
 def pin(ref: str | ModelRef, announced: str | None = None) -> ModelRef:
     """`ref` parsed once and pinned to its exact revision (Hub commit sha, or a local folder's
     `local_revision`). `announced`: the revision the watcher saw; a Hub ref is pinned to it,
@@ -78,16 +85,9 @@ def _materialize_key(ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
     return f"materialize-{ref.repo}@{ref.revision}"
 
 
-@task(
-    retries=3,
-    retry_delay_seconds=[5, 20, 60],
-    cache_key_fn=_materialize_key,
-    persist_result=True,
-)
+@task(**HUB_RETRIES, cache_key_fn=_materialize_key, persist_result=True)
 def materialize(ref: ModelRef) -> str:
     """A local folder holding the pinned model (a Hub model is downloaded once, at its commit)."""
-    from lssf import resolve_source
-
     folder, record = resolve_source(ref)
     if not ref.is_local and record.revision != ref.revision:
         raise RuntimeError(f"{ref} resolved to {record.revision}, expected {ref.revision}")
@@ -100,8 +100,6 @@ def materialize(ref: ModelRef) -> str:
 def patch_key(aligned: ModelRef, reference: ModelRef, config: PatchConfig) -> str:
     """Identity of a patch before it exists: both revisions, the parameters and, for the
     activation basis, the calibration file's content (its path alone could be rewritten)."""
-    from lssf.st_io import file_sha256
-
     parts: list = [aligned.revision, reference.revision, config.model_dump(mode="json")]
     if config.calibration is not None:
         parts.append(file_sha256(Path(config.calibration)))
@@ -114,29 +112,18 @@ def _patch_cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
     return _key_if_exists(out / PATCH_MANIFEST, "patch", out)
 
 
-class PatchSummary(BaseModel):
+class PatchSummary(Frozen):
     """A family's patch once built or fetched: where it is, its id and its manifest."""
-
-    model_config = ConfigDict(frozen=True)
 
     path: str
     patch_id: str
     manifest: PatchManifest
 
-    @property
-    def ranks(self) -> dict[str, float]:
-        """`lssf.report.summary` of the manifest (rank statistics, parameter share)."""
-        from lssf.report import summary
 
-        return summary(self.manifest)
-
-
-@task(retries=3, retry_delay_seconds=[2, 10, 30])
+@task(**REGISTRY_RETRIES)
 def patch_is_stored(key: str, state_dir: str, store: RecordStore) -> bool:
     """Is the patch of `key` already there, complete in the state folder or in MLflow? (Only
     then does a distributed extraction have nothing to do.)"""
-    from tasks import registry
-
     if (Path(state_dir) / "patches" / key / PATCH_MANIFEST).is_file():
         return True
     client, exp = store.open()
@@ -155,16 +142,17 @@ def get_or_build_patch(
     """The family's safety patch (both refs pinned): local copy, else the MLflow copy, else
     extracted here in one process; stored in MLflow once. (A distributed extraction, when the
     family asks for one, ran before this and left the local copy.)"""
-    from lssf import SafetyPatch, extract
-    from tasks import registry
-
     log = run_logger()
     out = Path(state_dir) / "patches" / key
     client, exp = store.open()
     stored = registry.find_patch_run(client, exp, key)
     if not (out / PATCH_MANIFEST).is_file() and stored is not None:
         log.info("patch %s: fetching from MLflow run %s", key, stored.info.run_id)
-        _fetch_atomic(client, stored.info.run_id, out)
+        with atomic_folder(out) as tmp:  # the download is tmp/patch/: its files move up
+            fetched = registry.fetch_patch(client, stored.info.run_id, tmp)
+            for item in fetched.iterdir():
+                item.rename(tmp / item.name)
+            fetched.rmdir()
     if not (out / PATCH_MANIFEST).is_file():
         log.info("patch %s: extracting from %s and %s", key, aligned, reference)
         extract(str(aligned), str(reference), out, config, progress=False)
@@ -173,17 +161,6 @@ def get_or_build_patch(
         run_id = registry.store_patch(client, exp, key, patch.patch_id, out)
         log.info("patch %s (id %s) stored in MLflow run %s", key, patch.patch_id, run_id)
     return PatchSummary(path=str(out), patch_id=patch.patch_id, manifest=patch.manifest)
-
-
-def _fetch_atomic(client: Any, run_id: str, out: Path) -> None:
-    from lssf.outputs import atomic_folder
-    from tasks import registry
-
-    with atomic_folder(out) as tmp:
-        fetched = registry.fetch_patch(client, run_id, tmp)
-        for item in fetched.iterdir():
-            item.rename(tmp / item.name)
-        fetched.rmdir()
 
 
 # -- fuse, evaluate, gate ---------------------------------------------------------------------
@@ -197,8 +174,6 @@ def _fuse_cache_key(ctx: TaskRunContext, params: dict[str, Any]) -> str | None:
 @task(cache_key_fn=_fuse_cache_key, persist_result=True)
 def fuse_candidate(finetuned: str, patch_dir: str, alpha: float, out: str) -> str:
     """`finetuned` + alpha * patch, written atomically to `out` (reused if complete)."""
-    from lssf import fuse
-
     if (Path(out) / PROVENANCE).is_file():
         run_logger().info("fused model %s already complete; reusing it", out)
         return out
@@ -239,7 +214,6 @@ def evaluate_model(
     also written to `out`. A crash becomes a status='error' report, which the gate fails closed
     on. A complete report from an interrupted run is reused."""
     from evaluation.runner import evaluate
-    from evaluation.splits import SPLITS
 
     log = run_logger()
     path = Path(out)
@@ -251,14 +225,10 @@ def evaluate_model(
         data = Path(data_dir) if data_dir else None
         report = evaluate(model, suite, path, data_dir=data, limit=limit, split=split)
     except Exception as exc:  # any evaluation failure must reach the gate, not vanish
-        log.error("evaluation of %s failed: %s: %s", model, type(exc).__name__, exc)
-        report = EvalReport(
-            model=model,
-            suite=suite,
-            status="error",
-            error=f"{type(exc).__name__}: {exc}",
-            split=split if split in SPLITS else "all",
-        )
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("evaluation of %s failed: %s", model, error)
+        known = split if split in SPLITS else "all"
+        report = EvalReport(model=model, suite=suite, status="error", error=error, split=known)
     report.write(path)
     log.info(
         "evaluation of %s (%s): status=%s metrics=%s", model, split, report.status, report.metrics
@@ -271,8 +241,6 @@ def gate_candidate(
     candidate: EvalReport, baseline: EvalReport, config: GateConfig, out: str
 ) -> GateReport:
     """Gate one candidate report against the fine-tuned baseline; the report, written to `out`."""
-    from evaluation.report import write_atomic
-
     report = evaluate_gate(candidate, baseline, config)
     write_atomic(Path(out), report.model_dump_json(indent=2))
     run_logger().info("gate for %s: %s", candidate.model, "pass" if report.passed else "fail")
@@ -285,10 +253,8 @@ def gate_candidate(
 SOURCE_TAGS = {"mlflow.source.type": "JOB", "mlflow.source.name": "flows/realign.py:realign"}
 
 
-class RealignJob(BaseModel):
+class RealignJob(Frozen):
     """What every step of one realign knows: config, pinned refs, and the paths derived."""
-
-    model_config = ConfigDict(frozen=True)
 
     cfg: PipelineConfig
     fam: FamilyConfig
@@ -317,19 +283,19 @@ class RealignJob(BaseModel):
 
     @property
     def tags(self) -> dict[str, str]:
+        """The source and the family, on the run and on its model version."""
         cand = self.cand
-        return {"source_key": cand.key, "source_repo": cand.repo, "source_revision": cand.revision}
+        src = {"source_key": cand.key, "source_repo": cand.repo, "source_revision": cand.revision}
+        return src | {"family": self.family}
 
     @property
     def run_tags(self) -> dict[str, str]:
-        """The run's tags at its start: the source, the family, and where the run comes from
-        (MLflow's "Source" field)."""
-        return self.tags | {"family": self.family} | SOURCE_TAGS
+        return self.tags | SOURCE_TAGS
 
     @property
     def params(self) -> dict[str, Any]:
         """The run's inputs: pinned sources, patch settings, the alpha search's settings."""
-        patch = self.fam.patch
+        patch = self.fam.patch.model_dump(include={"rank_rule", "eta", "max_rank", "weight_top"})
         params: dict[str, Any] = {
             "source_repo": self.cand.repo,
             "source_revision": self.cand.revision,
@@ -337,10 +303,7 @@ class RealignJob(BaseModel):
             "aligned_revision": self.aligned.revision,
             "reference": self.fam.reference,
             "reference_revision": self.reference.revision,
-            "rank_rule": patch.rank_rule,
-            "eta": patch.eta,
-            "max_rank": patch.max_rank,
-            "weight_top": patch.weight_top,
+            **patch,
             "suite": self.fam.suite,
         }
         for name, value in self.fam.search_config().model_dump(exclude_none=True).items():
@@ -350,16 +313,14 @@ class RealignJob(BaseModel):
         return params
 
     @property
-    def aliases(self) -> list[str]:
-        from tasks.registry import CANDIDATE_ALIAS, CHAMPION_ALIAS
-
-        return [CANDIDATE_ALIAS] + ([CHAMPION_ALIAS] if self.fam.promote_to_champion else [])
+    def aliases(self) -> tuple[str, ...]:
+        champion = (CHAMPION_ALIAS,) if self.fam.promote_to_champion else ()
+        return (CANDIDATE_ALIAS, *champion)
 
     def version_tags(self, alpha: float, patch_id: str) -> dict[str, str]:
         """Only a version that passed the held-out gate is registered: both verdicts pass."""
-        extra = {"gate_verdict": "pass", "heldout_verdict": "pass", "patch_id": patch_id}
-        extra |= {"family": self.family}
-        return self.tags | extra | {"alpha": f"{alpha:g}"}
+        verdicts = {"gate_verdict": "pass", "heldout_verdict": "pass"}
+        return self.tags | verdicts | {"patch_id": patch_id, "alpha": f"{alpha:g}"}
 
     def fused_dir(self, alpha: float) -> str:
         return str(self.work / f"fused-alpha-{alpha:g}")

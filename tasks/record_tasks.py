@@ -9,15 +9,16 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
-from evaluation.report import EvalReport
+from evaluation.report import EvalReport, write_atomic
+from lssf.patch import MANIFEST
+from lssf.report import plot_ranks, summary
 from tasks import registry
 from tasks._log import run_logger
-from tasks.realign_tasks import PatchSummary, RealignJob
+from tasks.realign_tasks import REGISTRY_RETRIES, PatchSummary, RealignJob
 from tasks.registry import RecordStore
 from tasks.report import SearchRecord, plot_search, summary_table, verdict_line
-
-REGISTRY_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30]}
 
 
 @task(**REGISTRY_RETRIES)
@@ -58,8 +59,6 @@ def open_record(
 ) -> str:
     """Start the realign's MLflow run (closing any interrupted one); its run id. The Prefect
     flow run it belongs to is tagged on it (`prefect_flow_run_id`)."""
-    from prefect.runtime import flow_run
-
     client, exp = store.open()
     if flow_run.id:
         tags = tags | {"prefect_flow_run_id": flow_run.id, "prefect_flow_run": flow_run.name}
@@ -70,22 +69,19 @@ def open_record(
     return run_id
 
 
-@task(**REGISTRY_RETRIES)
-def log_evidence(
+def _log_evidence(
     store: RecordStore,
     run_id: str,
     params: dict[str, Any],
-    metrics: dict[str, float],
+    series: list[tuple[str, float, int]],
     tags: dict[str, str],
     artifacts: list[tuple[str, str]],
-    steps: list[tuple[str, float, int]] | None = None,
 ) -> None:
-    """Params, metrics (NaN skipped), tags, files/folders as (artifact folder, path), and
-    metric series as (name, value, step) (the alpha search's probes)."""
+    """Params, metrics as (name, value, step) (NaN skipped), tags, and files/folders as
+    (artifact folder, path)."""
     client = store.client()
     for name, value in params.items():
         client.log_param(run_id, name, value)
-    series = [(name, value, 0) for name, value in metrics.items()] + list(steps or [])
     for name, value, step in series:
         if isinstance(value, (int, float)) and not math.isnan(value):
             # lm-eval's raw names ("task/refusal,judge") hold characters MLflow refuses.
@@ -111,8 +107,7 @@ def register_model(
     description: str | None = None,
 ) -> str:
     """Log the fused model of `alpha` under the run's `model/` and make it a version of the
-    family's registered model (once per source key), with the family's aliases and
-    `description` (`tasks.report.version_description`)."""
+    family's registered model (once per source key), with its aliases and `description`."""
     client, name = store.client(), job.fam.registered_model
     tags = job.version_tags(alpha, patch_id)
     existing = registry.find_version(client, name, tags["source_key"])
@@ -122,9 +117,8 @@ def register_model(
         source = f"{client.get_run(run_id).info.artifact_uri}/model"
     else:
         source = existing.source
-    aliases = tuple(job.aliases)
     version = registry.register_version(
-        client, name, run_id, source, tags, aliases=aliases, description=description
+        client, name, run_id, source, tags, aliases=job.aliases, description=description
     )
     run_logger().info("%s version %s, aliases %s", name, version.version, list(version.aliases))
     return str(version.version)
@@ -146,12 +140,9 @@ def publish_summary(markdown: str, key: str) -> str:
     return str(create_markdown_artifact(markdown=markdown, key=key, description="lssf realign"))
 
 
-@task
-def write_search_record(record: SearchRecord, folder: str) -> list[tuple[str, str]]:
+def _write_search_record(record: SearchRecord, folder: str) -> list[tuple[str, str]]:
     """`search_trace.json`, `search_trace.md` and `alpha_search.png` in `folder`, as
-    (artifact folder, path) pairs for `log_evidence`."""
-    from evaluation.report import write_atomic
-
+    (artifact folder, path) pairs for `_log_evidence`."""
     out = Path(folder)
     trace = write_atomic(out / "search_trace.json", record.model_dump_json(indent=2) + "\n")
     text = f"{verdict_line(record)}\n\n{summary_table(record)}\n"
@@ -160,68 +151,57 @@ def write_search_record(record: SearchRecord, folder: str) -> list[tuple[str, st
     return [("search", str(trace)), ("search", str(table)), ("plots", str(plot))]
 
 
-def samples_of(report: EvalReport) -> str | None:
-    """The per-sample outputs file an evaluation report points at, if it exists."""
-    path = report.samples_path
-    return path if path and Path(path).is_file() else None
-
-
 @task(**REGISTRY_RETRIES)
 def record_realign(
     store: RecordStore, run_id: str, job: RealignJob, record: SearchRecord, patch: PatchSummary
 ) -> None:
     """The realign's evidence on its run: params, held-out before/after and the calibration
     trace as metric series, tags, and the reports, samples, gates, patch, plots and card."""
-    from lssf.patch import MANIFEST
-    from lssf.report import plot_ranks
-
-    table = summary_table(record)
     params = {
         "alpha": "none" if record.chosen is None else f"{record.chosen:g}",
         "patch_id": patch.patch_id,
         "calibration_gate": record.calibration_gate,
         "split_rule": record.split_rule or "none",
         "calibration_fraction": record.calibration_fraction,
-    } | {f"ranks_{k}": v for k, v in patch.ranks.items()}
+    } | {f"ranks_{k}": v for k, v in summary(patch.manifest).items()}
     tags = {
         "gate_verdict": "pass" if record.verdict == "pass" else "fail",
         "heldout_verdict": record.verdict,
         "patch_id": patch.patch_id,
-        "summary_table": table,
+        "summary_table": summary_table(record),
     }
-    metrics, steps = _evidence_metrics(job, record)
     runs = [("calibration", p.alpha) for p in record.probes]
     if record.heldout is not None:
         runs.append(("heldout", record.heldout.alpha))
     reports = [job.baseline_path(s) for s in ("calibration", "heldout")]
     reports += [job.eval_path(s, a) for s, a in runs]
     files = [("evaluation", path) for path in reports]
-    files += [("evaluation", s) for p in reports if (s := samples_of(EvalReport.load(Path(p))))]
+    samples = [EvalReport.load(Path(p)).samples_path for p in reports]
+    files += [("evaluation", s) for s in samples if s and Path(s).is_file()]
     files += [("gate", job.gate_path(s, a)) for s, a in runs]
     plot = plot_ranks(patch.manifest, job.work / "patch_ranks.png")
     files += [("patch", str(Path(patch.path) / MANIFEST)), ("plots", str(plot))]
     if record.chosen is not None:
         files.append(("model_card", str(Path(job.fused_dir(record.chosen)) / "README.md")))
-    files += write_search_record.fn(record, str(job.work / "search"))
-    log_evidence.fn(store, run_id, params, metrics, tags, files, steps)
+    files += _write_search_record(record, str(job.work / "search"))
+    _log_evidence(store, run_id, params, _evidence_series(job, record), tags, files)
 
 
-def _evidence_metrics(
-    job: RealignJob, record: SearchRecord
-) -> tuple[dict[str, float], list[tuple[str, float, int]]]:
-    """Metrics, and the probes as series (name, value, step = probe index)."""
+def _evidence_series(job: RealignJob, record: SearchRecord) -> list[tuple[str, float, int]]:
+    """Metrics as (name, value, step): held-out before/after at step 0, then the calibration
+    trace with the probe's index as step."""
     before = EvalReport.load(Path(job.baseline_path("heldout")))
     metrics = {f"before.{k}": v for k, v in (before.metrics | before.raw_metrics).items()}
     metrics |= {f"calibration.before.{k}": v for k, v in record.baseline.items()}
-    steps: list[tuple[str, float, int]] = []
-    for p in record.probes:
-        steps += [(f"calibration.{k}", v, p.index) for k, v in p.metrics.items()]
-        steps += [("calibration.alpha", p.alpha, p.index)]
-        steps += [("calibration.passed", float(p.passed), p.index)]
     if record.heldout is not None:
         held = record.heldout
         after = EvalReport.load(Path(job.eval_path("heldout", held.alpha)))
         metrics |= {f"after.{k}": v for k, v in (after.metrics | after.raw_metrics).items()}
         metrics |= {f"heldout.{k}": v for k, v in held.metrics.items()}
         metrics |= {"heldout.passed": float(held.passed), "calibration.chosen_alpha": held.alpha}
-    return metrics, steps
+    series = [(name, value, 0) for name, value in metrics.items()]
+    for p in record.probes:
+        series += [(f"calibration.{k}", v, p.index) for k, v in p.metrics.items()]
+        series += [("calibration.alpha", p.alpha, p.index)]
+        series += [("calibration.passed", float(p.passed), p.index)]
+    return series

@@ -1,9 +1,8 @@
 """The MLflow record: one run per realign attempt, versions of the registered model, aliases.
 
-The MLflow runs are the pipeline's only memory: a finished realign run tagged with a
-candidate's `source_key` (repo@revision) means "processed"; a model version tagged with it
-means "registered". Nothing else is stored. No Prefect here; `tasks.record_tasks` wraps these
-calls with retries.
+The MLflow runs are the pipeline's only memory (no Prefect here): a finished realign run
+tagged with a candidate's `source_key` (repo@revision) means "processed"; a model version
+tagged with it means "registered".
 
 Tags on realign runs: `lssf_kind=realign`, `source_key`, `source_repo`, `source_revision`,
 `family`, `lssf_status` (running | passed | rejected | error), `gate_verdict`, `reason`,
@@ -119,10 +118,8 @@ def find_final_run(
 ) -> Run | None:
     """The finished realign run of `source_key` (for `family`) with a verdict, if any."""
     query = _realign_query(source_key, family) + " and attributes.status = 'FINISHED'"
-    for run in _search(client, experiment_id, query):
-        if run.data.tags.get("lssf_status") in FINAL_STATUSES:
-            return run
-    return None
+    runs = _search(client, experiment_id, query)
+    return next((r for r in runs if r.data.tags.get("lssf_status") in FINAL_STATUSES), None)
 
 
 def start_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str]) -> str:
@@ -141,10 +138,8 @@ def start_run(client: MlflowClient, experiment_id: str, run_name: str, tags: dic
 def finish_run(
     client: MlflowClient, run_id: str, status: str, reason: str, description: str | None = None
 ) -> None:
-    """Close a realign run: `status` passed | rejected (FINISHED) or error (FAILED).
-
-    `description` (Markdown) becomes the run page's description; without one it is the
-    status and reason in one line (`**ERROR**: <reason>`)."""
+    """Close a realign run: passed | rejected (FINISHED) or error (FAILED); `description`
+    (Markdown; default `**STATUS**: <reason>`) becomes the run page's description."""
     client.set_tag(run_id, "lssf_status", status)
     client.set_tag(run_id, "reason", reason[:5000])
     note = description if description is not None else f"**{status.upper()}**: {reason}"
@@ -187,12 +182,9 @@ def register_version(
     aliases: tuple[str, ...] = (CANDIDATE_ALIAS,),
     description: str | None = None,
 ) -> ModelVersion:
-    """A new version from `source` (an artifact URI of `run_id`), unless `source_key` has one.
-
-    Idempotent on tags["source_key"]: a realign restarted after a kill finds the version it
-    made before, brings its tags and `description` up to date (the restarted run is the one
-    that will hold the verdict) and (re)sets the aliases.
-    """
+    """A new version from `source` (an artifact URI of `run_id`), unless `source_key` has one:
+    a realign restarted after a kill updates that version's tags and `description` (its run
+    now holds the verdict) and (re)sets the aliases."""
     version = find_version(client, model_name, tags["source_key"])
     if version is None:
         _ensure_registered_model(client, model_name)
@@ -257,5 +249,4 @@ def store_patch(
 
 def fetch_patch(client: MlflowClient, run_id: str, dst: Path) -> Path:
     """Download a stored patch into `dst` (its parent must exist); returns the patch folder."""
-    local = client.download_artifacts(run_id, "patch", str(dst))
-    return Path(local)
+    return Path(client.download_artifacts(run_id, "patch", str(dst)))

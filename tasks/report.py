@@ -1,28 +1,27 @@
 """Pure helpers for a realign's outcome: the search record, its tables and plot.
 
-A realign chooses alpha on the calibration split (`evaluation.alpha_search`) and confirms it
-once on the held-out split; `SearchRecord` holds both, and is what `search_trace.json`, the
-Markdown summary and `alpha_search.png` are made from.
+`SearchRecord` holds how alpha was chosen on the calibration split and confirmed once on the
+held-out split; `search_trace.json`, the Markdown summary and `alpha_search.png` are made from it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
+from pydantic.dataclasses import dataclass
 
 from evaluation.alpha_search import AlphaSearch, AlphaSearchConfig, Probe, utility
 from evaluation.gates import GateConfig, GateReport
 from evaluation.report import EvalReport
+from lssf.models import Frozen
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True)  # pydantic's: positional arguments, and a field of SearchRecord
 class Trial:
     """One fused candidate: its alpha, metrics, and what the gate said."""
 
@@ -31,27 +30,17 @@ class Trial:
     passed: bool
     reasons: tuple[str, ...] = ()
 
-
-class HeldoutResult(BaseModel):
-    """The chosen alpha evaluated once on the held-out split and gated there."""
-
-    model_config = ConfigDict(frozen=True)
-
-    alpha: float
-    metrics: dict[str, float]
-    passed: bool
-    reasons: tuple[str, ...] = ()
-
     @classmethod
-    def of(cls, alpha: float, report: EvalReport, gate: GateReport) -> HeldoutResult:
+    def of(cls, alpha: float, report: EvalReport, gate: GateReport) -> Trial:
         reasons = tuple(f"{r.rule}: {r.reason}" for r in gate.failures)
         return cls(alpha=alpha, metrics=report.metrics, passed=gate.passed, reasons=reasons)
 
 
-class SearchRecord(BaseModel):
-    """Everything about how alpha was chosen and confirmed (`search_trace.json`)."""
+HeldoutResult = Trial  # the chosen alpha, evaluated once on the held-out split and gated there
 
-    model_config = ConfigDict(frozen=True)
+
+class SearchRecord(Frozen):
+    """Everything about how alpha was chosen and confirmed (`search_trace.json`)."""
 
     config: AlphaSearchConfig
     calibration_gate: str
@@ -116,35 +105,28 @@ def _cell(value: float | None) -> str:
     return f"{value:.3f}"
 
 
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(cells) + " |" for cells in [header, *rows]]
+    return "\n".join([lines[0], "|" + "---|" * len(header), *lines[1:]])
+
+
 def before_after_table(baseline: dict[str, float], trials: list[Trial]) -> str:
     """Markdown: one row per metric, the fine-tuned model then each alpha."""
     names = sorted(set(baseline).union(*(t.metrics for t in trials)))
-    header = "| metric | fine-tuned | " + " | ".join(f"alpha={t.alpha:g}" for t in trials) + " |"
-    rule = "|---|---|" + "---|" * len(trials)
-    rows = [header, rule]
-    for name in names:
-        cells = [_cell(t.metrics.get(name)) for t in trials]
-        rows.append(f"| {name} | {_cell(baseline.get(name))} | " + " | ".join(cells) + " |")
-    verdicts = ["pass" if t.passed else "fail" for t in trials]
-    rows.append("| gate | - | " + " | ".join(verdicts) + " |")
-    return "\n".join(rows)
+    rows = [[n, _cell(baseline.get(n)), *(_cell(t.metrics.get(n)) for t in trials)] for n in names]
+    rows.append(["gate", "-", *("pass" if t.passed else "fail" for t in trials)])
+    return _markdown(["metric", "fine-tuned", *(f"alpha={t.alpha:g}" for t in trials)], rows)
 
 
 def trace_table(record: SearchRecord) -> str:
     """Markdown: one row per calibration probe (safety and utility metrics, outcome)."""
     names = list(dict.fromkeys([*record.config.safety_metrics, *record.utility_metrics]))
-    rows = [
-        "| # | alpha | " + " | ".join(names) + " | calibration gate |",
-        "|---|---|" + "---|" * len(names) + "---|",
-        "| - | fine-tuned | " + " | ".join(_cell(record.baseline.get(n)) for n in names) + " | - |",
-    ]
+    rows = [["-", "fine-tuned", *(_cell(record.baseline.get(n)) for n in names), "-"]]
     for p in record.probes:
-        cells = " | ".join(_cell(p.metrics.get(n)) for n in names)
+        cells = [_cell(p.metrics.get(n)) for n in names]
         mark = " (chosen)" if p.alpha == record.chosen and p.passed else ""
-        rows.append(
-            f"| {p.index + 1} | {p.alpha:g} | {cells} | {p.outcome.replace('_', ' ')}{mark} |"
-        )
-    return "\n".join(rows)
+        rows.append([str(p.index + 1), f"{p.alpha:g}", *cells, p.outcome.replace("_", " ") + mark])
+    return _markdown(["#", "alpha", *names, "calibration gate"], rows)
 
 
 def summary_table(record: SearchRecord) -> str:
@@ -157,14 +139,8 @@ def summary_table(record: SearchRecord) -> str:
         trace_table(record),
     ]
     if record.heldout is not None:
-        held = record.heldout
-        trial = Trial(held.alpha, held.metrics, held.passed, held.reasons)
-        parts += [
-            "",
-            "Held-out (decides):",
-            "",
-            before_after_table(record.heldout_baseline, [trial]),
-        ]
+        table = before_after_table(record.heldout_baseline, [record.heldout])
+        parts += ["", "Held-out (decides):", "", table]
     return "\n".join(parts)
 
 
@@ -221,9 +197,8 @@ def plot_search(record: SearchRecord, path: Path) -> Path:
         ax.plot([held.alpha], [safe_y], "*", markersize=14, label=f"held-out {safety}")
         util_y = _utility(held.metrics, record.utility_metrics)
         ax.plot([held.alpha], [util_y], "P", markersize=11, label="held-out utility")
-    ax.set_xlabel("alpha")
-    ax.set_ylabel("metric")
-    ax.set_title(f"alpha search ({record.config.mode}): {record.verdict} on held-out")
+    title = f"alpha search ({record.config.mode}): {record.verdict} on held-out"
+    ax.set(xlabel="alpha", ylabel="metric", title=title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,8 @@
-"""Watch sources: where candidate fine-tunes come from, each as repo@revision.
+"""Watch sources: where candidate fine-tunes come from, each as repo@revision (no Prefect here).
 
-- `LocalFolderSource`: every sub-folder of a watch folder is one model; its revision is
-  `lssf.sources.local_revision`, so an edited model is a new candidate.
-- `HubSource`: `HfApi.list_models` on the lineage filters `base_model:finetune:<id>` and
-  `base_model:adapter:<id>`, newest first, each listed model checked by `tasks.lineage`.
-  The client's own backoff (429/5xx/network, honouring Retry-After) is the one retry layer.
-
-No Prefect here; `tasks.watch_tasks` wraps these.
+A local folder's revision is `lssf.sources.local_revision`, so an edited model is a new
+candidate. On the Hub, the client's own backoff (429/5xx/network, honouring Retry-After) is
+the one retry layer.
 """
 
 from __future__ import annotations
@@ -17,9 +13,9 @@ from pathlib import Path
 import httpx2
 from huggingface_hub import HfApi, ModelInfo, constants
 from huggingface_hub.errors import HfHubHTTPError
-from pydantic import BaseModel, ConfigDict
 
 from lssf.errors import CheckpointError
+from lssf.models import Frozen
 from lssf.sources import ModelRef
 from tasks.config import WatchConfig
 
@@ -28,10 +24,8 @@ logger = logging.getLogger(__name__)
 OUTAGE_STATUS = (429, 500, 502, 503, 504)
 
 
-class Candidate(BaseModel):
+class Candidate(Frozen):
     """One fine-tuned model at one exact revision."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     repo: str  # Hub id, or the absolute path of a local folder
     revision: str  # Hub commit sha, or the content revision of a local folder
@@ -92,7 +86,9 @@ class LocalFolderSource:
 
 
 class HubSource:
-    """Fine-tunes and adapters of `base_model` on the Hub (or HF_ENDPOINT), newest first."""
+    """Fine-tunes and adapters of `base_model` on the Hub (or HF_ENDPOINT), newest first: the
+    lineage filters `base_model:finetune:<id>` and `base_model:adapter:<id>`, each listed model
+    checked by `tasks.lineage`."""
 
     def __init__(self, base_model: str, config: WatchConfig, endpoint: str | None = None) -> None:
         self.base_model = ModelRef.parse(base_model).repo

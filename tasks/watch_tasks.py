@@ -10,16 +10,13 @@ from tasks import registry
 from tasks._log import run_logger
 from tasks.config import WatchConfig
 from tasks.events import emit_discovered
-from tasks.record_tasks import REGISTRY_RETRIES
+from tasks.realign_tasks import REGISTRY_RETRIES
 from tasks.registry import RecordStore
 from tasks.sources import Candidate, list_candidates
 
 
 def use_hf_token(secret_block: str | None) -> None:
-    """Make the Hub token available to huggingface_hub without ever logging it.
-
-    From a Prefect Secret block when configured, else whatever HF_TOKEN already holds.
-    """
+    """The Hub token from a Prefect Secret block, when configured, as HF_TOKEN (never logged)."""
     if secret_block is None:
         return
     from prefect.blocks.system import Secret
