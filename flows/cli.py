@@ -1,41 +1,24 @@
-"""Pipeline subcommands for the `lssf` entry point (registered via `lssf.commands`).
+"""Pipeline subcommands of `lssf` (`demo`, `config`, `promote`), registered via `lssf.commands`.
 
-- `lssf demo [--workdir DIR]`: the whole pipeline on the model organism, offline.
-- `lssf config schema` / `lssf config validate FILE`: the config's JSON schema; check a file.
-- `lssf promote --config FILE --family NAME [--version N]`: alias `champion` onto a version.
-
-Each handler parses, validates, calls, and returns an exit code; bad input is one line on
-stderr and exit status 2, as in `lssf.cli`. Prefect and MLflow are imported inside handlers so
-`lssf --help` stays fast.
+Prefect and MLflow are imported inside the handlers, so that `lssf --help` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-DEFAULT_DEMO_DIR = Path(".state/demo")
-USAGE_ERROR = 2
+from lssf.cli import fail
+from lssf.errors import ConfigError
 
 
-def _usage_error(command: str, exc: Exception) -> int:
-    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-    print(f"lssf {command}: error: {message}", file=sys.stderr)
-    return USAGE_ERROR
-
-
-def _quiet_defaults() -> None:
-    """Settings for a Prefect run with no server: slow machines need a longer start-up."""
+def cmd_demo(args: argparse.Namespace) -> int:
+    # A Prefect run with no server: slow machines need a longer start-up of the temporary one.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    _quiet_defaults()
     from evaluation.organism import OrganismConfig
     from flows.demo import render, run_demo
 
@@ -52,43 +35,37 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _route_library_logs(log_file: Path) -> None:
-    """Send the INFO lines of Prefect, MLflow, lm-eval and transformers to `log_file`; the
-    terminal keeps warnings, errors and progress bars. Imports the libraries first, because
-    each installs its own console handlers when imported."""
+    """INFO lines of the libraries to `log_file`; the terminal keeps warnings, errors and progress
+    bars. The libraries are imported first: each installs its own console handlers then."""
     import logging
+    from logging import FileHandler, StreamHandler
 
     import lm_eval  # noqa: F401
     import mlflow  # noqa: F401
     import prefect  # noqa: F401
 
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    to_file = logging.FileHandler(log_file, encoding="utf-8")
+    to_file = FileHandler(log_file, encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger()] + [
-        lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)
-    ]
-    for lg in loggers:
+    root = logging.getLogger()
+    loggers = [lg for lg in root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    for lg in [root, *loggers]:
         for handler in lg.handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(
-                handler, logging.FileHandler
-            ):
+            if isinstance(handler, StreamHandler) and not isinstance(handler, FileHandler):
                 handler.setLevel(logging.WARNING)
-        if lg is logging.getLogger() or (lg.handlers and not lg.propagate):
+        if lg is root or (lg.handlers and not lg.propagate):
             lg.addHandler(to_file)
-    logging.getLogger().setLevel(logging.INFO)
+    root.setLevel(logging.INFO)
 
 
 def register_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo", help="organism -> watch -> realign -> gate -> MLflow registry, offline"
     )
-    p.add_argument(
-        "--workdir", type=Path, default=DEFAULT_DEMO_DIR, help=f"default: {DEFAULT_DEMO_DIR}"
-    )
-    # Default: the shipped LoRA organism of seed 3 (data/organisms/), the same bytes on every
-    # machine, where the held-out gate passes (docs/organism_results.md), so the demo walks
-    # the whole path to a registered version. `--seed 0 --finetune full` (trained on first use,
-    # ~17 CPU-minutes) shows the search finding no passing alpha and the gate rejecting.
+    p.add_argument("--workdir", type=Path, default=Path(".state/demo"), help="default: %(default)s")
+    # Default: seed 3's shipped LoRA organism (data/organisms/), which passes the held-out gate
+    # (docs/organism_results.md), so the demo reaches a registered version. `--seed 0 --finetune
+    # full` (trained on first use, ~17 CPU-minutes) shows no passing alpha and the gate rejecting.
     p.add_argument("--seed", type=int, default=3, help="organism seed (default 3, shipped)")
     p.add_argument(
         "--finetune",
@@ -113,13 +90,12 @@ def cmd_config_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_config_validate(args: argparse.Namespace) -> int:
-    from lssf.errors import ConfigError
     from tasks.config import load_config
 
     try:
         cfg = load_config(args.file)
     except ConfigError as exc:
-        return _usage_error("config validate", exc)
+        return fail("config validate", str(exc))
     names = ", ".join(sorted(cfg.families))
     print(f"{args.file}: valid; families: {names}; tracking URI: {cfg.resolved_tracking_uri()}")
     return 0
@@ -137,7 +113,6 @@ def register_config(subparsers: argparse._SubParsersAction) -> None:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    from lssf.errors import ConfigError
     from tasks import registry
     from tasks.config import load_config
 
@@ -146,7 +121,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         client = cfg.record_store().client()
         version = registry.promote(client, fam.registered_model, args.version, to_alias=args.alias)
     except (ConfigError, KeyError, ValueError, registry.MlflowException) as exc:
-        return _usage_error("promote", exc)
+        return fail("promote", exc.args[0] if isinstance(exc, KeyError) else str(exc))
     print(f"{fam.registered_model} version {version.version} is now '{args.alias}'")
     return 0
 

@@ -1,11 +1,8 @@
 """`lssf demo`: the whole pipeline on the model organism, offline, in one command.
 
-Builds (or reuses) the organism, drops its fine-tuned model into a local watch folder, runs the
-watcher with realign inline under Prefect (a temporary local server, nothing to set up), and
-records everything in a SQLite MLflow store under the work folder. The printed table is the
-alpha search on the calibration split, then the chosen alpha against the fine-tune on the
-held-out split, whose gate verdict decides. Running it again registers
-nothing new: the watcher finds the candidate's finished run and skips it.
+The organism's fine-tune goes into a local watch folder; the watcher runs realign inline under
+a temporary Prefect server and records into a SQLite MLflow store under the work folder. Run
+again, it registers nothing new: the watcher finds the candidate's finished run and skips it.
 """
 
 from __future__ import annotations
@@ -27,8 +24,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-ORGANISM_CONFIG = REPO_ROOT / "configs" / "organism.yaml"
+ORGANISM_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "organism.yaml"
 FAMILY = "organism"
 WATCHED_NAME = "organism-finetuned"
 
@@ -75,8 +71,7 @@ def run_demo(
     organism_config: OrganismConfig | None = None,
     eval_limit: int | None = None,
 ) -> DemoResult:
-    """Everything `lssf demo` does, minus the printing. The last two knobs make a quick test
-    version (a pico organism, a few samples per task)."""
+    """Everything `lssf demo` does but print; tests pass a pico organism and an `eval_limit`."""
     start = time.perf_counter()
     from evaluation.organism import build_organism
     from flows.watch import watch
@@ -117,13 +112,11 @@ def render(result: DemoResult) -> str:
         "",
         f"Gate verdict (held-out split): {(s['verdict'] or 'n/a').upper()}. {s['reason']}",
     ]
+    model, aliases = s["registered_model"], ", ".join(s["aliases"]) or "none"
     if s["version"]:
-        aliases = ", ".join(s["aliases"]) or "none"
-        lines.append(
-            f"Registered: {s['registered_model']} version {s['version']} (aliases: {aliases})"
-        )
+        lines.append(f"Registered: {model} version {s['version']} (aliases: {aliases})")
     else:
-        lines.append(f"Registered: nothing ({s['registered_model']} unchanged)")
+        lines.append(f"Registered: nothing ({model} unchanged)")
     if result.new_runs == 0:
         lines.append("Already processed: this run registered nothing new.")
     db = result.tracking_uri

@@ -1,13 +1,9 @@
 """`extract_distributed`: one safety patch, its SVDs fanned out over a Dask cluster.
 
-The targets are grouped by decoder layer; each group is one task on a DaskTaskRunner worker
-(one torch thread, its own GPU when there are GPUs) that writes its own factor shard; the
-shards are then checked and assembled into one patch folder (the sharded manifest, or with
-``consolidate`` the very folder a one-process ``lssf.extract`` writes). Only puts tasks in order.
-
-Run on a local cluster: ``run_distributed(aligned, reference, out, workers=2)``; on an existing
-cluster (dask-kubernetes, ``dask scheduler``): ``run_distributed(..., address="tcp://...")``.
-The workers must see the model folders and the output's parent folder at the same paths.
+One task per group of decoder layers writes its factor shard on a worker (one torch thread, its
+own GPU if any); the shards are assembled into one patch folder (with ``consolidate``, the very
+folder a one-process ``lssf.extract`` writes). Only puts tasks in order. An existing cluster
+(``address="tcp://..."``) must see the model folders and the output's parent at the same paths.
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """`realign(finetuned, family)`: patch, choose alpha, confirm, gate and register one fine-tune.
 
-Only puts tasks in order; every step is a task in `tasks/`. The fine-tune is evaluated on the
-calibration and the held-out split; the alpha search (`evaluation.alpha_search`) proposes
-alphas, each fused, evaluated on calibration and gated by the calibration gate (the family's
-gate with a safety margin); the chosen alpha is evaluated once on held-out and gated against
-the held-out baseline, and only that verdict decides registration. Safe to kill and start
-again: a finished record is returned as is, completed outputs are reused (the search replays
-them and proposes the same alphas), and registration is keyed by repo@revision so a restart
-never makes a second version.
+Only puts tasks in order. Each alpha the search proposes is fused, evaluated on calibration and
+gated by the calibration gate (the family's, with a safety margin); the chosen one is evaluated
+once on held-out, and only that gate's verdict decides registration. Safe to kill and restart:
+completed outputs are reused (the search replays them), a finished record is returned as is,
+and registration is keyed by repo@revision, so a restart never makes a second version.
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from evaluation.alpha_search import AlphaSearch, calibration_gate
-from evaluation.gates import GateConfig
+from evaluation.gates import GateConfig, GateReport
 from evaluation.report import EvalReport
 from tasks import realign_tasks as rt
 from tasks import record_tasks as rec
@@ -35,7 +32,6 @@ from tasks.sources import Candidate
 from tasks.watch_tasks import use_hf_token
 
 DEFAULT_CONFIG = "configs/organism.yaml"
-_SPLITS = ("calibration", "heldout")
 
 
 @flow(name="realign", flow_run_name="realign-{family}")
@@ -78,10 +74,8 @@ def _realign_body(job: RealignJob, run_id: str) -> dict[str, Any]:
         job.aligned, job.reference, fam.patch, job.patch_key, state, store
     )
     ft_dir = rt.materialize(job.cand.ref)
-    base = {s: _evaluate(job, ft_dir, job.baseline_path(s), s) for s in _SPLITS}
-    search = _search(job, ft_dir, patch, base["calibration"], cal_gate)
-    alpha = search.chosen()
-    heldout = _confirm(job, ft_dir, patch, alpha, base["heldout"])
+    base = {s: _evaluate(job, ft_dir, job.baseline_path(s), s) for s in ("calibration", "heldout")}
+    search, heldout = _search(job, ft_dir, patch, base, cal_gate)
     record = search_record(search, cal_gate, fam.utility_metrics, base, heldout)
     get_run_logger().info("held-out verdict for %s: %s", job.cand.key, record.reason)
     rec.record_realign(store, run_id, job, record, patch)
@@ -89,7 +83,7 @@ def _realign_body(job: RealignJob, run_id: str) -> dict[str, Any]:
     version = None
     if passed:
         about = version_description(record, job.run_name, run_id)
-        version = rec.register_model(store, run_id, job, alpha, patch.patch_id, about)
+        version = rec.register_model(store, run_id, job, heldout.alpha, patch.patch_id, about)
     model = fam.registered_model
     note = run_description(record, model, version)
     rec.close_record(store, run_id, "passed" if passed else "rejected", record.reason, note)
@@ -98,24 +92,16 @@ def _realign_body(job: RealignJob, run_id: str) -> dict[str, Any]:
 
 
 def _extract_distributed(job: RealignJob, state: str) -> None:
-    """The patch extracted over Dask (`flows.extract`) into the folder `get_or_build_patch`
-    reads: consolidated, so the same bytes and patch id as one process would write."""
+    """The patch extracted over Dask into the folder `get_or_build_patch` reads: consolidated,
+    so the same bytes and patch id as one process would write."""
     from flows.extract import run_distributed
 
     ext = job.fam.extraction
     aligned, reference = rt.materialize(job.aligned), rt.materialize(job.reference)
     out = Path(state) / "patches" / job.patch_key
     get_run_logger().info("patch %s: distributed extraction (%s)", job.patch_key, ext)
-    run_distributed(
-        aligned,
-        reference,
-        out,
-        job.fam.patch,
-        workers=ext.workers,
-        address=ext.address,
-        layers_per_task=ext.layers_per_task,
-        consolidate=True,
-    )
+    # The family's `extraction` fields (workers, address, layers_per_task) are the options.
+    run_distributed(aligned, reference, out, job.fam.patch, consolidate=True, **ext.model_dump())
 
 
 def _evaluate(job: RealignJob, model: str, out: str, split: str) -> EvalReport:
@@ -125,29 +111,22 @@ def _evaluate(job: RealignJob, model: str, out: str, split: str) -> EvalReport:
 
 
 def _search(
-    job: RealignJob, ft_dir: str, patch: PatchSummary, baseline: EvalReport, gate: GateConfig
-) -> AlphaSearch:
-    """Propose, fuse, evaluate on calibration, gate, observe: until the search is done."""
+    job: RealignJob, ft_dir: str, patch: PatchSummary, base: dict[str, EvalReport], gate: GateConfig
+) -> tuple[AlphaSearch, HeldoutResult | None]:
+    """The alpha search on calibration, then the chosen alpha gated once on held-out."""
+
+    def probe(alpha: float, split: str, rules: GateConfig) -> tuple[EvalReport, GateReport]:
+        fused = rt.fuse_candidate(ft_dir, patch.path, alpha, job.fused_dir(alpha))
+        report = _evaluate(job, fused, job.eval_path(split, alpha), split)
+        return report, rt.gate_candidate(report, base[split], rules, job.gate_path(split, alpha))
+
     search = AlphaSearch(job.fam.search_config(), job.fam.utility_metrics)
     while (alpha := search.propose()) is not None:
-        fused = rt.fuse_candidate(ft_dir, patch.path, alpha, job.fused_dir(alpha))
-        report = _evaluate(job, fused, job.eval_path("calibration", alpha), "calibration")
-        verdict = rt.gate_candidate(report, baseline, gate, job.gate_path("calibration", alpha))
-        probe = search.observe_gate(alpha, report.metrics, verdict)
+        report, verdict = probe(alpha, "calibration", gate)
+        step = search.observe_gate(alpha, report.metrics, verdict)
         get_run_logger().info(
-            "calibration probe %d: alpha=%g %s", probe.index + 1, alpha, probe.outcome
+            "calibration probe %d: alpha=%g %s", step.index + 1, alpha, step.outcome
         )
-    return search
-
-
-def _confirm(
-    job: RealignJob, ft_dir: str, patch: PatchSummary, alpha: float | None, baseline: EvalReport
-) -> HeldoutResult | None:
-    """The chosen alpha, evaluated once on held-out and gated against the held-out baseline."""
-    if alpha is None:
-        return None
-    fused = rt.fuse_candidate(ft_dir, patch.path, alpha, job.fused_dir(alpha))
-    report = _evaluate(job, fused, job.eval_path("heldout", alpha), "heldout")
-    out = job.gate_path("heldout", alpha)
-    gate = rt.gate_candidate(report, baseline, job.fam.gate_config(), out)
-    return HeldoutResult.of(alpha, report, gate)
+    if (alpha := search.chosen()) is None:
+        return search, None
+    return search, HeldoutResult.of(alpha, *probe(alpha, "heldout", job.fam.gate_config()))

@@ -31,8 +31,7 @@ def watch(
     results: list[dict[str, Any]] = []
     for cand in fresh:
         if dispatch == "event":
-            event_id = announce(cand, family, config)
-            results.append({"source_key": cand.key, "event_id": event_id})
+            results.append({"source_key": cand.key, "event_id": announce(cand, family, config)})
         else:
             state = realign(cand.spec, family, config, revision=cand.revision, return_state=True)
             if state.is_completed():

@@ -1,22 +1,11 @@
 """Hugging Face Hub webhooks -> `lssf.finetune.discovered`: the receiver behind `lssf webhook`.
 
-Prefect's open-source server has no webhook endpoint, so this small FastAPI app takes the Hub's
-deliveries (https://huggingface.co/docs/hub/webhooks) and emits the same event as the polling
-watcher; the realign deployment's trigger does the rest. The watcher stays as the safety net.
-
-One delivery, in order:
-1. `X-Webhook-Secret` equals the shared secret (constant time), else 401;
-2. the body is at most `max_body` bytes (read in chunks, stopped past the bound), else 413;
-   JSON in the Hub's shape, else 400;
-3. a commit on `refs/heads/main` of a model repo (`event.scope` `repo.content`), else 200
-   `{"ignored": reason}`: the Hub retries only failed deliveries;
-4. `model_info(repo, sha)` and `tasks.lineage.lineage_of` against every family that watches
-   the Hub: the watcher's rule. An unknown repo or revision is ignored; a Hub failure is 503,
-   so the Hub retries;
-5. per matching family, once per repo@sha: claim it in the seen store, send the event (its id
-   is a uuid5 of repo@sha and family), record it; 202 with what was emitted.
-
-Logs name the repo, revision and decision; never the secret or the body.
+Prefect's open-source server has no webhook endpoint, so this FastAPI app takes the Hub's
+deliveries (https://huggingface.co/docs/hub/webhooks) and emits the polling watcher's event
+(the watcher stays as the safety net). Anything but a commit on main of a watched family's
+fine-tune or adapter is answered 200 `{"ignored": reason}`, as the Hub retries only failed
+deliveries; a failed Hub lookup or event is 503, so that it retries. Logs name the repo,
+revision and decision; never the secret or the body.
 """
 
 from __future__ import annotations
@@ -51,9 +40,6 @@ CONTENT_SCOPE = "repo.content"
 _SHA = re.compile(r"[0-9a-f]{40}")
 _REPO = re.compile(r"(?:[\w.-]+/)?[\w.-]+")
 
-ModelInfoFn = Callable[[str, str], ModelInfo]  # (repo, revision) -> ModelInfo
-Emitter = Callable[[Candidate, str, str], Awaitable[str]]  # (candidate, family, config) -> id
-
 
 class BadPayload(ValueError):
     """The body is JSON but not a Hub webhook payload."""
@@ -61,14 +47,6 @@ class BadPayload(ValueError):
 
 class BodyTooLarge(ValueError):
     """The body is longer than the receiver's bound."""
-
-
-@dataclass(frozen=True)
-class Push:
-    """A new commit on the main branch of a Hub model repo."""
-
-    repo: str
-    sha: str
 
 
 @dataclass(frozen=True)
@@ -89,8 +67,8 @@ def watched_families(config: PipelineConfig) -> list[Watched]:
     ]
 
 
-def parse_push(payload: Any) -> Push | str:
-    """The commit a delivery announces, or why it is ignored; BadPayload if not the Hub's shape.
+def parse_push(payload: Any) -> tuple[str, str] | str:
+    """The (repo, sha) a delivery announces, or why it is ignored; BadPayload if not the Hub's.
 
     The Hub's documented shape: `event` {action, scope}, `repo` {type, name, headSha, ...} and,
     on code changes, `updatedRefs` [{ref, oldSha, newSha}] (newSha null: the ref was deleted).
@@ -122,7 +100,7 @@ def parse_push(payload: Any) -> Push | str:
         return f"{MAIN_REF} was deleted"
     if not isinstance(sha, str) or not _SHA.fullmatch(sha):
         raise BadPayload(f"updatedRefs[{MAIN_REF}].newSha {sha!r} is not a commit sha")
-    return Push(repo=name, sha=sha)
+    return name, sha
 
 
 class SeenStore:
@@ -137,55 +115,42 @@ class SeenStore:
         self.path = Path(path)
         self.stale_seconds = stale_seconds
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS announced (key TEXT NOT NULL, family TEXT NOT NULL, "
-                "state TEXT NOT NULL, event_id TEXT, at REAL NOT NULL, PRIMARY KEY (key, family))"
-            )
+        self._execute(
+            "CREATE TABLE IF NOT EXISTS announced (key TEXT NOT NULL, family TEXT NOT NULL, "
+            "state TEXT NOT NULL, event_id TEXT, at REAL NOT NULL, PRIMARY KEY (key, family))"
+        )
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        with sqlite3.connect(self.path, timeout=30.0, isolation_level=None) as db:
+            return db.execute(sql, params)
 
     def claim(self, key: str, family: str) -> bool:
         now = time.time()
-        with self._connect() as db:
-            cur = db.execute(
-                "INSERT INTO announced (key, family, state, at) VALUES (?, ?, 'pending', ?) "
-                "ON CONFLICT (key, family) DO UPDATE SET at = excluded.at "
-                "WHERE state = 'pending' AND at < ?",
-                (key, family, now, now - self.stale_seconds),
-            )
-            return cur.rowcount == 1
+        cur = self._execute(
+            "INSERT INTO announced (key, family, state, at) VALUES (?, ?, 'pending', ?) "
+            "ON CONFLICT (key, family) DO UPDATE SET at = excluded.at "
+            "WHERE state = 'pending' AND at < ?",
+            (key, family, now, now - self.stale_seconds),
+        )
+        return cur.rowcount == 1
 
     def confirm(self, key: str, family: str, event_id: str) -> None:
-        with self._connect() as db:
-            db.execute(
-                "UPDATE announced SET state = 'sent', event_id = ?, at = ? "
-                "WHERE key = ? AND family = ?",
-                (event_id, time.time(), key, family),
-            )
+        self._execute(
+            "UPDATE announced SET state = 'sent', event_id = ?, at = ? "
+            "WHERE key = ? AND family = ?",
+            (event_id, time.time(), key, family),
+        )
 
     def release(self, key: str, family: str) -> None:
-        with self._connect() as db:
-            db.execute(
-                "DELETE FROM announced WHERE key = ? AND family = ? AND state = 'pending'",
-                (key, family),
-            )
+        self._execute(
+            "DELETE FROM announced WHERE key = ? AND family = ? AND state = 'pending'",
+            (key, family),
+        )
 
     def sent(self) -> list[tuple[str, str, str]]:
         """(key, family, event_id) of every announced delivery, oldest first."""
-        with self._connect() as db:
-            rows = db.execute(
-                "SELECT key, family, event_id FROM announced WHERE state = 'sent' ORDER BY at"
-            )
-            return [tuple(r) for r in rows]
-
-
-def secret_matches(given: str | None, secret: str) -> bool:
-    """Constant-time comparison of the header (latin-1, as HTTP carries it) with the secret."""
-    if given is None:
-        return False
-    return hmac.compare_digest(given.encode("latin-1"), secret.encode("utf-8"))
+        sql = "SELECT key, family, event_id FROM announced WHERE state = 'sent' ORDER BY at"
+        return [tuple(r) for r in self._execute(sql)]
 
 
 async def read_bounded(request: Request, limit: int) -> bytes:
@@ -193,13 +158,12 @@ async def read_bounded(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"body of {declared} bytes exceeds {limit}")
-    chunks, size = [], 0
+    body = bytearray()
     async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
+        body += chunk
+        if len(body) > limit:
             raise BodyTooLarge(f"body exceeds {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return bytes(body)
 
 
 def _reply(status: int, **body: Any) -> JSONResponse:
@@ -214,18 +178,20 @@ class Receiver:
     config_ref: str  # the pipeline YAML as the realign workers should read it
     secret: str
     seen: SeenStore
-    model_info: ModelInfoFn
-    emit: Emitter
+    model_info: Callable[[str, str], ModelInfo]  # (repo, revision) -> ModelInfo
+    emit: Callable[[Candidate, str, str], Awaitable[str]]  # (candidate, family, config) -> id
     max_body: int = MAX_BODY_BYTES
 
     def __post_init__(self) -> None:
         self.watched = watched_families(self.config)
 
     async def deliver(self, request: Request) -> JSONResponse:
-        if request.headers.get(SECRET_HEADER) is None:
+        given = request.headers.get(SECRET_HEADER)
+        if given is None:
             logger.warning("delivery refused: no %s header", SECRET_HEADER)
             return _reply(401, error=f"missing {SECRET_HEADER} header")
-        if not secret_matches(request.headers.get(SECRET_HEADER), self.secret):
+        # In constant time; the header's bytes as HTTP carries them (latin-1).
+        if not hmac.compare_digest(given.encode("latin-1"), self.secret.encode("utf-8")):
             logger.warning("delivery refused: wrong %s", SECRET_HEADER)
             return _reply(401, error=f"wrong {SECRET_HEADER}")
         try:
@@ -244,18 +210,18 @@ class Receiver:
         if isinstance(push, str):
             logger.info("delivery ignored: %s", push)
             return _reply(200, ignored=push)
-        return await self.announce(push)
+        return await self.announce(*push)
 
-    async def announce(self, push: Push) -> JSONResponse:
+    async def announce(self, name: str, sha: str) -> JSONResponse:
         try:
-            info = await run_in_threadpool(self.model_info, push.repo, push.sha)
+            info = await run_in_threadpool(self.model_info, name, sha)
         except (RepositoryNotFoundError, RevisionNotFoundError):
-            logger.info("delivery ignored: %s@%s not found on the Hub", push.repo, push.sha)
-            return _reply(200, ignored=f"{push.repo}@{push.sha} not found on the Hub")
+            logger.info("delivery ignored: %s@%s not found on the Hub", name, sha)
+            return _reply(200, ignored=f"{name}@{sha} not found on the Hub")
         except Exception as exc:  # the Hub or the network: let the Hub retry the delivery
-            logger.warning("model_info(%s@%s) failed: %s", push.repo, push.sha, type(exc).__name__)
+            logger.warning("model_info(%s@%s) failed: %s", name, sha, type(exc).__name__)
             return _reply(503, error="Hub lookup failed; retry later")
-        repo = info.id or push.repo  # the Hub's spelling, as the watcher's listing has it
+        repo = info.id or name  # the Hub's spelling, as the watcher's listing has it
         matches = [
             (w, lin) for w in self.watched if (lin := lineage_of(info, w.base_model, w.lineages))
         ]
@@ -264,7 +230,7 @@ class Receiver:
             return _reply(200, ignored=f"{repo} is not a fine-tune or adapter of a watched family")
         emitted, repeated = [], []
         for watched, lineage in matches:
-            cand = Candidate(repo=repo, revision=push.sha, lineage=lineage)
+            cand = Candidate(repo=repo, revision=sha, lineage=lineage)
             if not self.seen.claim(cand.key, watched.family):
                 repeated.append(watched.family)
                 continue
@@ -278,8 +244,8 @@ class Receiver:
             logger.info("announced %s (%s) to family %s", cand.key, lineage, watched.family)
             emitted.append({"family": watched.family, "lineage": lineage, "event_id": event_id})
         if not emitted:
-            logger.info("delivery ignored: %s@%s already announced", repo, push.sha)
-            return _reply(200, ignored=f"{repo}@{push.sha} already announced", families=repeated)
+            logger.info("delivery ignored: %s@%s already announced", repo, sha)
+            return _reply(200, ignored=f"{repo}@{sha} already announced", families=repeated)
         return _reply(202, emitted=emitted, already_announced=repeated)
 
 
@@ -288,10 +254,7 @@ def create_app(receiver: Receiver, path: str = "/webhook") -> FastAPI:
     app = FastAPI(
         title="lssf Hub webhook receiver", docs_url=None, redoc_url=None, openapi_url=None
     )
-
-    @app.post(path)
-    async def webhook(request: Request) -> JSONResponse:
-        return await receiver.deliver(request)
+    app.post(path)(receiver.deliver)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

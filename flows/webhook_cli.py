@@ -1,7 +1,6 @@
-"""`lssf webhook serve`: run the Hub webhook receiver (flows.webhook) under uvicorn.
+"""`lssf webhook serve`: the Hub webhook receiver (flows.webhook) under uvicorn.
 
-Registered through the `lssf.commands` entry point `webhook`. FastAPI, uvicorn and Prefect
-are imported inside the handler, so `lssf --help` stays fast.
+FastAPI, uvicorn and Prefect are imported inside the handler, so that `lssf --help` stays fast.
 """
 
 from __future__ import annotations
@@ -10,9 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
-DEFAULT_SECRET_ENV = "LSSF_WEBHOOK_SECRET"
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8765
+from lssf.errors import ConfigError
+
 HELP = "receive Hugging Face Hub webhooks and emit lssf.finetune.discovered"
 
 
@@ -23,18 +21,12 @@ def hub_model_info(repo: str, revision: str):
     return HfApi().model_info(repo, revision=revision, timeout=10.0)
 
 
-def _secret_block(name: str) -> str:
-    from prefect.blocks.system import Secret
-
-    return str(Secret.load(name).get())
-
-
 def resolve_secret(env_var: str, block: str | None) -> str:
     """The shared secret: from a Prefect Secret block when named, else from `env_var`."""
-    from lssf.errors import ConfigError
-
     if block is not None:
-        secret, origin = _secret_block(block), f"Prefect Secret block {block!r}"
+        from prefect.blocks.system import Secret
+
+        secret, origin = str(Secret.load(block).get()), f"Prefect Secret block {block!r}"
     else:
         secret, origin = os.environ.get(env_var, ""), f"environment variable {env_var}"
     if not secret:
@@ -44,33 +36,25 @@ def resolve_secret(env_var: str, block: str | None) -> str:
     return secret
 
 
-def _require_prefect_api() -> None:
-    from prefect.settings import PREFECT_API_URL
-
-    from lssf.errors import ConfigError
-
-    if not PREFECT_API_URL.value():
-        raise ConfigError(
-            "PREFECT_API_URL is not set: point it at the Prefect server whose realign "
-            "deployment should react to the events"
-        )
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from prefect.settings import PREFECT_API_URL
 
     from flows.webhook import Receiver, SeenStore, create_app, watched_families
-    from lssf.errors import ConfigError
     from tasks.config import load_config
     from tasks.events import send_discovered
+    from tasks.watch_tasks import use_hf_token
 
     cfg = load_config(args.config)
     watched = watched_families(cfg)
     if not watched:
         raise ConfigError(f"{args.config}: no family has watch.kind 'hub'; nothing to receive")
-    _require_prefect_api()
-    if cfg.hf_token_secret:
-        os.environ["HF_TOKEN"] = _secret_block(cfg.hf_token_secret)
+    if not PREFECT_API_URL.value():
+        raise ConfigError(
+            "PREFECT_API_URL is not set: point it at the Prefect server whose realign "
+            "deployment should react to the events"
+        )
+    use_hf_token(cfg.hf_token_secret)
     state = (args.state_dir or cfg.resolved_state_dir() / "webhook").expanduser().resolve()
     receiver = Receiver(
         config=cfg,
@@ -98,13 +82,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "lssf.finetune.discovered to PREFECT_API_URL once per repo@sha and family.",
     )
     s.add_argument("--config", type=Path, required=True, help="pipeline config YAML")
-    s.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
+    s.add_argument("--port", type=int, default=8765, help="default %(default)s")
     s.add_argument("--path", default="/webhook", help="URL path of the endpoint (default /webhook)")
     s.add_argument(
         "--secret-env",
-        default=DEFAULT_SECRET_ENV,
-        help=f"environment variable holding the shared secret (default {DEFAULT_SECRET_ENV})",
+        default="LSSF_WEBHOOK_SECRET",
+        help="environment variable holding the shared secret (default %(default)s)",
     )
     s.add_argument("--secret-block", help="Prefect Secret block holding it instead")
     s.add_argument(

@@ -1,9 +1,6 @@
 """The ``lssf`` command line: parse, validate, call the typed API, report.
 
-Core subcommands live here. Packages outside the pure core (evaluation, flows) add theirs via
-the ``lssf.commands`` entry-point group: each entry is ``register(subparsers) -> None``. Only the
-group actually asked for is imported (``lssf/commands.py``); the others stay placeholders that
-``--help`` lists, so start-up never pays for Prefect, MLflow or lm-eval it does not use.
+Core subcommands live here; other packages add theirs through ``lssf.commands`` (see there).
 """
 
 from __future__ import annotations
@@ -13,16 +10,12 @@ import logging
 import sys
 from importlib.metadata import EntryPoint
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from lssf._version import __version__
 from lssf.commands import chosen_command, command_groups, group_help
 from lssf.config import PatchConfig, load_model, load_yaml_model
 from lssf.devices import DEVICE_CHOICES
 from lssf.errors import LssfError
-
-if TYPE_CHECKING:
-    from rich.console import Console
 
 log = logging.getLogger("lssf")
 # PatchConfig fields that `lssf extract` also takes as flags (--max-rank for max_rank, ...),
@@ -37,16 +30,14 @@ CONFIG_FLAGS: dict[str, type] = {
 def _patch_config(args: argparse.Namespace) -> PatchConfig:
     """YAML file first, then any flag given on the command line on top."""
     base = load_yaml_model(args.config, PatchConfig) if args.config else PatchConfig()
-    flags = {f: getattr(args, f) for f in CONFIG_FLAGS}
-    data = base.model_dump() | {k: v for k, v in flags.items() if v is not None}
-    return load_model(PatchConfig, data, "command line")
+    flags = {f: v for f in CONFIG_FLAGS if (v := getattr(args, f)) is not None}
+    return load_model(PatchConfig, base.model_dump() | flags, "command line")
 
 
 def fail(command: str, message: str, code: int = 2) -> int:
-    """THE error convention of every ``lssf`` command: one line on stderr, exit 2.
+    """THE error convention of every ``lssf`` command: ``lssf COMMAND: error: MESSAGE`` on stderr.
 
-    ``lssf COMMAND: error: MESSAGE`` as argparse prints usage errors; exit 2 for bad input or
-    usage (argparse's code too), 1 only for an internal error (a bug). Returns ``code``.
+    Returns ``code``: 2 for bad input or usage (argparse's code too), 1 only for a bug.
     """
     print(f"lssf {command}: error: {message}", file=sys.stderr)
     return code
@@ -54,6 +45,8 @@ def fail(command: str, message: str, code: int = 2) -> int:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     """``lssf extract``: compute a patch and print its summary."""
+    from rich.console import Console
+
     from lssf.extract import extract
     from lssf.report import render_table, summary
 
@@ -71,7 +64,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         f"{s['rank_min']}-{s['rank_max']} (mean {s['rank_mean']:.1f})"
     )
     if args.table:
-        _console().print(render_table(patch.manifest))
+        Console().print(render_table(patch.manifest))
     return 0
 
 
@@ -116,39 +109,35 @@ def cmd_patch_export_adapter(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``lssf inspect``: a patch's per-layer table, JSON manifest or plot."""
+    from rich.console import Console
+
     from lssf.patch import SafetyPatch
     from lssf.report import plot_ranks, render_table, summary
 
-    patch = SafetyPatch.load(args.patch_dir)
+    m = SafetyPatch.load(args.patch_dir).manifest
     if args.json:
-        print(patch.manifest.model_dump_json(indent=2))
+        print(m.model_dump_json(indent=2))
         return 0
-    console = _console()
-    console.print(render_table(patch.manifest))
-    s = summary(patch.manifest)
-    m = patch.manifest
+    console, s = Console(), summary(m)
+    console.print(render_table(m))
     console.print(
         f"aligned {m.aligned.name}@{m.aligned.revision} | reference "
         f"{m.reference.name}@{m.reference.revision} | rank mean {s['rank_mean']:.1f}, "
         f"factors hold {100 * s['factor_params_fraction']:.2f}% of the targeted parameters"
     )
     if args.plot:
-        print(f"plot written to {plot_ranks(patch.manifest, args.plot)}")
+        print(f"plot written to {plot_ranks(m, args.plot)}")
     return 0
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """``lssf quickstart``: the whole path on tiny checkpoints."""
-    from lssf.quickstart import run_quickstart
-
-    run_quickstart(Path(args.workdir), console=_console())
-    return 0
-
-
-def _console() -> Console:
     from rich.console import Console
 
-    return Console()
+    from lssf.quickstart import run_quickstart
+
+    run_quickstart(args.workdir, console=Console())
+    return 0
 
 
 def _add_core(sub: argparse._SubParsersAction) -> None:
@@ -226,8 +215,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser(load: str | None = None) -> argparse.ArgumentParser:
     """The whole parser; of the entry-point groups only ``load`` is imported and registered.
 
-    Every other group gets a placeholder subparser (its name and one-line help, any arguments
-    accepted), so ``lssf --help`` lists it and choosing it is still recognised.
+    Every other group gets a placeholder that ``--help`` lists and that accepts any arguments.
     """
     parser = argparse.ArgumentParser(
         prog="lssf",
@@ -264,11 +252,8 @@ def _register_group(sub: argparse._SubParsersAction, ep: EntryPoint) -> str | No
 def _add_placeholder(sub: argparse._SubParsersAction, name: str, error: str) -> None:
     """A stand-in for a group that is not loaded: listed by ``--help``, reports ``error``."""
     p = sub.add_parser(name, help=group_help(name), add_help=False)
-    p.set_defaults(func=lambda args: _unavailable(name, error), placeholder=True)
-
-
-def _unavailable(name: str, error: str) -> int:
-    return fail(name, f"command is unavailable ({error})")
+    message = f"command is unavailable ({error})"
+    p.set_defaults(func=lambda args: fail(name, message), placeholder=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,13 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (LssfError, OSError) as exc:  # bad input or an unusable path: one line, exit 2
+    except Exception as exc:
         if args.debug:
             raise
-        return fail(args.command, str(exc))
-    except Exception as exc:  # a bug in lssf: still one line; --debug shows where
-        if args.debug:
-            raise
+        if isinstance(exc, (LssfError, OSError)):  # bad input or an unusable path: exit 2
+            return fail(args.command, str(exc))
+        # A bug in lssf: still one line; --debug shows where.
         return fail(
             args.command,
             f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the "

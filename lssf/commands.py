@@ -1,9 +1,7 @@
-"""Command groups added through the ``lssf.commands`` entry-point group, found without importing.
+"""Command groups of the ``lssf.commands`` entry-point group, listed without importing them.
 
-``lssf --help`` lists every group, but loading one (``evaluation``, ``flows``) can pull in
-transformers, Prefect or MLflow: seconds that every command would pay. So groups are found by
-entry-point *name* only, their one-line help comes from ``GROUP_HELP`` below, and a group's
-``register(subparsers)`` runs only when that command is the one asked for.
+Loading a group can pull in transformers, Prefect or MLflow (seconds every command would pay),
+so ``--help`` reads its one-line help from ``GROUP_HELP`` and only the chosen group is loaded.
 """
 
 from __future__ import annotations
@@ -11,7 +9,6 @@ from __future__ import annotations
 from importlib.metadata import EntryPoint, entry_points
 
 GROUP = "lssf.commands"
-PLUGIN_HELP = "(plugin)"
 
 # One line per known group, the same text as its register() gives (tests/test_cli.py checks it).
 GROUP_HELP: dict[str, str] = {
@@ -34,13 +31,9 @@ def command_groups() -> dict[str, EntryPoint]:
 
 def group_help(name: str) -> str:
     """The one-line help of a group, ``(plugin)`` for one this table does not know."""
-    return GROUP_HELP.get(name, PLUGIN_HELP)
+    return GROUP_HELP.get(name, "(plugin)")
 
 
 def chosen_command(argv: list[str]) -> str | None:
-    """The subcommand named in ``argv``: its first word that is not an option.
-
-    Correct because the top-level options (``-h``, ``--version``, ``-v``, ``--debug``) take no
-    value, so the first non-option word is always the command.
-    """
+    """The subcommand in ``argv``: its first non-option word (no top-level option takes a value)."""
     return next((a for a in argv if not a.startswith("-")), None)

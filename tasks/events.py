@@ -1,13 +1,8 @@
-"""The `lssf.finetune.discovered` event: one builder and one emitter for every discovery path.
+"""The `lssf.finetune.discovered` event, the same from the watcher and the webhook receiver.
 
-The polling watcher (`tasks.watch_tasks.announce`) and the Hub webhook receiver
-(`flows.webhook`) announce a new fine-tune the same way, so the realign deployment's trigger in
-prefect.yaml (`match: prefect.resource.id: lssf.finetune.*`, parameters from
-`event.payload.<key>`) starts a run whichever path found it.
-
-The event id is a uuid5 of repo@revision and family: a replayed webhook delivery, or the
-watcher and the webhook finding the same commit, produce the *same* event, which a Prefect
-server stores once.
+The realign deployment's trigger (prefect.yaml) starts a run from it whichever path found the
+fine-tune. Its id is a uuid5 of repo@revision and family: a replayed delivery, or both paths
+finding one commit, give the *same* event, which a Prefect server stores once.
 """
 
 from __future__ import annotations
@@ -30,13 +25,7 @@ def event_id(key: str, family: str) -> uuid.UUID:
 
 
 def discovered_event(candidate: Candidate, family: str, config: str) -> dict[str, Any]:
-    """The keyword arguments of `prefect.events.emit_event` announcing `candidate`.
-
-    Resource id `lssf.finetune.<repo>@<revision>` (the MLflow record's identity), payload
-    `finetuned` (what `realign` resolves: org/name@sha, or a local folder), `revision`,
-    `family` and `config` (the pipeline YAML the realign run reads): exactly the keys the
-    realign trigger's templates read.
-    """
+    """`emit_event`'s keyword arguments; the payload holds the keys the realign trigger reads."""
     return {
         "event": DISCOVERED_EVENT,
         "resource": {
@@ -54,30 +43,23 @@ def discovered_event(candidate: Candidate, family: str, config: str) -> dict[str
 
 
 def emit_discovered(candidate: Candidate, family: str, config: str) -> str | None:
-    """Emit the event through Prefect's events client; its id, or None when events are off.
-
-    Goes wherever `PREFECT_API_URL` points (a server's events endpoint), like any
-    `emit_event`. The id is the same on every call for the same candidate and family.
-    """
+    """Emit the event through Prefect's events client; its id, or None when events are off."""
     from prefect.events import emit_event
 
     event = emit_event(**discovered_event(candidate, family, config))
     return str(event.id) if event is not None else None
 
 
-async def send_discovered(
-    candidate: Candidate, family: str, config: str, reconnection_attempts: int = 2
-) -> str:
+async def send_discovered(candidate: Candidate, family: str, config: str) -> str:
     """Send the event to the server at `PREFECT_API_URL` and return its id; raise if it fails.
 
-    For the webhook receiver, which answers the Hub and records the delivery as done only
-    once the event has left: `emit_event` queues to a background worker that turns a failed
-    send into a log line, so a Hub retry would then find the delivery already recorded.
+    For the webhook receiver, which records a delivery as done only once its event has left:
+    `emit_event` would queue it to a worker that turns a failed send into a log line.
     """
     from prefect.events import Event
     from prefect.events.clients import get_events_client
 
     event = Event(**discovered_event(candidate, family, config))
-    async with get_events_client(reconnection_attempts=reconnection_attempts) as client:
+    async with get_events_client(reconnection_attempts=2) as client:
         await client.emit(event)
     return str(event.id)

@@ -1,8 +1,7 @@
 """Prefect tasks of a distributed extraction, each wrapping one ``lssf.extract`` call.
 
-Only paths, tensor names and records travel between tasks, never tensors: each task reads its
-targets from the checkpoints itself and writes its own factor shard, so a worker needs the
-model folders (a shared volume on a cluster) and nothing from the flow's process.
+Only paths, tensor names and records travel between tasks, never tensors: a worker reads the
+model folders (a shared volume on a cluster) itself and writes its own factor shard.
 """
 
 from __future__ import annotations
@@ -17,13 +16,7 @@ from lssf import PatchConfig
 from lssf.errors import CheckpointError
 from lssf.extract import list_targets
 from lssf.outputs import check_output
-from lssf.shards import (
-    ShardRecord,
-    assemble_patch,
-    extract_shard,
-    group_by_layer,
-    read_shard_record,
-)
+from lssf.shards import assemble_patch, extract_shard, group_by_layer, read_shard_record
 from lssf.st_io import file_sha256
 from tasks._log import run_logger
 
@@ -41,19 +34,17 @@ def worker_rank() -> int | None:
 
 def worker_device(rank: int | None, n_gpus: int) -> str:
     """One GPU per worker: rank ``i`` gets ``cuda:i`` (modulo the GPUs seen); CPU without."""
-    if n_gpus <= 0:
-        return "cpu"
-    return f"cuda:{(rank or 0) % n_gpus}"
+    return f"cuda:{(rank or 0) % n_gpus}" if n_gpus > 0 else "cpu"
 
 
-def _reusable(shard: Path, config: PatchConfig, names: list[str]) -> ShardRecord | None:
-    """A shard a previous attempt finished for the same targets and config, still intact."""
+def _reusable(shard: Path, config: PatchConfig, names: list[str]) -> bool:
+    """Whether a previous attempt finished ``shard`` for the same targets and config, intact."""
     try:
         record = read_shard_record(shard)
     except CheckpointError:
-        return None
+        return False
     same = record.config == config and list(record.tensors) == names
-    return record if same and file_sha256(shard) == record.sha256 else None
+    return same and file_sha256(shard) == record.sha256
 
 
 @task(name="plan-shards", cache_policy=NO_CACHE)
@@ -84,12 +75,10 @@ def extract_group(
 ) -> str:
     """Factors of one group of targets into ``shard``, on this worker's own device.
 
-    One torch thread by default: each matrix is decomposed by the same single-threaded code as
-    a one-process ``extract`` run with one thread, so the factors are the same bits.
+    One torch thread by default: the same bits as a one-process ``extract`` on one thread.
     """
     log = run_logger()
-    done = _reusable(Path(shard), config, names)
-    if done is not None:
+    if _reusable(Path(shard), config, names):
         log.info("%s: complete from an earlier attempt", Path(shard).name)
         return shard
     torch.set_num_threads(threads)
