@@ -30,32 +30,19 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 NOT_MODEL_WEIGHTS = ("adapter_model.safetensors",)
 
 
-def containment_root(folder: Path) -> Path:
-    """The folder that every file of ``folder`` must resolve inside.
-
-    A model folder's own; but a Hub cache snapshot (``models--org--name/snapshots/SHA``) holds
-    symlinks into its repo's ``blobs``, so there it is the repo's cache folder.
-    """
-    folder = Path(os.path.realpath(folder))
-    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
-        return folder.parent.parent
-    return folder
-
-
 def folder_file(folder: Path, name: str) -> Path | None:
-    """``folder/name`` when it exists, as a regular file resolving inside the folder; else None.
-
-    ``name`` comes from the folder itself or from a fixed list; anything that leaves the folder
-    (absolute path, ``..``, a symlink pointing outside) is refused, never followed.
-    """
+    """``folder/name`` if it exists, else None; a name or symlink leaving the folder is refused."""
     folder = Path(folder)
     if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\0" in name:
         raise CheckpointError(f"{folder}: file name {short(name)} leaves the folder; refused")
     path = folder / name
     if not os.path.lexists(path):
         return None
-    real = Path(os.path.realpath(path))
-    if containment_root(folder) not in real.parents:
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    # A Hub cache snapshot (models--org--name/snapshots/SHA) holds symlinks into the repo's blobs.
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        root = root.parent.parent
+    if root not in real.parents:
         raise CheckpointError(
             f"{path} is a symlink that leads outside the model folder; refused (copy the file "
             "into the folder if it is meant to be there)"
@@ -118,41 +105,19 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"no *.safetensors weights in {folder}")
 
 
-def check_index(folder: Path, where: dict[str, Path]) -> None:
-    """Every tensor an index lists must be in the shard it names (else loaders fail on it)."""
-    index = folder_file(folder, INDEX_NAME)
-    if index is None:
-        return
-    for tensor, shard in read_index(index).items():
-        if tensor not in where or where[tensor].name != shard:
-            raise CheckpointError(
-                f"{index} maps tensor {short(tensor)} to {shard}, which does not hold it"
-            )
-
-
 class TensorSource(Protocol):
-    """A model's tensors, read lazily: a ``Checkpoint``, or a LoRA fine-tune (``MergedView``).
-
-    ``headers`` are the shards in the order an output mirrors them; ``iter_file`` streams one
-    shard (buffers from ``pool``, or views of ``mapped``; each may be given back when done) and
-    afterwards ``sha256[shard]`` is the hash of the bytes read. ``record`` is what the model
-    reference resolved to (None when opened from a bare folder); ``folders`` are the folders read.
-    """
+    """A model's tensors, read lazily: a ``Checkpoint``, or a LoRA fine-tune (``MergedView``)."""
 
     folder: Path
-    headers: list[Header]
+    headers: list[Header]  # the shards, in the order an output mirrors them
     sha256: dict[str, str]
-    record: SourceRecord | None
+    record: SourceRecord | None  # what the model reference resolved to; None from a bare folder
+    folders: list[Path]  # every folder read (an output may not be or lie inside one)
 
-    @property
-    def folders(self) -> list[Path]:
-        """Every folder read (an output may not be or lie inside one)."""
+    def __contains__(self, name: str) -> bool: ...
 
     def names(self) -> list[str]:
         """Tensor names, in header order."""
-
-    def __contains__(self, name: str) -> bool:
-        """Whether tensor ``name`` exists."""
 
     def info(self, name: str) -> TensorInfo:
         """The header entry (shape, dtype, offsets) of tensor ``name``."""
@@ -166,10 +131,7 @@ class TensorSource(Protocol):
     def iter_file(
         self, header: Header, pool: BufferPool | None = None, mapped: MappedFile | None = None
     ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-        """Every tensor of one shard in file order; ``sha256`` holds its hash afterwards.
-
-        (``Checkpoint.iter_file`` also takes ``hash=False``: no hashing, no ``sha256`` entry.)
-        """
+        """Every tensor of one shard in file order; ``sha256[shard]`` holds its hash afterwards."""
 
     def __enter__(self) -> TensorSource: ...
     def __exit__(self, *exc: object) -> None: ...
@@ -178,10 +140,7 @@ class TensorSource(Protocol):
 def check_tensors(
     source: TensorSource, wanted: dict[str, Sequence[int]], floats: set[str], wanted_by: str
 ) -> None:
-    """Each tensor ``wanted`` (name -> shape) is in ``source`` with that shape.
-
-    Those in ``floats`` must be floating-point too; ``wanted_by`` names who needs them.
-    """
+    """Each ``wanted`` name -> shape is a tensor of ``source`` (floating-point if in ``floats``)."""
     for name, shape in wanted.items():
         if name not in source:
             raise ShapeMismatchError(
@@ -201,16 +160,14 @@ def check_tensors(
 
 
 class Checkpoint:
-    """Headers of every shard, read up front; tensor data read only when asked for.
-
-    Use as a context manager so file descriptors are closed.
-    """
+    """Shard headers read up front, tensor data when asked for; a context manager (closes fds)."""
 
     def __init__(
         self, folder: Path, files: list[Path] | None = None, record: SourceRecord | None = None
     ) -> None:
         """``files``: the shards to read (default: the folder's); ``record``: where it came from."""
         self.folder = Path(folder)
+        self.folders = [self.folder]
         self.record = record
         self.files = weight_files(self.folder) if files is None else list(files)
         self.headers: list[Header] = [read_header(f) for f in self.files]
@@ -223,8 +180,13 @@ class Checkpoint:
                         f"tensor {name!r} appears in both {other} and {header.path.name}"
                     )
                 self._where[name] = (header, info)
-        if files is None:
-            check_index(self.folder, {n: h.path for n, (h, _) in self._where.items()})
+        index = folder_file(self.folder, INDEX_NAME) if files is None else None
+        # Every tensor the index lists must be in the shard it names, else loaders fail on it.
+        for tensor, shard in (read_index(index) if index else {}).items():
+            if tensor not in self._where or self._where[tensor][0].path.name != shard:
+                raise CheckpointError(
+                    f"{index} maps tensor {short(tensor)} to {shard}, which does not hold it"
+                )
         self._fds: dict[Path, int] = {}
         # Filled by iter_file: SHA-256 of each shard read through it, by file name.
         self.sha256: dict[str, str] = {}
@@ -234,11 +196,6 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @property
-    def folders(self) -> list[Path]:
-        """The folders read: this one."""
-        return [self.folder]
 
     def close(self) -> None:
         """Close the shards' file descriptors (reopened if read again)."""
@@ -288,15 +245,11 @@ class Checkpoint:
     ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
         """Every tensor of one shard in file order, hashing the whole file as it goes.
 
-        A reader thread reads (and hashes) up to ``prefetch`` bytes ahead of the caller, at least
-        one tensor; ``pread`` and the hashing release the GIL, so reading overlaps the caller's
-        work. Reads stay in file order and the hash covers exactly the bytes handed out.
-        With ``pool``, buffers come from it; the caller may give each tensor back when done.
-        With ``mapped`` (``self.mapped(header)``), tensors are views of the mapped file, nothing
-        is copied, and the caller gives each back to ``mapped`` when done with it.
-        After the loop, ``self.sha256[header.path.name]`` is the file's SHA-256, at no extra read;
-        with ``hash=False`` nothing is hashed (the caller has the digest, e.g. from
-        ``lssf.hashcache``) and ``sha256`` is left as it was.
+        A reader thread reads (and hashes) up to ``prefetch`` bytes ahead, at least one tensor;
+        ``pread`` and hashing release the GIL, so reading overlaps the caller's work; the hash
+        covers exactly the bytes handed out. Tensors are buffers from ``pool`` or views of
+        ``mapped``, each to be given back when done. With ``hash=False`` (the caller has the
+        digest, e.g. from ``lssf.hashcache``) ``sha256`` is left as it was.
         """
         fd = self._fd(header.path)
         infos = sorted(header.tensors.values(), key=lambda t: t.start)

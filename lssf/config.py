@@ -31,13 +31,8 @@ DEFAULT_INCLUDE = (r"(^|\.)(layers|h|blocks|layer)\.\d+\..*\.weight$",)
 DEFAULT_EXCLUDE = (r"(embed|lm_head|norm|\.gate\.weight$)",)
 # Settings of the activation basis only; left out of a delta-svd config's dump, so delta-svd
 # manifests (and patch ids) are the same bytes as before the activation basis existed.
-ACTIVATION_FIELDS = (
-    "activation_weight",
-    "rank_spectrum",
-    "calibration",
-    "calibration_limit",
-    "calibration_max_tokens",
-)
+ACTIVATION_FIELDS = ("activation_weight", "rank_spectrum", "calibration", "calibration_limit")
+ACTIVATION_FIELDS += ("calibration_max_tokens",)
 
 
 class PatchConfig(Frozen):
@@ -99,33 +94,24 @@ class PatchConfig(Frozen):
 
     @model_validator(mode="after")
     def _basis_settings(self) -> PatchConfig:
-        """Activation settings need basis activation, which needs a calibration file.
-
-        Every offending field is reported, each under its own name.
-        """
+        """Activation settings need basis activation, which needs a calibration; all reported."""
         problems: list[tuple[str, str]] = []
         if self.basis == "activation" and self.calibration is None:
             problems.append(("calibration", "required when basis is 'activation'"))
         if self.basis != "activation":
-            defaults = {f: PatchConfig.model_fields[f].default for f in ACTIVATION_FIELDS}
             problems += [
                 (f, f"only used with basis 'activation' (basis is {self.basis!r})")
                 for f in ACTIVATION_FIELDS
-                if getattr(self, f) != defaults[f]
+                if getattr(self, f) != PatchConfig.model_fields[f].default
             ]
         if problems:
-            raise ValidationError.from_exception_data(
-                "PatchConfig",
-                [
-                    InitErrorDetails(
-                        type="value_error",
-                        loc=(field,),
-                        input=getattr(self, field),
-                        ctx={"error": message},
-                    )
-                    for field, message in problems
-                ],
-            )
+            errors = [
+                InitErrorDetails(
+                    type="value_error", loc=(f,), input=getattr(self, f), ctx={"error": m}
+                )
+                for f, m in problems
+            ]
+            raise ValidationError.from_exception_data("PatchConfig", errors)
         return self
 
     @model_serializer(mode="wrap")

@@ -1,9 +1,7 @@
 """The inputs of a fuse: the fine-tune as a ``TensorSource`` and the patch, checked together.
 
-A fine-tune is a model folder (a ``Checkpoint``) or a PEFT LoRA adapter, which is opened as its
-base with the adapter merged in as each tensor is read (a ``MergedView``); ``fuse`` writes both
-the same way. The lineage check refuses a patch built from another aligned model than the one
-the fine-tune was trained from.
+A fine-tune is a model folder (a ``Checkpoint``) or a PEFT LoRA adapter merged onto its base as
+each tensor is read (a ``MergedView``).
 """
 
 from __future__ import annotations
@@ -64,10 +62,7 @@ def open_finetune(
 def resolve_base(
     adapter: LoraAdapter, aligned: str | Path | ModelRef | None
 ) -> tuple[Path, SourceRecord]:
-    """The adapter's base: ``aligned`` when given, else the one its config declares.
-
-    That is base_model_name_or_path, at the config's revision if it names one.
-    """
+    """The adapter's base: ``aligned`` when given, else its config's (at its revision, if any)."""
     declared = adapter.base
     ref = str(aligned) if aligned is not None else declared
     if ref is None:
@@ -100,16 +95,20 @@ def check_lineage(ft: TensorSource, aligned: SourceRecord, force: bool) -> None:
     A LoRA's base is the folder it is merged onto; a full fine-tune's is what its model card
     (or PEFT config) declares, a Hub id or a path relative to the model's folder.
     """
+    names = {aligned.ref, aligned.name, aligned.path}  # name: the Hub id without @revision
     if isinstance(ft, MergedView):
-        base = ft.base.record
-        declared = base.ref if base is not None else str(ft.base.folder)
+        base, base_dir = ft.base.record, ft.base.folder
+        declared = base.ref if base is not None else str(base_dir)
         where = f"the adapter {ft.adapter.folder}"
+        found = {declared, str(base_dir)} | ({base.name} if base else set())
+        ok = bool(found & names) or _same_weights(base_dir, aligned)
     else:
         declared, where = declared_base(ft.folder), str(ft.folder)
-    if declared is None:
-        log.warning("%s declares no base model; cannot check it against the patch", ft.folder)
-        return
-    if _is_aligned(ft, declared, aligned):
+        if declared is None:
+            log.warning("%s declares no base model; cannot check it against the patch", where)
+            return
+        ok = declared in names or _same_folder(ft.folder, declared, aligned.path)
+    if ok:
         return
     msg = (
         f"{where} declares base model {declared!r}, which is not the aligned model "
@@ -118,15 +117,6 @@ def check_lineage(ft: TensorSource, aligned: SourceRecord, force: bool) -> None:
     if not force:
         raise PatchMismatchError(msg + "; pass force=True (--force) to fuse anyway")
     log.warning("%s; fusing anyway (forced)", msg)
-
-
-def _is_aligned(ft: TensorSource, declared: str, aligned: SourceRecord) -> bool:
-    names = {aligned.ref, aligned.name, aligned.path}  # name: the Hub id without @revision
-    if isinstance(ft, MergedView):
-        base = ft.base.record
-        found = {declared, str(ft.base.folder)} | ({base.name} if base else set())
-        return bool(found & names) or _same_weights(ft.base.folder, aligned)
-    return declared in names or _same_folder(ft.folder, declared, aligned.path)
 
 
 def _same_folder(folder: Path, declared: str, path: str) -> bool:
@@ -152,10 +142,9 @@ def _same_weights(base_dir: Path, aligned: SourceRecord) -> bool:
 
 
 def finetune_sources(ft: TensorSource, streamed: dict[str, str] | None) -> dict[str, SourceRecord]:
-    """The provenance records of a fine-tune from ``open_finetune``.
+    """The records ``finetuned`` (and a LoRA's ``finetuned_base``) of an ``open_finetune`` result.
 
-    ``finetuned``, and a LoRA's ``finetuned_base``; the streamed folder's record gets
-    ``streamed``, the hashes of its files.
+    The folder streamed (the model, or a LoRA's base) gets ``streamed``, the hashes of its files.
     """
     base = ft.base if isinstance(ft, MergedView) else None
     streamed_record = (ft if base is None else base).record

@@ -3,9 +3,7 @@
 A folder is built in a hidden sibling ``.NAME.tmp-PID-RAND-HOST`` and moved into place when
 complete with a rename that cannot replace anything, so a folder that appears at ``out``
 meanwhile (another run, another user) is never deleted. ``overwrite`` replaces only a folder
-lssf itself wrote, recognised by its provenance file, and never one that is, contains or lies
-inside an input. Temp folders left by killed runs are removed by the next run to the same place.
-Folders and files are created with the process's umask, like any other tool's output.
+lssf itself wrote (it has a provenance file), never one that is, contains or lies inside an input.
 """
 
 from __future__ import annotations
@@ -30,22 +28,13 @@ from lssf.errors import OutputError, OutputExistsError
 log = logging.getLogger(__name__)
 
 PROVENANCE = "lssf_provenance.json"
-_KINDS = ("tmp", "old")
 
-
-def _renameat2() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # no glibc >= 2.28 (musl, old systems)
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_RENAMEAT2 = _renameat2()
+_RENAMEAT2: Any = None
+if sys.platform.startswith("linux"):
+    with contextlib.suppress(OSError, AttributeError):  # no glibc >= 2.28 (musl, old systems)
+        _RENAMEAT2 = ctypes.CDLL(None, use_errno=True).renameat2
+        # (olddirfd, oldpath, newdirfd, newpath, flags); restype is c_int by default
+        _RENAMEAT2.argtypes = [ctypes.c_int, ctypes.c_char_p] * 2 + [ctypes.c_uint]
 _AT_FDCWD, _RENAME_NOREPLACE = -100, 1
 
 
@@ -81,26 +70,18 @@ def is_lssf_output(folder: Path) -> bool:
     return isinstance(data, dict) and data.get("tool") == "lssf"
 
 
-def _overlap(out: Path, inputs: Iterable[Path]) -> str | None:
-    real = Path(os.path.realpath(out))
-    for given in inputs:
-        inp = Path(os.path.realpath(given))
-        if real == inp:
-            return f"output {out} is the input {given}"
-        if real in inp.parents:
-            return f"output {out} contains the input {given}"
-        if inp in real.parents:
-            return f"output {out} lies inside the input {given}"
-    return None
-
-
 def check_output(out: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
     """Refuse, before any work, an ``out`` that writing or replacing would destroy data at."""
     if not out.name or out.name in (".", ".."):
         raise OutputError(f"output {out} must name a folder to create")
-    problem = _overlap(out, inputs)
-    if problem:
-        raise OutputError(f"{problem}; write the output outside every input folder")
+    real = Path(os.path.realpath(out))
+    for given in inputs:
+        inp = Path(os.path.realpath(given))
+        if real == inp or real in inp.parents or inp in real.parents:
+            how = "is" if real == inp else "contains" if real in inp.parents else "lies inside"
+            raise OutputError(
+                f"output {out} {how} the input {given}; write the output outside every input folder"
+            )
     if not os.path.lexists(out):
         return
     if not overwrite:
@@ -129,33 +110,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _stale(out: Path) -> Iterator[tuple[str, Path]]:
-    """Siblings ``.NAME.tmp-*``/``.NAME.old-*`` of dead processes on this host."""
+def clean_stale(out: Path) -> None:
+    """Remove ``.NAME.tmp-*`` siblings of dead runs on this host; put back an ``.NAME.old-*``.
+
+    A run killed between moving the previous output aside and the new one in leaves ``out`` missing.
+    """
     host = socket.gethostname() or "localhost"
-    for kind in _KINDS:
+    for kind in ("tmp", "old"):
         prefix = f".{out.name}.{kind}-"
         for path in out.parent.glob(f"{glob.escape(prefix)}*"):
             pid, _, rest = path.name.removeprefix(prefix).partition("-")
-            _rand, _, owner = rest.partition("-")
-            if pid.isdigit() and owner == host and not _alive(int(pid)):
-                yield kind, path
-
-
-def clean_stale(out: Path) -> None:
-    """Remove temp folders of dead runs; put back a previous output a dead run moved aside.
-
-    That run was killed between moving it aside and moving the new one in, if ``out`` is missing.
-    """
-    for kind, path in _stale(out):
-        if kind == "old" and not os.path.lexists(out):
-            try:
-                rename_noreplace(path, out)
-                log.warning("restored %s from %s, left by a killed run", out, path.name)
-            except OSError:
-                log.warning("could not restore %s from %s; left it there", out, path)
-            continue
-        log.info("removing %s, left by a killed run", path)
-        shutil.rmtree(path, ignore_errors=True)
+            owner = rest.partition("-")[2]  # after RAND
+            if not pid.isdigit() or owner != host or _alive(int(pid)):
+                continue
+            if kind == "old" and not os.path.lexists(out):
+                try:
+                    rename_noreplace(path, out)
+                    log.warning("restored %s from %s, left by a killed run", out, path.name)
+                except OSError:
+                    log.warning("could not restore %s from %s; left it there", out, path)
+                continue
+            log.info("removing %s, left by a killed run", path)
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _make_tmp(out: Path) -> Path:
@@ -205,10 +181,9 @@ def atomic_folder(
 ) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success it becomes ``out``.
 
-    On any exception the temporary folder is removed; after a kill it stays as a hidden
-    ``.NAME.tmp-*`` sibling until the next run to ``out`` removes it, never as ``out``. With
-    ``overwrite`` an existing ``out`` that lssf wrote is replaced only after the new one is
-    complete. ``inputs`` are the folders read: ``out`` may not be, contain or lie inside one.
+    On any exception the temporary folder is removed; after a kill it stays a hidden sibling
+    until the next run to ``out``. With ``overwrite`` an existing ``out`` that lssf wrote is
+    replaced only after the new one is complete. ``out`` may not be, contain or lie in ``inputs``.
     """
     out = Path(out).absolute()
     inputs = [Path(p) for p in inputs]
@@ -225,11 +200,7 @@ def atomic_folder(
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` whole or not at all: a temp file beside it, fsync, rename.
-
-    A reader sees the old file or the new one, never a part; a crash leaves at most a hidden
-    ``.NAME.tmp-*`` file, never a truncated ``path``.
-    """
+    """Write ``data`` to ``path`` whole or not at all: a temp file beside it, fsync, rename."""
     path = Path(path)
     tmp = _sibling(path, "tmp")
     try:

@@ -1,12 +1,8 @@
-"""Provenance that travels with the weights: one record (``lssf_provenance.json``) and a card.
-
-Every output kind (a fused model, a LoRA fine-tune fused as a model or as an adapter, the patch
-exported alone as an adapter) writes the same ``Provenance`` model, built once, and a model card
-made with huggingface_hub's ``ModelCard``, whose front matter is read back the same way.
-"""
+"""Provenance that travels with every output: one record (``lssf_provenance.json``) and a card."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -90,30 +86,19 @@ def write_outputs(folder: Path, provenance: Provenance, card: str) -> None:
     atomic_write_text(folder / "README.md", card)
 
 
-def _card_base(path: Path) -> str | None:
-    """``base_model`` from a model card's front matter (the first, if a list)."""
+def declared_base(folder: Path) -> str | None:
+    """The base a fine-tune declares: its card's ``base_model`` (the first), else PEFT's config."""
     from huggingface_hub import ModelCard
 
-    text = path.read_text(errors="replace")
-    if not text.startswith("---"):
-        return None
-    try:
-        base = ModelCard(text, ignore_metadata_errors=True).data.base_model
-    except (ValueError, TypeError, yaml.YAMLError, RecursionError):
-        return None
+    base = None
+    card = folder_file(folder, "README.md")
+    text = card.read_text(errors="replace") if card is not None else ""
+    if text.startswith("---"):
+        with contextlib.suppress(ValueError, TypeError, yaml.YAMLError, RecursionError):
+            base = ModelCard(text, ignore_metadata_errors=True).data.base_model
     if isinstance(base, list) and base:
         base = base[0]
-    return base if isinstance(base, str) and base else None
-
-
-def declared_base(folder: Path) -> str | None:
-    """The base model a fine-tune declares: model card ``base_model``, else PEFT's config.
-
-    Files that leave the folder (symlinks) are refused, as everywhere (``folder_file``).
-    """
-    card = folder_file(folder, "README.md")
-    base = _card_base(card) if card is not None else None
-    if base is not None:
+    if isinstance(base, str) and base:
         return base
     adapter = folder_file(folder, "adapter_config.json")
     if adapter is None:
@@ -145,9 +130,8 @@ def model_card(prov: Provenance, manifest: PatchManifest, adapter: dict[str, Any
         return _adapter_card(prov, adapter, finetuned.name if finetuned else None)
     ranks = [rec.rank for rec in manifest.tensors.values()]
     cfg = manifest.config
-    ft_name = finetuned.name if finetuned else "?"
     body = [
-        f"# Safety re-aligned: {ft_name}",
+        f"# Safety re-aligned: {finetuned.name if finetuned else '?'}",
         "",
         f"This model is the fine-tune below with its safety subspace restored by {PAPER}",
         "(Low-Rank Safety Subspace Fusion):",
@@ -163,8 +147,7 @@ def model_card(prov: Provenance, manifest: PatchManifest, adapter: dict[str, Any
         f"min {min(ranks, default=0)} / mean {sum(ranks) / max(len(ranks), 1):.1f} / "
         f"max {max(ranks, default=0)}.",
     ]
-    tags = ["lssf", "safety-realignment"]
-    return _card(manifest.aligned.name, "transformers", tags, body)
+    return _card(manifest.aligned.name, "transformers", ["lssf", "safety-realignment"], body)
 
 
 _ROLES = (("finetuned", "fine-tuned"), ("aligned", "aligned"), ("reference", "reference"))

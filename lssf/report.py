@@ -38,12 +38,10 @@ def split_name(name: str) -> tuple[int | None, str]:
 
 def rows(manifest: PatchManifest) -> list[Row]:
     """The table's rows, by layer then module."""
-    out = []
-    for name, rec in manifest.tensors.items():
-        layer, module = split_name(name)
-        out.append(
-            Row(name, layer, module, rec.shape, rec.rank, rec.entropy_ratio, rec.energy_kept)
-        )
+    out = [
+        Row(name, *split_name(name), rec.shape, rec.rank, rec.entropy_ratio, rec.energy_kept)
+        for name, rec in manifest.tensors.items()
+    ]
     return sorted(out, key=lambda r: (r.layer if r.layer is not None else -1, r.module))
 
 

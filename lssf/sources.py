@@ -36,14 +36,10 @@ SIDE_FILES += ("chat_template.json", "tokenizer.model", "vocab.json", "vocab.txt
 
 
 class ModelRef(Frozen):
-    """A model reference, parsed once: a Hub id with an optional revision, or a local folder.
+    """A model reference, parsed once: a Hub id with an optional revision, or a local folder."""
 
-    ``repo`` is the Hub id (``org/name``) or the folder's absolute path; ``revision`` a Hub
-    branch, tag or commit, or a local folder's content revision (``local_revision``) once pinned.
-    """
-
-    repo: str
-    revision: str | None = None
+    repo: str  # the Hub id (org/name), or the folder's absolute path
+    revision: str | None = None  # Hub branch, tag or commit; a folder's local_revision once pinned
     kind: Literal["hub", "local"]
 
     @classmethod
@@ -81,12 +77,7 @@ class ModelRef(Frozen):
         return self.is_local or bool(COMMIT_SHA.match(self.revision))
 
     def pin(self, *, cache_dir: Path | None = None) -> ModelRef:
-        """This reference at its exact revision.
-
-        For the Hub the commit sha its revision points at (``HfApi.model_info``, nothing is
-        downloaded); for a local folder the hash of its content (``local_revision``).
-        ``cache_dir`` is accepted for symmetry with ``resolve_source`` and not needed.
-        """
+        """At its exact revision: a Hub commit (API, nothing downloaded), or ``local_revision``."""
         del cache_dir
         if self.is_local:
             return self.model_copy(update={"revision": local_revision(Path(self.repo))})
@@ -122,10 +113,7 @@ def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
 
 
 def content_files(folder: Path) -> dict[str, str]:
-    """What a local folder's revision covers, name -> sha256.
-
-    A model's weight files and side files; an adapter's config and weights.
-    """
+    """What a local folder's revision covers, name -> sha256: weights and side files."""
     if is_adapter(folder):
         return hash_files(folder, [ADAPTER_CONFIG, ADAPTER_WEIGHTS])
     files = {p.name: file_sha256(p) for p in weight_files(folder)}
