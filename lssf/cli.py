@@ -6,6 +6,7 @@ Core subcommands live here; other packages add theirs through ``lssf.commands`` 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import sys
 from importlib.metadata import EntryPoint
@@ -283,5 +284,15 @@ def main(argv: list[str] | None = None) -> int:
         )
 
 
+def run() -> None:
+    """The ``lssf`` console script: :func:`main`, then exit without a last collection."""
+    code = main()
+    # The interpreter's last collection would walk every object torch and the libraries made
+    # (~0.5 s of a 2.5 s start measured here); frozen objects are skipped. Not in ``main``,
+    # which tests and callers run in their own process.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,11 +34,11 @@ from lssf.finetune import (
 from lssf.lora import MergedView
 from lssf.outputs import atomic_folder
 from lssf.patch import SafetyPatch
-from lssf.pipeline import BufferPool, MappedFile, WriteBehind, give_back
+from lssf.pipeline import BufferPool, MappedFile, give_back
 from lssf.provenance import Provenance, model_card, write_outputs
 from lssf.sources import SIDE_FILES, ModelRef, SourceRecord, hash_files
 from lssf.spectral import fused_weight
-from lssf.st_io import Header, PlannedWriter, TensorSpec, is_finite
+from lssf.st_io import Header, MappedWriter, TensorSpec, check_finite, is_finite
 
 log = logging.getLogger(__name__)
 
@@ -124,43 +124,33 @@ def single_threaded_ops() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class _Fuser:
-    """Fused values of the patch's targets, each checked finite (the writer skips them).
+    """Writes each patch target's fused value into its slot of the output, checked finite."""
 
-    Outputs come from ``buffers``; inputs replaced by their fused value go to ``release``.
-    """
-
-    patch: SafetyPatch
     alpha: float
     dev: torch.device
     pool: ThreadPoolExecutor
-    buffers: BufferPool
-    release: Callable[[torch.Tensor], None]
 
-    def __call__(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        """``w + alpha * U' C`` for patch tensor ``name``."""
-        u, c = self.patch.factors(name)
+    def __call__(self, name: str, w: torch.Tensor, out: torch.Tensor, factors: Future) -> None:
+        """``out = w + alpha * U' C`` for patch tensor ``name``; ``factors``: its ``(U', C)``."""
+        u, c = factors.result()
         if u.shape[1] == 0 or self.alpha == 0.0:
-            out = w  # W + 0: the input bytes themselves
+            out.copy_(w)  # W + 0: the input bytes themselves
         elif self.dev.type == "cpu" and w.dim() == 2:
-            out = self._rows(w, u.float(), c.float())
+            self._rows(w, u.float(), c.float(), out)
         else:
-            out = fused_weight(w.to(self.dev), u.to(self.dev), c.to(self.dev), self.alpha).cpu()
-        if out is not w:
-            self.release(w)  # the input, no longer needed
+            out.copy_(fused_weight(w.to(self.dev), u.to(self.dev), c.to(self.dev), self.alpha))
         if not is_finite(out):
             raise NonFiniteError(f"fused tensor {name!r} has NaN/Inf values")
-        return out
 
-    def _rows(self, w: torch.Tensor, u: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _rows(self, w: torch.Tensor, u: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> None:
         """Row blocks, the second half on the pool's thread: rows are independent."""
-        out = self.buffers.empty_like(w)
         half = w.shape[0] // 2
         if w.numel() * w.element_size() < SPLIT_BYTES or half < MIN_ROWS:
-            return fused_rows(w, u, c, self.alpha, out)
+            fused_rows(w, u, c, self.alpha, out)
+            return
         other = self.pool.submit(fused_rows, w[half:], u[half:], c, self.alpha, out[half:])
         fused_rows(w[:half], u[:half], c, self.alpha, out[:half])
         other.result()
-        return out
 
 
 def _stream_digest(
@@ -211,7 +201,7 @@ def _write_shard(
     bar: tqdm,
     buffers: BufferPool,
 ) -> int:
-    """One output shard: read ahead (and hash) in a thread, fuse here, write in another thread.
+    """One output shard, filled in place: read ahead (and hash) in a thread, fuse into the file.
 
     ``buffers`` is shared by every shard of a run: later shards reuse the first one's memory.
 
@@ -222,7 +212,6 @@ def _write_shard(
     infos = sorted(header.tensors.values(), key=lambda t: t.start)
     specs = [TensorSpec(i.name, i.torch_dtype, i.shape) for i in infos]
     targets = [i.name for i in infos if i.name in patch.manifest.tensors]
-    writer = PlannedWriter(dst, specs, header.metadata or {"format": "pt"}, checked=targets)
     ck, snap, hit = _stream_digest(ft, header)
     with contextlib.ExitStack() as stack:
         mapped: MappedFile | None = None
@@ -235,18 +224,31 @@ def _write_shard(
             hit = None  # MergedView.iter_file always hashes the base shard
             tensors = ft.iter_file(header, pool=buffers, mapped=mapped)
         stack.enter_context(contextlib.closing(tensors))  # stops the reader thread on failure
-
-        def release(t: torch.Tensor) -> None:
-            give_back(t, buffers, mapped)
-
         stack.enter_context(single_threaded_ops())
         pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="lssf-fuse"))
-        out = stack.enter_context(WriteBehind(writer, release=release))
-        fused = _Fuser(patch, alpha, dev, pool, buffers, release)
+        out = stack.enter_context(MappedWriter(dst, specs, header.metadata or {"format": "pt"}))
+        fused = _Fuser(alpha, dev, pool)
+        loader = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="lssf-factors"))
+        # Each target's factors are read one target ahead, off the computing thread.
+        factors = {n: loader.submit(patch.factors, n) for n in targets[:2]}
+        queued = iter(targets[2:])
         for info, tensor in tensors:
+            slot = out.slot(info.name)
+            if (tensor.dtype, tensor.shape) != (slot.dtype, slot.shape):
+                raise CheckpointError(
+                    f"{dst}: expected {info.name!r} {slot.dtype} {tuple(slot.shape)}, "
+                    f"got {tensor.dtype} {tuple(tensor.shape)}"
+                )
             if info.name in patch.manifest.tensors:
-                tensor = fused(info.name, tensor)
-            out.write(info.name, tensor)
+                if (following := next(queued, None)) is not None:
+                    factors[following] = loader.submit(patch.factors, following)
+                fused(info.name, tensor, slot, factors.pop(info.name))
+            else:
+                slot.copy_(tensor)
+                check_finite(info.name, slot, dst)
+            del slot
+            give_back(tensor, buffers, mapped)
+            out.done(info.name)
             bar.update(info.nbytes)
     _settle_digest(ck, header, snap, hit)
     return len(targets)

@@ -1,9 +1,9 @@
-"""The threads and buffers of a streaming pass: read ahead, compute, write behind.
+"""The threads and buffers of a streaming pass: read ahead, then compute.
 
-``ByteBudget`` bounds the bytes in flight between two threads; ``WriteBehind`` writes a
-``PlannedWriter``'s tensors from a thread; ``BufferPool`` recycles buffers by size and
-``MappedFile`` hands out views of a mapped shard, so steady-state streaming neither copies nor
-page-faults more than it must. Memory stays a few tensors, whatever the checkpoint's size.
+``ByteBudget`` bounds the bytes in flight between two threads; ``BufferPool`` recycles buffers
+by size and ``MappedFile`` hands out views of a mapped shard (its pages mapped by the reader's
+thread), so steady-state streaming neither copies nor page-faults more than it must. Memory
+stays a few tensors, whatever the checkpoint's size. (Outputs: ``st_io.MappedWriter``.)
 """
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-import queue
+import sys
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,8 +20,11 @@ import torch
 
 from lssf.errors import CheckpointError
 
+# Linux's madvise(2) advice value (5.14+); Python's mmap module does not name it.
+MADV_POPULATE_READ = 22
+
 if TYPE_CHECKING:  # st_io imports this module's BufferPool the same way: no cycle at run time
-    from lssf.st_io import PlannedWriter, TensorInfo
+    from lssf.st_io import TensorInfo
 
 
 class BufferPool:
@@ -85,6 +87,7 @@ class MappedFile:
         self._stat = _identity(os.fstat(fd))
         self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         self._ranges: dict[int, tuple[int, int]] = {}
+        self._can_populate = sys.platform == "linux"
 
     def tensor(self, info: TensorInfo, hasher: hashlib._Hash | None = None) -> torch.Tensor:
         """A view of ``info``'s bytes in the mapping, hashed into ``hasher`` on the way."""
@@ -94,9 +97,19 @@ class MappedFile:
             with memoryview(self._mm) as view:
                 hasher.update(view[info.start : info.end])
         numel = info.nbytes // torch.empty(0, dtype=info.torch_dtype).element_size()
+        self._populate(info.start, info.end)
         t = torch.frombuffer(self._mm, dtype=info.torch_dtype, count=numel, offset=info.start)
         self._ranges[t.data_ptr()] = (info.start, info.end)
         return t.reshape(info.shape)
+
+    def _populate(self, start: int, end: int) -> None:
+        """Map the range's pages now (in the reader's thread), not one fault at a time later."""
+        if self._can_populate:
+            start -= start % mmap.PAGESIZE
+            try:
+                self._mm.madvise(MADV_POPULATE_READ, start, end - start)
+            except OSError:  # a kernel before 5.14: the pages fault in when used instead
+                self._can_populate = False
 
     def give(self, t: torch.Tensor) -> bool:
         """Drop the pages of a tensor made here from the resident set; False if not one."""
@@ -150,75 +163,3 @@ class ByteBudget:
         with self._cv:
             self._cancelled = True
             self._cv.notify_all()
-
-
-class WriteBehind:
-    """A ``PlannedWriter`` fed through a thread, so writing overlaps the caller's computing.
-
-    ``write`` queues a tensor (blocking while ``limit`` bytes wait) and re-raises the first
-    error of the writing thread; ``close`` waits for the queue to drain and closes the file.
-    Used as a context manager, an exception abandons the file (the caller's output folder is
-    temporary) after the thread has stopped.
-    """
-
-    def __init__(
-        self,
-        writer: PlannedWriter,
-        limit: int = 64 << 20,
-        release: Callable[[torch.Tensor], object] | None = None,
-    ) -> None:
-        """``release``: called with each tensor once written (the caller hands over ownership)."""
-        self.writer = writer
-        self._release = release
-        self._budget = ByteBudget(limit)
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="lssf-write", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            name, tensor, nbytes = item
-            try:
-                if self._error is None:
-                    self.writer.write(name, tensor)
-            except BaseException as exc:  # handed to the caller's thread
-                self._error = exc
-                self._budget.cancel()
-            if self._release is not None:
-                self._release(tensor)
-            del item, tensor
-            self._budget.release(nbytes)
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue ``tensor`` for writing; raises the writer thread's first error."""
-        self._raise()
-        nbytes = tensor.numel() * tensor.element_size()
-        self._budget.acquire(nbytes)
-        self._raise()
-        self._queue.put((name, tensor, nbytes))
-
-    def _stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def close(self) -> None:
-        """Drain the queue, then close the file."""
-        self._stop()
-        self._raise()
-        self.writer.close()
-
-    def __enter__(self) -> WriteBehind:
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if exc_type is None:
-            self.close()
-            return
-        self._budget.cancel()
-        self._stop()
-        self.writer.discard()

@@ -11,8 +11,11 @@ validated fully so a corrupt or truncated file fails before anything is computed
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import mmap
 import os
 import stat
 import struct
@@ -321,6 +324,84 @@ class PlannedWriter:
         if self._next != len(self._specs):
             missing = self._specs[self._next].name
             raise CheckpointError(f"{self.path}: closed before tensor {missing!r} was written")
+
+
+class MappedWriter:
+    """A safetensors file laid out from its plan, filled in place through a shared mapping.
+
+    The whole file is allocated first (a full disk fails here, before any work), then the
+    header is written; ``slot(name)`` is a writable view of one tensor's bytes in the file,
+    which the caller fills (a fused weight is computed straight into the page cache: no copy
+    through ``write``), and ``done(name)`` drops its pages from the resident set (the page
+    cache keeps them). ``close`` checks every tensor was filled.
+    """
+
+    def __init__(
+        self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None
+    ) -> None:
+        """Create ``path`` (truncated if it exists) at its final size."""
+        self.path = Path(path)
+        header = _header_bytes(specs, _check_metadata(self.path, metadata or {"format": "pt"}))
+        self._at: dict[str, tuple[int, TensorSpec]] = {}
+        offset = len(header)
+        for spec in specs:
+            self._at[spec.name] = (offset, spec)
+            offset += spec.nbytes
+        self._left = set(self._at)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            try:
+                os.posix_fallocate(self._fd, 0, offset)
+            except OSError as exc:  # a file system without it: sized, not reserved
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                os.ftruncate(self._fd, offset)
+            os.pwrite(self._fd, header, 0)
+            self._mm = mmap.mmap(self._fd, offset, mmap.MAP_SHARED)
+        except OSError as exc:
+            os.close(self._fd)
+            why = exc.strerror or type(exc).__name__
+            raise CheckpointError(f"cannot write {offset} bytes to {self.path}: {why}") from exc
+
+    def slot(self, name: str) -> torch.Tensor:
+        """The planned tensor ``name``'s bytes in the file, as a writable tensor."""
+        offset, spec = self._at[name]
+        if spec.nbytes == 0:
+            return torch.empty(spec.shape, dtype=spec.dtype)
+        count = spec.nbytes // torch.empty(0, dtype=spec.dtype).element_size()
+        t = torch.frombuffer(self._mm, dtype=spec.dtype, count=count, offset=offset)
+        return t.reshape(spec.shape)
+
+    def done(self, name: str) -> None:
+        """``name`` is filled: its pages leave the resident set (still in the page cache)."""
+        offset, spec = self._at[name]
+        self._left.discard(name)
+        if spec.nbytes:
+            start = offset - offset % mmap.PAGESIZE
+            self._mm.madvise(mmap.MADV_DONTNEED, start, offset + spec.nbytes - start)
+
+    def discard(self) -> None:
+        """Close after a failure; the caller removes the incomplete output."""
+        with contextlib.suppress(BufferError):  # a view still alive: unmapped when it dies
+            self._mm.close()
+        os.close(self._fd)
+
+    def __enter__(self) -> MappedWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        """Closed (and checked complete) on success, discarded on an exception."""
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+    def close(self) -> None:
+        """Unmap and close; a tensor never filled is an error."""
+        self.discard()
+        if self._left:
+            first = next(name for name in self._at if name in self._left)
+            raise CheckpointError(f"{self.path}: closed before tensor {first!r} was written")
 
 
 class AppendingWriter:

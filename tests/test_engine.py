@@ -244,12 +244,12 @@ def test_killed_fuse_leaves_no_output(patch, trio, tmp_path):
         f"""
         import importlib, time
         f = importlib.import_module("lssf.fuse")
-        real = f.PlannedWriter.write
-        def slow(self, name, t):
-            real(self, name, t)
+        real = f.MappedWriter.done
+        def slow(self, name):
+            real(self, name)
             print("wrote", name, flush=True)
             time.sleep(30)
-        f.PlannedWriter.write = slow
+        f.MappedWriter.done = slow
         f.fuse({str(trio["finetuned"])!r}, {str(patch.folder)!r}, {str(out)!r}, progress=False)
         """
     )
