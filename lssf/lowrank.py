@@ -66,6 +66,10 @@ OVERSAMPLING = (8, 16, 32, 64, 128)
 # 2048 (about 15 s at 4096, against svdvals' 4.8 s), so wider matrices take svdvals. The passes
 # then cost a small (n, n) product instead of two passes over delta.
 GRAM_MAX_SIDE = 2048
+# Beyond this short side, on CPU, the exact values alone cost most of a full SVD here (one
+# thread, idle, 2026-12-02: 4096x4096 svdvals 25.2 s vs svd 29.4 s; 11008x4096 30.6 vs 51.0 s),
+# and a noise-floor rank needs the full SVD's vectors anyway: take the full SVD directly.
+FULL_SVD_SIDE = 2048
 
 
 @dataclass(frozen=True)
@@ -333,6 +337,8 @@ def top_subspace(delta: torch.Tensor, select: Callable[[torch.Tensor], int]) -> 
     """
     if delta.ndim != 2:
         raise ValueError(f"delta must be 2-D, got shape {tuple(delta.shape)}")
+    if delta.device.type == "cpu" and min(delta.shape) > FULL_SVD_SIDE:
+        return full_svd(delta, select, f"short side over {FULL_SVD_SIDE}")
     dtype = torch.float64 if delta.dtype == torch.float64 else torch.float32
     s_all, err, d64, gram = exact_values(delta)
     s = kept(s_all, tuple(delta.shape), dtype)

@@ -193,3 +193,16 @@ def test_flat_tail_takes_the_gram_eigh_route_and_matches(shape):
     found = top_subspace(delta, entropy())
     assert block_plan(lssf.lowrank.exact_values(delta)[0], found.rank) is None
     assert assert_matches_full_svd(delta, entropy()) is None
+
+
+def test_a_large_delta_on_cpu_takes_the_full_svd_directly(monkeypatch):
+    # Beyond FULL_SVD_SIDE (forced small here) the values alone cost most of a full SVD on
+    # CPU: the full SVD's rank and vectors, exactly, and the reason recorded.
+    monkeypatch.setattr(lssf.lowrank, "FULL_SVD_SIDE", 100)
+    delta = synthetic((256, 160), DECAY, 1e-3, 0)
+    found = top_subspace(delta, entropy())
+    spec = safety_spectrum(delta)
+    assert found.fallback == "short side over 100"
+    assert found.rank == entropy()(spec.s)
+    assert torch.equal(found.spectrum.u, spec.u[:, : found.rank])
+    assert top_subspace(synthetic((256, 90), DECAY, 1e-3, 0), entropy()).fallback is None
