@@ -204,6 +204,7 @@ def run_all(work: Path, plan: dict, runs: int, env: dict[str, str]) -> dict[str,
     for i in range(runs):
         for k, (name, (cmd, out)) in enumerate(plan.items()):
             shutil.rmtree(out, ignore_errors=True)  # every run writes new files, untimed
+            os.sync()  # and starts without an earlier run's dirty pages (see fuse_speed.py)
             time.sleep(0.5)
             r = measure(cmd, env, work / f"log-{k}-{i}.txt")
             if (out / "vmhwm_kb").exists():
