@@ -276,18 +276,23 @@ def rank_summary(ranks: dict[str, int]) -> str:
     return f"{min(v)} / {statistics.median(v):g} / {max(v)}" if v else "-"
 
 
-def extraction(args: argparse.Namespace, root: Path, cuda: bool, say: Report) -> dict | None:
-    """Part 1; returns the ranks of the patch that part 2 copies (GPU's, else CPU's), or None."""
-    from lssf.patch import SafetyPatch
-
-    shape = LlamaShape(
+def shape_of(args: argparse.Namespace, layers: int) -> LlamaShape:
+    """The 7B-shaped (or overridden) model with ``layers`` decoder layers."""
+    return LlamaShape(
         hidden=args.hidden,
         intermediate=args.intermediate,
-        layers=args.extract_layers,
+        layers=layers,
         heads=args.heads,
         kv_heads=args.kv_heads,
         vocab=args.vocab,
     )
+
+
+def extraction(args: argparse.Namespace, root: Path, cuda: bool, say: Report) -> dict | None:
+    """Part 1; returns the ranks of the patch that part 2 copies (GPU's, else CPU's), or None."""
+    from lssf.patch import SafetyPatch
+
+    shape = shape_of(args, args.extract_layers)
     if "cpu-extract" in args.skip and ("gpu-extract" in args.skip or not cuda):
         return None  # nothing would extract: no trio
     progress(
@@ -514,14 +519,7 @@ def fusion(args: argparse.Namespace, root: Path, cuda: bool, ranks: dict | None,
     from lssf.hashcache import ENV_DIR, ENV_SWITCH
     from lssf.patch import SafetyPatch
 
-    shape = LlamaShape(
-        hidden=args.hidden,
-        intermediate=args.intermediate,
-        layers=args.layers,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        vocab=args.vocab,
-    )
+    shape = shape_of(args, args.layers)
     size = model_bytes(shape)
     need = 3 * size / 1e9 + 1.0
     if free_gb(root) < need:
