@@ -1,8 +1,7 @@
 """Extraction with the activation basis: one layer-by-layer pass over the aligned model.
 
-At each decoder layer (``lssf/llama_forward.py``) the Grams of the targeted maps' inputs are
-accumulated, each target gets its basis (``lssf/activation.py``) and factors, then the Grams
-are dropped and the hidden states move on.
+Per decoder layer (``lssf/llama_forward.py``): the Grams of the targeted maps' inputs, then each
+target's basis (``lssf/activation.py``) and factors; the Grams are dropped before the next layer.
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -24,7 +22,6 @@ from lssf.errors import CheckpointError, ConfigError, NonFiniteError
 from lssf.llama_forward import (
     INPUT_GROUPS,
     DecoderSpec,
-    check_lengths,
     embed,
     layer_forward,
     layer_weights,
@@ -40,17 +37,10 @@ from lssf.st_io import is_finite
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Target:
-    name: str  # checkpoint tensor name
-    module: str  # "self_attn.q_proj", relative to its layer
-    group: str  # the input it reads (a value of INPUT_GROUPS)
-
-
-def plan_targets(targets: list[str], spec: DecoderSpec) -> dict[int, list[Target]]:
-    """Targets by decoder layer; a target that is not a known linear map is refused."""
+def plan_targets(targets: list[str], spec: DecoderSpec) -> dict[int, dict[str, str]]:
+    """Targets by decoder layer, name -> module in the layer; an unknown linear map is refused."""
     pattern = re.compile(re.escape(spec.prefix) + r"layers\.(\d+)\.(.+)\.weight")
-    by_layer: dict[int, list[Target]] = {}
+    by_layer: dict[int, dict[str, str]] = {}
     for name in targets:
         m = pattern.fullmatch(name)
         if m is None or m.group(2) not in INPUT_GROUPS or int(m.group(1)) >= spec.layers:
@@ -58,8 +48,7 @@ def plan_targets(targets: list[str], spec: DecoderSpec) -> dict[int, list[Target
                 f"target tensor {name!r} is not a decoder linear map the activation basis "
                 f"knows ({', '.join(INPUT_GROUPS)}); narrow include/exclude or use delta-svd"
             )
-        module = m.group(2)
-        by_layer.setdefault(int(m.group(1)), []).append(Target(name, module, INPUT_GROUPS[module]))
+        by_layer.setdefault(int(m.group(1)), {})[name] = m.group(2)
     return by_layer
 
 
@@ -74,9 +63,8 @@ def _spectrum_stats(s: torch.Tensor, rank: int) -> dict[str, float | int]:
 
 
 def _delta_rank(delta: torch.Tensor, n_act: int, config: PatchConfig) -> tuple[int, dict]:
-    """delta-svd's own rank (same code path, ``patch_tensor``), capped at the activation
-    basis's ``n_act`` non-zero directions: beyond them the eigenvectors span a null space in
-    no particular order."""
+    """delta-svd's rank (``patch_tensor``) capped at the ``n_act`` non-zero activation
+    directions: beyond them the eigenvectors span a null space in no particular order."""
     record = patch_tensor(delta, config)[2]
     stats = record.model_dump(
         include={"entropy_ratio", "energy_kept", "n_nonzero", "top_singular_value"}
@@ -147,7 +135,11 @@ def activation_patch(
     full = encode_prompts(folder, calib.prompts)
     ids = [x[: config.calibration_max_tokens] for x in full]
     lengths = [len(x) for x in ids]
-    check_lengths(spec, lengths)
+    if spec.sliding_window is not None and max(lengths) > spec.sliding_window:
+        raise ConfigError(
+            f"calibration sequences of {max(lengths)} tokens exceed the model's "
+            f"sliding_window {spec.sliding_window}; lower calibration_max_tokens"
+        )
     n_tokens = sum(lengths)
     h = embed(a_ckpt, spec, torch.tensor([t for x in ids for t in x]), device)
     tables = rope_tables(spec, max(lengths), device)
@@ -155,25 +147,22 @@ def activation_patch(
     bar = tqdm(total=len(targets), desc="extract", unit="tensor", disable=not progress)
     for layer in range(max(by_layer) + 1):
         w = layer_weights(a_ckpt, spec, layer, device)
-        layer_targets = by_layer.get(layer, [])
-        widths = {t.group: w[f"{t.module}.weight"].shape[1] for t in layer_targets}
-        grams = {
-            g: torch.zeros(d, d, dtype=torch.float64, device=device) for g, d in widths.items()
-        }
+        modules = by_layer.get(layer, {})
+        widths = {INPUT_GROUPS[m]: w[f"{m}.weight"].shape[1] for m in modules.values()}
+        grams = {g: torch.zeros(d, d, dtype=torch.double, device=device) for g, d in widths.items()}
         h = layer_forward(h, w, spec, lengths, tables, grams)
         if not is_finite(h):
             raise NonFiniteError(f"hidden states of {folder} overflow at decoder layer {layer}")
-        for t in layer_targets:
-            aligned = w[f"{t.module}.weight"]
-            delta = safety_delta(t.name, aligned, r_ckpt.get(t.name).to(device))
+        for name, module in modules.items():
+            aligned = w[f"{module}.weight"]
+            delta = safety_delta(name, aligned, r_ckpt.get(name).to(device))
+            gram = mean_gram(grams[INPUT_GROUPS[module]], n_tokens)
             try:
-                u, c, records[t.name] = activation_tensor(
-                    delta, aligned, mean_gram(grams[t.group], n_tokens), config
-                )
+                u, c, records[name] = activation_tensor(delta, aligned, gram, config)
             except NonFiniteError as exc:
-                raise NonFiniteError(f"tensor {t.name!r}: {exc}") from exc
-            write(t.name, u, c)
-            bar.set_postfix(layer=layer, rank=records[t.name].rank)
+                raise NonFiniteError(f"tensor {name!r}: {exc}") from exc
+            write(name, u, c)
+            bar.set_postfix(layer=layer, rank=records[name].rank)
             bar.update()
         del grams, w
     bar.close()

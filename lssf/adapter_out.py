@@ -33,47 +33,19 @@ Factors = tuple[torch.Tensor, torch.Tensor]  # (A (r, d_in), B (d_out, r))
 def safety_lora(u: torch.Tensor, c: torch.Tensor, alpha: float, transposed: bool) -> Factors:
     """The patch term ``alpha * U' C`` as LoRA factors ``(A, B)`` with ``B @ A = alpha * U' C``.
 
-    u: (d_out, r), c: (r, d_in) -> A = C, B = alpha * U'. A layer that stores its weight
-    transposed (fan_in_fan_out, embeddings) applies ``(B @ A)^T``: A = U'^T, B = alpha * C^T.
+    u: (d_out, r), c: (r, d_in) -> A = C, B = alpha U'; a transposed layer: A = U'^T, B = alpha C^T.
     """
     if transposed:
         return u.float().T.contiguous(), alpha * c.float().T.contiguous()
     return c.float(), alpha * u.float()
 
 
-def combine_lora(first: Factors | None, scale: float, second: Factors | None) -> Factors:
+def combine_lora(first: Factors, scale: float, second: Factors | None) -> Factors:
     """``A = [A_1 ; A_2]`` (r_1 + r_2, d_in), ``B = [scale * B_1, B_2]`` (d_out, r_1 + r_2)."""
-    parts = [] if first is None else [(first[0].float(), scale * first[1].float())]
-    parts += [] if second is None else [second]
-    if not parts:
-        raise ValueError("combine_lora needs at least one pair of factors")
-    return torch.cat([a for a, _ in parts], 0), torch.cat([b for _, b in parts], 1)
-
-
-def adapter_config(ranks: dict[str, int], base: str | None, **fields: Any) -> dict[str, Any]:
-    """A PEFT LoraConfig in which every module's scale ``alpha_m / r_m`` is exactly 1."""
-    top = max(ranks.values(), default=1)
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base,
-        "revision": None,
-        "r": top,
-        "lora_alpha": top,
-        "rank_pattern": dict(ranks),
-        "alpha_pattern": dict(ranks),
-        "target_modules": sorted(ranks),
-        "use_rslora": False,
-        "use_dora": False,
-        "fan_in_fan_out": False,
-        "bias": "none",
-        "lora_dropout": 0.0,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    } | fields
+    a, b = first[0].float(), scale * first[1].float()
+    if second is None:
+        return a, b
+    return torch.cat([a, second[0]], 0), torch.cat([b, second[1]], 1)
 
 
 class AdapterWriter:
@@ -100,9 +72,30 @@ class AdapterWriter:
         self._writer.write(key, tensor)
 
     def close(self, base: str | None, **fields: Any) -> dict[str, Any]:
-        """Finish the weights and write ``adapter_config.json``; returns the config."""
+        """Finish the weights; write and return ``adapter_config.json``, every module at scale 1."""
         self._writer.close()
-        config = adapter_config(self.ranks, base, **fields)
+        top = max(self.ranks.values(), default=1)
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base,
+            "revision": None,
+            "r": top,
+            "lora_alpha": top,
+            "rank_pattern": dict(self.ranks),
+            "alpha_pattern": dict(self.ranks),
+            "target_modules": sorted(self.ranks),
+            "use_rslora": False,
+            "use_dora": False,
+            "fan_in_fan_out": False,
+            "bias": "none",
+            "lora_dropout": 0.0,
+            "modules_to_save": None,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+        } | fields
         write_json(self.folder / ADAPTER_CONFIG, config)
         return config
 
@@ -120,10 +113,7 @@ def patch_module(name: str) -> str:
 def _write_modules(
     writer: AdapterWriter, ft: MergedView, patch: SafetyPatch, alpha: float, progress: bool
 ) -> int:
-    """The fine-tune's modules and saved tensors with the patch folded in; how many it patched.
-
-    Modules come in the base's tensor order (the patch's own where the fine-tune has none).
-    """
+    """The fine-tune's modules (base order) and saved tensors, patch folded in; the count fused."""
     adapter = ft.adapter
     patched = {n for n, rank in patch.ranks().items() if rank > 0}
     n_fused = 0
@@ -140,7 +130,7 @@ def _write_modules(
             lora = combine_lora(adapter.factors(module), module.scale, safety)
             writer.module(module.name, lora, module.embedding)
     for name, key in adapter.overrides.items():
-        tensor = adapter.tensor(key)
+        tensor = adapter.weights.get(key)
         if name in patch.manifest.tensors and name not in adapter.modules:
             tensor = fused_weight(tensor, *patch.factors(name), alpha)
             n_fused += 1

@@ -1,14 +1,10 @@
 """A minimal pure-torch Llama-family decoder, driven one layer at a time from a checkpoint.
 
-Only what the activation basis needs: the calibration tokens' hidden states and, per layer,
-the Gram matrices ``G = X^T X`` (float64) of its linear maps' inputs. Weights are read one
-layer at a time (ActSVD-style sequential calibration), so layer ``i`` sees exactly the aligned
-model's own activations. The maths follows transformers' ``LlamaModel`` (checked to 1e-5 in
-``tests/test_activation.py``); ``model_type`` llama, mistral and qwen2 (SiLU, default RoPE,
-optional linear biases) are supported, anything else is refused naming the field.
-
-Memory at a layer: the hidden states, one layer's float32 weights and one ``d_in^2`` float64
-Gram per distinct targeted input; for a 7B Llama 1.4 GB of Grams, 0.8 GB of weights.
+It gives the activation basis the calibration tokens' hidden states and, per layer, the float64
+Grams ``G = X^T X`` of its linear maps' inputs. Weights are read one layer at a time
+(ActSVD-style), so layer ``i`` sees the aligned model's own activations. The maths follows
+transformers' ``LlamaModel`` (to 1e-5, ``tests/test_activation.py``) for llama, mistral and qwen2.
+Memory: one layer's float32 weights and one ``d_in^2`` Gram per distinct targeted input.
 """
 
 from __future__ import annotations
@@ -42,7 +38,6 @@ CHUNK = 2048
 class DecoderSpec:
     """The shape facts of a supported decoder, read from ``config.json``."""
 
-    model_type: str
     hidden: int
     heads: int
     kv_heads: int
@@ -69,7 +64,8 @@ def _rope_theta(config: dict[str, Any], where: str) -> float:
     return float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
 
 
-def _check_supported(config: dict[str, Any], where: str) -> None:
+def read_spec(config: dict[str, Any], ckpt: Checkpoint, where: str) -> DecoderSpec:
+    """The decoder's spec, refusing (``ConfigError`` naming the field) what it cannot run."""
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_TYPES:
         raise ConfigError(
@@ -82,11 +78,6 @@ def _check_supported(config: dict[str, Any], where: str) -> None:
     factor = config.get("partial_rotary_factor", 1.0)
     if factor != 1.0:
         raise ConfigError(f"{where}: partial_rotary_factor {factor!r} is not supported (only 1)")
-
-
-def read_spec(config: dict[str, Any], ckpt: Checkpoint, where: str) -> DecoderSpec:
-    """The decoder's spec, refusing (``ConfigError`` naming the field) what it cannot run."""
-    _check_supported(config, where)
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         intermediate, layers = int(config["intermediate_size"]), int(config["num_hidden_layers"])
@@ -96,10 +87,9 @@ def read_spec(config: dict[str, Any], ckpt: Checkpoint, where: str) -> DecoderSp
     if len(embed) != 1:
         raise CheckpointError(f"{ckpt.folder}: expected one embed_tokens.weight, found {embed}")
     sliding = config.get("sliding_window")
-    if config.get("model_type") == "qwen2" and not config.get("use_sliding_window", False):
+    if model_type == "qwen2" and not config.get("use_sliding_window", False):
         sliding = None
     return DecoderSpec(
-        model_type=str(config["model_type"]),
         hidden=hidden,
         heads=heads,
         intermediate=intermediate,
@@ -175,8 +165,7 @@ def layer_forward(
 ) -> torch.Tensor:
     """One decoder layer on the packed tokens ``h: (T, hidden)`` of sequences of ``lengths``.
 
-    ``w`` maps names relative to the layer (``self_attn.q_proj.weight``) to float32 tensors;
-    the Grams named in ``grams`` (keys of ``INPUT_GROUPS``' values) are accumulated in place.
+    ``w``: float32 tensors by name in the layer; ``grams`` (by input group) grow in place.
     """
     x = rms_norm(h, w["input_layernorm.weight"], spec.eps)
     gram_update(grams, "attn_in", x)
@@ -226,12 +215,3 @@ def embed(ckpt: Checkpoint, spec: DecoderSpec, ids: torch.Tensor, device: torch.
             f"({table.shape[0]} rows): tokenizer and model disagree"
         )
     return table.index_select(0, ids).to(device=device, dtype=torch.float32)
-
-
-def check_lengths(spec: DecoderSpec, lengths: list[int]) -> None:
-    """A sliding-window model is run only on sequences that fit in its window."""
-    if spec.sliding_window is not None and max(lengths) > spec.sliding_window:
-        raise ConfigError(
-            f"calibration sequences of {max(lengths)} tokens exceed the model's "
-            f"sliding_window {spec.sliding_window}; lower calibration_max_tokens"
-        )

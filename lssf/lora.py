@@ -1,23 +1,16 @@
 """PEFT LoRA adapters as fine-tunes: read, validate, merge into the base one tensor at a time.
 
-A LoRA fine-tune is its base model plus, per targeted module, ``scale * B @ A``. Only plain
-LoRA stored as safetensors is read. The PEFT format, as PEFT writes it:
-
-- ``adapter_config.json``: ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``rank_pattern`` and
-  ``alpha_pattern`` (module-name regex -> value, first match wins, see PEFT's
-  ``get_pattern_key``), ``use_rslora`` (scale ``alpha / sqrt(r)`` instead of ``alpha / r``),
-  ``fan_in_fan_out`` (the layer stores its weight as ``(d_in, d_out)``), ``modules_to_save``.
-- ``adapter_model.safetensors``: ``base_model.model.<module>.lora_A.weight (r, d_in)`` and
-  ``.lora_B.weight (d_out, r)``; embeddings ``.lora_embedding_A (r, n_emb)`` and
-  ``.lora_embedding_B (dim, r)``; whole tensors that replace the base's: modules_to_save as
-  ``base_model.model.<module>.<param>``, embedding layers as ``<module>.base_layer.weight``.
+A LoRA fine-tune is its base plus ``scale * B @ A`` per targeted module; only plain LoRA stored
+as safetensors is read. As PEFT writes ``adapter_model.safetensors``: per module
+``base_model.model.<module>.lora_A.weight (r, d_in)`` and ``.lora_B.weight (d_out, r)``
+(embeddings: ``.lora_embedding_A`` and ``_B``), and whole tensors replacing the base's
+(``modules_to_save``; embedding layers as ``<module>.base_layer.weight``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import math
 import re
 from collections.abc import Iterator
@@ -34,8 +27,6 @@ from lssf.st_io import Header, TensorInfo, short
 
 if TYPE_CHECKING:
     from lssf.models import SourceRecord
-
-log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -104,8 +95,7 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, transposed: bool) -> torch.Tensor:
     """``scale * B @ A`` in float32, in the layout of the stored weight.
 
-    a: (r, d_in), b: (d_out, r) -> (d_out, d_in); transposed -> (d_in, d_out), as PEFT does for
-    fan_in_fan_out layers (GPT-2's Conv1D) and embeddings.
+    a: (r, d_in), b: (d_out, r) -> (d_out, d_in); transposed for fan_in_fan_out and embeddings.
     """
     delta = (b.float() @ a.float()) * scale
     return delta.T if transposed else delta
@@ -263,17 +253,14 @@ def _overrides(header: Header, config: dict, modules: dict[str, LoraModule]) -> 
 
 
 class LoraAdapter:
-    """An opened adapter folder: its config, modules and whole-tensor overrides.
-
-    Tensors are read on demand; use as a context manager to close the file.
-    """
+    """An opened adapter folder: config, modules, overrides; a context manager (closes the file)."""
 
     def __init__(self, folder: Path | str) -> None:
         self.folder = Path(folder)
         self.config = read_adapter_config(self.folder)
         self.path = adapter_weights(self.folder)
-        self._file = Checkpoint(self.folder, files=[self.path])
-        self.header = self._file.headers[0]
+        self.weights = Checkpoint(self.folder, files=[self.path])
+        self.header = self.weights.headers[0]
         self.modules = _pair_modules(self.header, self.config)
         self.overrides = _overrides(self.header, self.config, self.modules)
         if not self.modules and not self.overrides:
@@ -288,13 +275,9 @@ class LoraAdapter:
         revision = self.config.get("revision")
         return f"{base}@{revision}" if isinstance(revision, str) and revision else base
 
-    def tensor(self, key: str) -> torch.Tensor:
-        """The adapter tensor stored under ``key``."""
-        return self._file.get(key)
-
     def factors(self, module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A (r, d_in), B (d_out, r))`` as stored."""
-        return self.tensor(module.a_key), self.tensor(module.b_key)
+        return self.weights.get(module.a_key), self.weights.get(module.b_key)
 
     def dtype(self) -> torch.dtype:
         """The dtype of the LoRA factors (float32 when there are none)."""
@@ -305,16 +288,11 @@ class LoraAdapter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._file.close()
+        self.weights.close()
 
 
 class MergedView:
-    """The fine-tune ``W_base + scale * B @ A`` seen as a checkpoint (a ``TensorSource``).
-
-    Same headers, names and shapes as the base; each tensor is merged as it is read, so a pass
-    over the fine-tune holds one tensor at a time. ``fuse`` streams it like any checkpoint.
-    Closing it closes the base and the adapter.
-    """
+    """The fine-tune ``W_base + scale * B @ A`` as a ``TensorSource``, merged as it is read."""
 
     def __init__(
         self,
@@ -352,7 +330,7 @@ class MergedView:
     def merge(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The fine-tuned value of base tensor ``name`` (``tensor`` itself when untouched)."""
         if name in self.adapter.overrides:
-            tensor = self.adapter.tensor(self.adapter.overrides[name]).to(tensor.dtype)
+            tensor = self.adapter.weights.get(self.adapter.overrides[name]).to(tensor.dtype)
         module = self.adapter.modules.get(name)
         if module is not None:  # W + scale * B @ A in float32, cast back, as PEFT merges
             w = tensor.to(self.device)

@@ -1,9 +1,8 @@
 """The safety patch: per target tensor ``U' (d_out, r)`` and ``C = U'^T delta (r, d_in)``.
 
-On disk: ``manifest.json`` and ``factors.safetensors`` (float32, ``NAME.U`` and ``NAME.C``), or
-(``format_version`` 2, from a distributed extraction) factor shards listed in the manifest,
-each target in exactly one. The manifest records every factor file's SHA-256 and the patch id
-covers them, so a patch edited after extraction is refused on load or carries another id.
+On disk: ``manifest.json`` and ``factors.safetensors`` (float32 ``NAME.U``, ``NAME.C``) or, from
+a distributed extraction (format 2), factor shards listed in the manifest. The manifest records
+each factor file's SHA-256, which the patch id covers: an edited patch is refused or gets a new id.
 """
 
 from __future__ import annotations
@@ -66,8 +65,7 @@ class FactorShard(Frozen):
     @field_validator("file")
     @classmethod
     def _plain_name(cls, name: str) -> str:
-        plain = name not in ("", ".", "..") and not any(c in name for c in "/\\\0")
-        if not plain or not name.endswith(".safetensors") or name == FACTORS:
+        if any(c in name for c in "/\\\0") or not name.endswith(".safetensors") or name == FACTORS:
             raise ValueError(
                 f"shard file {short(name)} must be a *.safetensors file name in the patch "
                 f"folder itself (no path, not {FACTORS})"
@@ -100,8 +98,7 @@ class PatchManifest(Frozen):
 
     @property
     def patch_id(self) -> str:
-        """Id of the whole manifest but the tool version: sources, parameters, factors' content
-        and every tensor's record, so no edit of a patch keeps its id."""
+        """Id of the whole manifest but the tool version, so no edit of a patch keeps its id."""
         key = {
             "aligned": [self.aligned.name, self.aligned.revision],
             "reference": [self.reference.name, self.reference.revision],
@@ -152,10 +149,7 @@ class SafetyPatch:
         return patch
 
     def verify(self) -> None:
-        """Refuse factors that differ from the manifest: content hash, then every shape.
-
-        Raises ``PatchIntegrityError`` naming what differs; run before any work.
-        """
+        """Refuse factors that differ from the manifest (``PatchIntegrityError``): hash, shapes."""
         check_shards(self.folder, self.manifest)
         for shard in self.manifest.factor_files():
             factors = folder_file(self.folder, shard.file)
@@ -225,14 +219,12 @@ def _read_manifest(path: Path) -> PatchManifest:
 
 
 def check_shards(folder: Path, manifest: PatchManifest) -> None:
-    """A sharded manifest lists every target in exactly one shard, and nothing else."""
-    if manifest.shards is None:
-        return
+    """The manifest lists every target in exactly one factor file, and nothing else."""
     where: dict[str, str] = {}
-    files = [s.file for s in manifest.shards]
+    files = [s.file for s in manifest.factor_files()]
     if len(set(files)) != len(files):
         raise PatchIntegrityError(f"{folder / MANIFEST} lists a shard file twice: {files}")
-    for shard in manifest.shards:
+    for shard in manifest.factor_files():
         for name in shard.tensors:
             if name in where:
                 raise PatchIntegrityError(
@@ -253,13 +245,10 @@ def check_shards(folder: Path, manifest: PatchManifest) -> None:
         )
 
 
-def check_factors(
-    header: Header, manifest: PatchManifest, names: tuple[str, ...] | None = None
-) -> None:
-    """Every tensor of ``names`` (default: the manifest's) has float32 ``U (d_out, r)`` and
-    ``C (r, d_in)`` in this file; nothing else."""
+def check_factors(header: Header, manifest: PatchManifest, names: tuple[str, ...]) -> None:
+    """The file holds float32 ``U (d_out, r)``, ``C (r, d_in)`` of each of ``names``, only."""
     expected: dict[str, tuple[int, int]] = {}
-    for name in manifest.tensors if names is None else names:
+    for name in names:
         rec = manifest.tensors[name]
         d_out, d_in = rec.shape
         if not 0 <= rec.rank <= min(d_out, d_in):

@@ -41,10 +41,7 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def group_by_layer(targets: list[str], layers_per_group: int = 1) -> list[list[str]]:
-    """Targets split into groups of ``layers_per_group`` consecutive decoder layers, in order.
-
-    Tensors outside any ``layers.N.`` block form one more group.
-    """
+    """Targets in groups of ``layers_per_group`` decoder layers; those outside any form one more."""
     if layers_per_group < 1:
         raise ConfigError(f"layers_per_group must be at least 1, not {layers_per_group}")
     groups: dict[int, list[str]] = {}
@@ -94,8 +91,7 @@ def _shard_targets(targets: list[str], tensors: Sequence[str], aligned: Path) ->
     if not tensors or dup or unknown:
         why = f"duplicated {dup}" if dup else f"not targets of {aligned}: {unknown[:5]}"
         raise ConfigError(f"a shard needs distinct target tensors; {why if tensors else 'none'}")
-    wanted = set(tensors)
-    return [t for t in targets if t in wanted]
+    return sorted(tensors, key=targets.index)
 
 
 def extract_shard(
@@ -110,11 +106,7 @@ def extract_shard(
     progress: bool = False,
     workers: int | None = None,
 ) -> ShardRecord:
-    """The factors of the targets ``tensors`` into the safetensors file ``out``.
-
-    Plus its ``out.json`` record; exactly as ``extract`` computes them (``workers`` as there).
-    Basis delta-svd only: the activation basis runs the whole model forward, layer after layer.
-    """
+    """The factors of ``tensors``, as ``extract`` computes them, in ``out`` and ``out.json``."""
     config = config or PatchConfig()
     if config.basis != "delta-svd":
         raise ConfigError(
@@ -217,10 +209,7 @@ def _check_shards(
 def _write_factors(
     tmp: Path, shards: list[tuple[Path, ShardRecord]], targets: list[str], consolidate: bool
 ) -> dict[str, object]:
-    """Shards copied in (manifest ``shards``) or merged into one file in ``extract``'s order.
-
-    Merged (``factors_sha256``), the folder is byte for byte what ``extract`` writes.
-    """
+    """Shards copied in (manifest ``shards``), or merged into one file in ``extract``'s order."""
     if consolidate:
         files = [p for p, _ in shards]
         writer = AppendingWriter(tmp / FACTORS)
