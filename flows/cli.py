@@ -6,10 +6,13 @@ Prefect and MLflow are imported inside the handlers, so that `lssf --help` stays
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+from logging import FileHandler, StreamHandler
 from pathlib import Path
 
 from lssf.cli import fail
+from lssf.commands import GROUP_HELP
 from lssf.errors import ConfigError
 
 
@@ -25,9 +28,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     log_file = args.workdir.expanduser().resolve() / "demo.log"
     if not args.verbose:
         _route_library_logs(log_file)
-    result = run_demo(
-        args.workdir, seed=args.seed, organism_config=OrganismConfig(finetune=args.finetune)
-    )
+    organism = OrganismConfig(finetune=args.finetune)
+    result = run_demo(args.workdir, seed=args.seed, organism_config=organism)
     print(render(result))
     if not args.verbose:
         print(f"Library log (Prefect, MLflow, lm-eval): {log_file}")
@@ -37,9 +39,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _route_library_logs(log_file: Path) -> None:
     """INFO lines of the libraries to `log_file`; the terminal keeps warnings, errors and progress
     bars. The libraries are imported first: each installs its own console handlers then."""
-    import logging
-    from logging import FileHandler, StreamHandler
-
     import lm_eval  # noqa: F401
     import mlflow  # noqa: F401
     import prefect  # noqa: F401
@@ -59,9 +58,7 @@ def _route_library_logs(log_file: Path) -> None:
 
 
 def register_demo(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "demo", help="organism -> watch -> realign -> gate -> MLflow registry, offline"
-    )
+    p = subparsers.add_parser("demo", help=GROUP_HELP["demo"])
     p.add_argument("--workdir", type=Path, default=Path(".state/demo"), help="default: %(default)s")
     # Default: seed 3's shipped LoRA organism (data/organisms/), which passes the held-out gate
     # (docs/organism_results.md), so the demo reaches a registered version. `--seed 0 --finetune
@@ -102,7 +99,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
 
 
 def register_config(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("config", help="pipeline config: print its schema, validate a file")
+    p = subparsers.add_parser("config", help=GROUP_HELP["config"])
     sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     s = sub.add_parser("schema", help="print the JSON schema of the pipeline config")
     s.set_defaults(func=cmd_config_schema)
@@ -127,7 +124,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def register_promote(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("promote", help="point the 'champion' alias at a passing version")
+    p = subparsers.add_parser("promote", help=GROUP_HELP["promote"])
     p.add_argument("--config", type=Path, default=Path("configs/organism.yaml"))
     p.add_argument("--family", default="organism")
     p.add_argument("--version", help="model version (default: the one aliased 'candidate')")

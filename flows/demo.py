@@ -1,8 +1,7 @@
 """`lssf demo`: the whole pipeline on the model organism, offline, in one command.
 
 The organism's fine-tune goes into a local watch folder; the watcher runs realign inline under
-a temporary Prefect server and records into a SQLite MLflow store under the work folder. Run
-again, it registers nothing new: the watcher finds the candidate's finished run and skips it.
+a temporary Prefect server, recording into a SQLite MLflow store under the work folder.
 """
 
 from __future__ import annotations
@@ -17,16 +16,14 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lssf.outputs import atomic_folder, atomic_write_text
-from tasks.config import PipelineConfig
 
 if TYPE_CHECKING:
-    from evaluation.organism import OrganismConfig
+    from evaluation.organism import OrganismConfig, OrganismPaths
 
 logger = logging.getLogger(__name__)
 
 ORGANISM_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "organism.yaml"
 FAMILY = "organism"
-WATCHED_NAME = "organism-finetuned"
 
 
 @dataclass(frozen=True)
@@ -38,31 +35,26 @@ class DemoResult:
     seconds: float
 
 
-def demo_config(
-    workdir: Path, aligned: Path, reference: Path, eval_dir: Path, eval_limit: int | None = None
-) -> Path:
+def demo_config(workdir: Path, organism: OrganismPaths, eval_limit: int | None = None) -> Path:
     """configs/organism.yaml with every path pointing into `workdir`; written there."""
     data = yaml.safe_load(ORGANISM_CONFIG.read_text())
     fam = data["families"][FAMILY]
-    fam["aligned"], fam["reference"] = str(aligned), str(reference)
-    fam["eval_data_dir"] = str(eval_dir)
+    fam["aligned"], fam["reference"] = str(organism.aligned), str(organism.base)
+    fam["eval_data_dir"] = str(organism.eval_dir)
     if eval_limit is not None:
         fam["eval_limit"] = eval_limit
     fam["watch"] = {**fam.get("watch", {}), "kind": "local", "path": str(workdir / "watch")}
     data["state_dir"] = str(workdir / "state")
     data.pop("tracking_uri", None)  # default: sqlite:////<workdir>/state/mlflow.db
-    PipelineConfig.model_validate(data)  # fail here, not inside the flow
     return atomic_write_text(workdir / "lssf-demo.yaml", yaml.safe_dump(data, sort_keys=False))
 
 
-def place_in_watch_folder(finetuned: Path, watch_dir: Path) -> Path:
+def place_in_watch_folder(finetuned: Path, watch_dir: Path) -> None:
     """Copy the fine-tuned model into the watch folder once (atomically: copy, then rename)."""
-    dst = watch_dir / WATCHED_NAME
+    dst = watch_dir / "organism-finetuned"
     if not dst.is_dir():
-        watch_dir.mkdir(parents=True, exist_ok=True)
         with atomic_folder(dst, inputs=[finetuned]) as tmp:
             shutil.copytree(finetuned, tmp, dirs_exist_ok=True)
-    return dst
 
 
 def run_demo(
@@ -75,29 +67,24 @@ def run_demo(
     start = time.perf_counter()
     from evaluation.organism import build_organism
     from flows.watch import watch
-    from tasks import registry
     from tasks.config import load_config
-    from tasks.record_tasks import summary_from_run
+    from tasks.record_tasks import lookup_outcome
     from tasks.sources import LocalFolderSource
 
     workdir = workdir.expanduser().resolve()
     organism = build_organism(seed=seed, out=workdir / "organism", config=organism_config)
     logger.info("organism at %s (cached: %s)", organism.root, organism.cached)
     place_in_watch_folder(organism.finetuned, workdir / "watch")
-    config_path = demo_config(
-        workdir, organism.aligned, organism.base, organism.eval_dir, eval_limit
-    )
+    config_path = demo_config(workdir, organism, eval_limit)
+    cfg = load_config(config_path)  # fail here, not inside the flow
     results = watch(family=FAMILY, config=str(config_path), dispatch="inline")
-    cfg = load_config(config_path)
     fam = cfg.family(FAMILY)
     (cand,) = LocalFolderSource(workdir / "watch").list()
-    client, exp = cfg.record_store().open()
-    run = registry.find_final_run(client, exp, cand.key, FAMILY)
-    if run is None:
+    summary = lookup_outcome.fn(cfg.record_store(), cand.key, fam.registered_model, FAMILY)
+    if summary is None:
         reason = results[0].get("reason") if results else "no record"
         raise RuntimeError(f"the realign of {cand.key} did not finish: {reason}")
-    version = registry.find_version(client, fam.registered_model, cand.key)
-    summary = summary_from_run(run, version) | {"registered_model": fam.registered_model}
+    summary["registered_model"] = fam.registered_model
     seconds = time.perf_counter() - start
     return DemoResult(summary, len(results), cfg.resolved_tracking_uri(), config_path, seconds)
 
@@ -119,10 +106,9 @@ def render(result: DemoResult) -> str:
         lines.append(f"Registered: nothing ({model} unchanged)")
     if result.new_runs == 0:
         lines.append("Already processed: this run registered nothing new.")
-    db = result.tracking_uri
     lines += [
-        f"MLflow tracking URI: {db}",
-        f"Open the MLflow UI: mlflow ui --backend-store-uri {db}",
+        f"MLflow tracking URI: {result.tracking_uri}",
+        f"Open the MLflow UI: mlflow ui --backend-store-uri {result.tracking_uri}",
         f"Config used: {result.config_path}",
         f"Wall time: {result.seconds:.1f} s",
     ]

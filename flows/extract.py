@@ -1,8 +1,7 @@
 """`extract_distributed`: one safety patch, its SVDs fanned out over a Dask cluster.
 
-One task per group of decoder layers writes its factor shard on a worker (one torch thread, its
-own GPU if any); the shards are assembled into one patch folder (with ``consolidate``, the very
-folder a one-process ``lssf.extract`` writes). Only puts tasks in order. An existing cluster
+One task per group of decoder layers writes a factor shard on a worker; the shards become one
+patch folder (with ``consolidate``, the one a single process writes). An existing cluster
 (``address="tcp://..."``) must see the model folders and the output's parent at the same paths.
 """
 
@@ -12,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
 from prefect_dask import DaskTaskRunner
 
 from lssf import PatchConfig
@@ -58,13 +57,9 @@ def extract_distributed(
     stage = staging_folder(out)
     stage.mkdir(parents=True, exist_ok=True)
     groups = et.plan_shards(aligned, reference, out, config, layers_per_task, overwrite)
-    futures = [
-        et.extract_group.submit(
-            aligned, reference, str(stage / f"group-{k:05d}.safetensors"), names, config, threads
-        )
-        for k, names in enumerate(groups)
-    ]
-    shards = [f.result() for f in futures]
+    paths = [str(stage / f"group-{k:05d}.safetensors") for k in range(len(groups))]
+    futures = et.extract_group.map(aligned, reference, paths, groups, unmapped(config), threads)
+    shards = futures.result()
     patch_id = et.assemble(shards, aligned, reference, out, config, consolidate, overwrite)
     shutil.rmtree(stage, ignore_errors=True)
     get_run_logger().info("patch %s from %d shards in %s", patch_id, len(shards), out)
@@ -82,7 +77,5 @@ def run_distributed(
     **options: Any,
 ) -> dict[str, Any]:
     """``extract_distributed`` on a runner of ``workers`` local processes (or ``address``)."""
-    runner = dask_runner(workers, address)
-    return extract_distributed.with_options(task_runner=runner)(
-        str(aligned), str(reference), str(out), config, **options
-    )
+    on_dask = extract_distributed.with_options(task_runner=dask_runner(workers, address))
+    return on_dask(str(aligned), str(reference), str(out), config, **options)

@@ -1,10 +1,9 @@
 """`realign(finetuned, family)`: patch, choose alpha, confirm, gate and register one fine-tune.
 
-Only puts tasks in order. Each alpha the search proposes is fused, evaluated on calibration and
-gated by the calibration gate (the family's, with a safety margin); the chosen one is evaluated
-once on held-out, and only that gate's verdict decides registration. Safe to kill and restart:
-completed outputs are reused (the search replays them), a finished record is returned as is,
-and registration is keyed by repo@revision, so a restart never makes a second version.
+Each alpha the search proposes is fused, evaluated on calibration and gated by the calibration
+gate (the family's, with a safety margin); only the chosen alpha's held-out gate decides
+registration. Safe to kill and restart: completed outputs are reused, a finished record is
+returned as is, and registration is keyed by repo@revision, so never a second version.
 """
 
 from __future__ import annotations
@@ -19,15 +18,9 @@ from evaluation.gates import GateConfig, GateReport
 from evaluation.report import EvalReport
 from tasks import realign_tasks as rt
 from tasks import record_tasks as rec
+from tasks import report
 from tasks.config import load_config
 from tasks.realign_tasks import PatchSummary, RealignJob
-from tasks.report import (
-    HeldoutResult,
-    run_description,
-    search_record,
-    summary_markdown,
-    version_description,
-)
 from tasks.sources import Candidate
 from tasks.watch_tasks import use_hf_token
 
@@ -69,39 +62,35 @@ def _realign_body(job: RealignJob, run_id: str) -> dict[str, Any]:
     cal_gate = calibration_gate(fam.gate_config(), search_cfg.margin, search_cfg.safety_metrics)
     state = str(job.cfg.resolved_state_dir())
     if fam.extraction.distributed and not rt.patch_is_stored(job.patch_key, state, store):
-        _extract_distributed(job, state)
+        # Over Dask into the folder get_or_build_patch reads; consolidated: the same bytes and
+        # patch id as one process. The `extraction` fields are run_distributed's options.
+        from flows.extract import run_distributed
+
+        ext = fam.extraction
+        get_run_logger().info("patch %s: distributed extraction (%s)", job.patch_key, ext)
+        aligned, reference = rt.materialize(job.aligned), rt.materialize(job.reference)
+        out = Path(state) / "patches" / job.patch_key
+        run_distributed(aligned, reference, out, fam.patch, consolidate=True, **ext.model_dump())
     patch = rt.get_or_build_patch(
         job.aligned, job.reference, fam.patch, job.patch_key, state, store
     )
     ft_dir = rt.materialize(job.cand.ref)
     base = {s: _evaluate(job, ft_dir, job.baseline_path(s), s) for s in ("calibration", "heldout")}
     search, heldout = _search(job, ft_dir, patch, base, cal_gate)
-    record = search_record(search, cal_gate, fam.utility_metrics, base, heldout)
+    record = report.search_record(search, cal_gate, fam.utility_metrics, base, heldout)
     get_run_logger().info("held-out verdict for %s: %s", job.cand.key, record.reason)
     rec.record_realign(store, run_id, job, record, patch)
     passed = heldout is not None and heldout.passed
     version = None
     if passed:
-        about = version_description(record, job.run_name, run_id)
+        about = report.version_description(record, job.run_name, run_id)
         version = rec.register_model(store, run_id, job, heldout.alpha, patch.patch_id, about)
     model = fam.registered_model
-    note = run_description(record, model, version)
+    note = report.run_description(record, model, version)
     rec.close_record(store, run_id, "passed" if passed else "rejected", record.reason, note)
-    rec.publish_summary(summary_markdown(job.cand.key, record, model, version), job.summary_key)
-    return rec.lookup_outcome(store, job.cand.key, fam.registered_model, job.family)
-
-
-def _extract_distributed(job: RealignJob, state: str) -> None:
-    """The patch extracted over Dask into the folder `get_or_build_patch` reads: consolidated,
-    so the same bytes and patch id as one process would write."""
-    from flows.extract import run_distributed
-
-    ext = job.fam.extraction
-    aligned, reference = rt.materialize(job.aligned), rt.materialize(job.reference)
-    out = Path(state) / "patches" / job.patch_key
-    get_run_logger().info("patch %s: distributed extraction (%s)", job.patch_key, ext)
-    # The family's `extraction` fields (workers, address, layers_per_task) are the options.
-    run_distributed(aligned, reference, out, job.fam.patch, consolidate=True, **ext.model_dump())
+    summary = report.summary_markdown(job.cand.key, record, model, version)
+    rec.publish_summary(summary, job.summary_key)
+    return rec.lookup_outcome(store, job.cand.key, model, job.family)
 
 
 def _evaluate(job: RealignJob, model: str, out: str, split: str) -> EvalReport:
@@ -112,21 +101,21 @@ def _evaluate(job: RealignJob, model: str, out: str, split: str) -> EvalReport:
 
 def _search(
     job: RealignJob, ft_dir: str, patch: PatchSummary, base: dict[str, EvalReport], gate: GateConfig
-) -> tuple[AlphaSearch, HeldoutResult | None]:
+) -> tuple[AlphaSearch, report.HeldoutResult | None]:
     """The alpha search on calibration, then the chosen alpha gated once on held-out."""
 
     def probe(alpha: float, split: str, rules: GateConfig) -> tuple[EvalReport, GateReport]:
         fused = rt.fuse_candidate(ft_dir, patch.path, alpha, job.fused_dir(alpha))
-        report = _evaluate(job, fused, job.eval_path(split, alpha), split)
-        return report, rt.gate_candidate(report, base[split], rules, job.gate_path(split, alpha))
+        ev = _evaluate(job, fused, job.eval_path(split, alpha), split)
+        return ev, rt.gate_candidate(ev, base[split], rules, job.gate_path(split, alpha))
 
     search = AlphaSearch(job.fam.search_config(), job.fam.utility_metrics)
     while (alpha := search.propose()) is not None:
-        report, verdict = probe(alpha, "calibration", gate)
-        step = search.observe_gate(alpha, report.metrics, verdict)
+        ev, verdict = probe(alpha, "calibration", gate)
+        step = search.observe_gate(alpha, ev.metrics, verdict)
         get_run_logger().info(
             "calibration probe %d: alpha=%g %s", step.index + 1, alpha, step.outcome
         )
     if (alpha := search.chosen()) is None:
         return search, None
-    return search, HeldoutResult.of(alpha, *probe(alpha, "heldout", job.fam.gate_config()))
+    return search, report.HeldoutResult.of(alpha, *probe(alpha, "heldout", job.fam.gate_config()))

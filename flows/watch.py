@@ -1,8 +1,8 @@
 """`watch(family)`: find new fine-tunes of a family and start a realign for each.
 
-With `dispatch="event"` (the deployment) each new repo@revision is announced as the event
-`lssf.finetune.discovered`, which the realign deployment's trigger turns into a queued run on
-the GPU pool. With `dispatch="inline"` (`lssf demo`, tests) realign runs here as a subflow.
+`dispatch="event"` (the deployment) announces each new repo@revision as the event
+`lssf.finetune.discovered`, which the realign deployment's trigger queues on the GPU pool;
+`dispatch="inline"` (`lssf demo`, tests) runs realign here as a subflow.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ def watch(
     cfg = load_config(config)
     fam = cfg.family(family)
     use_hf_token(cfg.hf_token_secret)
-    found = list_source(fam.watch, fam.aligned)
-    fresh = drop_processed(found, cfg.record_store(), family)
+    fresh = drop_processed(list_source(fam.watch, fam.aligned), cfg.record_store(), family)
     results: list[dict[str, Any]] = []
     for cand in fresh:
         if dispatch == "event":

@@ -1,11 +1,9 @@
 """Hugging Face Hub webhooks -> `lssf.finetune.discovered`: the receiver behind `lssf webhook`.
 
-Prefect's open-source server has no webhook endpoint, so this FastAPI app takes the Hub's
-deliveries (https://huggingface.co/docs/hub/webhooks) and emits the polling watcher's event
-(the watcher stays as the safety net). Anything but a commit on main of a watched family's
-fine-tune or adapter is answered 200 `{"ignored": reason}`, as the Hub retries only failed
-deliveries; a failed Hub lookup or event is 503, so that it retries. Logs name the repo,
-revision and decision; never the secret or the body.
+Prefect's open-source server has no webhook endpoint, hence this FastAPI app. Anything but a
+commit on main of a watched family's fine-tune or adapter is 200 `{"ignored": reason}` (the Hub
+retries only failures); a failed Hub lookup or event is 503, so that it retries. Logs never
+hold the secret or the body.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from huggingface_hub import ModelInfo
 from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
@@ -41,44 +39,31 @@ _SHA = re.compile(r"[0-9a-f]{40}")
 _REPO = re.compile(r"(?:[\w.-]+/)?[\w.-]+")
 
 
-class BadPayload(ValueError):
-    """The body is JSON but not a Hub webhook payload."""
-
-
-class BodyTooLarge(ValueError):
-    """The body is longer than the receiver's bound."""
-
-
-@dataclass(frozen=True)
-class Watched:
-    """One family as the receiver sees it: whose descendants it wants, of which lineages."""
-
-    family: str
-    base_model: str
-    lineages: tuple[str, ...]
-
-
-def watched_families(config: PipelineConfig) -> list[Watched]:
-    """The families whose watch source is the Hub, with the base id the watcher filters on."""
-    return [
-        Watched(name, bare_id(fam.watch.base_model or fam.aligned), tuple(fam.watch.lineages))
+def watched_families(config: PipelineConfig) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Family -> (base id the watcher filters on, lineages) of the families watching the Hub."""
+    return {
+        name: (bare_id(fam.watch.base_model or fam.aligned), fam.watch.lineages)
         for name, fam in config.families.items()
         if fam.watch.kind == "hub"
-    ]
+    }
 
 
-def parse_push(payload: Any) -> tuple[str, str] | str:
-    """The (repo, sha) a delivery announces, or why it is ignored; BadPayload if not the Hub's.
+def parse_push(body: bytes) -> tuple[str, str] | str:
+    """The (repo, sha) a delivery announces, or why it is ignored; 400 if it is not the Hub's.
 
     The Hub's documented shape: `event` {action, scope}, `repo` {type, name, headSha, ...} and,
     on code changes, `updatedRefs` [{ref, oldSha, newSha}] (newSha null: the ref was deleted).
     A narrower scope than `repo.content` (the Hub may add some) counts as `repo.content`.
     """
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise HTTPException(400, "body is not JSON") from None
     if not isinstance(payload, dict):
-        raise BadPayload("not a Hub webhook payload: the body is not a JSON object")
+        raise HTTPException(400, "not a Hub webhook payload: the body is not a JSON object")
     event, repo = payload.get("event"), payload.get("repo")
     if not isinstance(event, dict) or not isinstance(repo, dict):
-        raise BadPayload("not a Hub webhook payload: 'event' and 'repo' must be objects")
+        raise HTTPException(400, "not a Hub webhook payload: 'event' and 'repo' must be objects")
     scope, action = event.get("scope"), event.get("action")
     if not isinstance(scope, str) or not (scope + ".").startswith(CONTENT_SCOPE + "."):
         return f"event.scope {scope!r} is not {CONTENT_SCOPE!r}"
@@ -88,10 +73,10 @@ def parse_push(payload: Any) -> tuple[str, str] | str:
         return f"repo.type {repo.get('type')!r} is not 'model'"
     name = repo.get("name")
     if not isinstance(name, str) or not _REPO.fullmatch(name):
-        raise BadPayload(f"repo.name {name!r} is not a Hub repo id")
+        raise HTTPException(400, f"repo.name {name!r} is not a Hub repo id")
     refs = payload.get("updatedRefs", [])
     if not isinstance(refs, list):
-        raise BadPayload("updatedRefs must be a list")
+        raise HTTPException(400, "updatedRefs must be a list")
     main = next((r for r in refs if isinstance(r, dict) and r.get("ref") == MAIN_REF), None)
     if main is None:
         return f"no update of {MAIN_REF}"
@@ -99,7 +84,7 @@ def parse_push(payload: Any) -> tuple[str, str] | str:
     if sha is None:
         return f"{MAIN_REF} was deleted"
     if not isinstance(sha, str) or not _SHA.fullmatch(sha):
-        raise BadPayload(f"updatedRefs[{MAIN_REF}].newSha {sha!r} is not a commit sha")
+        raise HTTPException(400, f"updatedRefs[{MAIN_REF}].newSha {sha!r} is not a commit sha")
     return name, sha
 
 
@@ -154,20 +139,22 @@ class SeenStore:
 
 
 async def read_bounded(request: Request, limit: int) -> bytes:
-    """The request body, read chunk by chunk; BodyTooLarge as soon as it passes `limit`."""
+    """The request body, read chunk by chunk; 413 as soon as it passes `limit`."""
+    too_large = HTTPException(413, f"body larger than {limit} bytes")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"body of {declared} bytes exceeds {limit}")
+        raise too_large
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise BodyTooLarge(f"body exceeds {limit} bytes")
+            raise too_large
     return bytes(body)
 
 
-def _reply(status: int, **body: Any) -> JSONResponse:
-    return JSONResponse(body, status_code=status)
+def _ignored(reason: str, **body: Any) -> JSONResponse:
+    logger.info("delivery ignored: %s", reason)
+    return JSONResponse({"ignored": reason, **body})
 
 
 @dataclass
@@ -182,82 +169,57 @@ class Receiver:
     emit: Callable[[Candidate, str, str], Awaitable[str]]  # (candidate, family, config) -> id
     max_body: int = MAX_BODY_BYTES
 
-    def __post_init__(self) -> None:
-        self.watched = watched_families(self.config)
-
     async def deliver(self, request: Request) -> JSONResponse:
         given = request.headers.get(SECRET_HEADER)
-        if given is None:
-            logger.warning("delivery refused: no %s header", SECRET_HEADER)
-            return _reply(401, error=f"missing {SECRET_HEADER} header")
-        # In constant time; the header's bytes as HTTP carries them (latin-1).
-        if not hmac.compare_digest(given.encode("latin-1"), self.secret.encode("utf-8")):
-            logger.warning("delivery refused: wrong %s", SECRET_HEADER)
-            return _reply(401, error=f"wrong {SECRET_HEADER}")
         try:
-            payload = json.loads(await read_bounded(request, self.max_body))
-        except BodyTooLarge as exc:
-            logger.warning("delivery refused: %s", exc)
-            return _reply(413, error=f"body larger than {self.max_body} bytes")
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            logger.warning("delivery refused: body is not JSON")
-            return _reply(400, error="body is not JSON")
-        try:
-            push = parse_push(payload)
-        except BadPayload as exc:
-            logger.warning("delivery refused: %s", exc)
-            return _reply(400, error=str(exc))
-        if isinstance(push, str):
-            logger.info("delivery ignored: %s", push)
-            return _reply(200, ignored=push)
-        return await self.announce(*push)
+            if given is None:
+                raise HTTPException(401, f"missing {SECRET_HEADER} header")
+            # In constant time; the header's bytes as HTTP carries them (latin-1).
+            if not hmac.compare_digest(given.encode("latin-1"), self.secret.encode("utf-8")):
+                raise HTTPException(401, f"wrong {SECRET_HEADER}")
+            push = parse_push(await read_bounded(request, self.max_body))
+            return _ignored(push) if isinstance(push, str) else await self.announce(*push)
+        except HTTPException as exc:
+            logger.warning("delivery answered %d: %s", exc.status_code, exc.detail)
+            return JSONResponse({"error": exc.detail}, exc.status_code)
 
     async def announce(self, name: str, sha: str) -> JSONResponse:
         try:
             info = await run_in_threadpool(self.model_info, name, sha)
         except (RepositoryNotFoundError, RevisionNotFoundError):
-            logger.info("delivery ignored: %s@%s not found on the Hub", name, sha)
-            return _reply(200, ignored=f"{name}@{sha} not found on the Hub")
+            return _ignored(f"{name}@{sha} not found on the Hub")
         except Exception as exc:  # the Hub or the network: let the Hub retry the delivery
             logger.warning("model_info(%s@%s) failed: %s", name, sha, type(exc).__name__)
-            return _reply(503, error="Hub lookup failed; retry later")
+            raise HTTPException(503, "Hub lookup failed; retry later") from None
         repo = info.id or name  # the Hub's spelling, as the watcher's listing has it
-        matches = [
-            (w, lin) for w in self.watched if (lin := lineage_of(info, w.base_model, w.lineages))
-        ]
-        if not matches:
-            logger.info("delivery ignored: %s is no watched fine-tune or adapter", repo)
-            return _reply(200, ignored=f"{repo} is not a fine-tune or adapter of a watched family")
         emitted, repeated = [], []
-        for watched, lineage in matches:
+        for family, (base, lineages) in watched_families(self.config).items():
+            if (lineage := lineage_of(info, base, lineages)) is None:
+                continue
             cand = Candidate(repo=repo, revision=sha, lineage=lineage)
-            if not self.seen.claim(cand.key, watched.family):
-                repeated.append(watched.family)
+            if not self.seen.claim(cand.key, family):
+                repeated.append(family)
                 continue
             try:
-                event_id = await self.emit(cand, watched.family, self.config_ref)
+                event_id = await self.emit(cand, family, self.config_ref)
             except Exception as exc:
-                self.seen.release(cand.key, watched.family)
+                self.seen.release(cand.key, family)
                 logger.warning("event for %s failed: %s: %s", cand.key, type(exc).__name__, exc)
-                return _reply(503, error="could not send the event to Prefect; retry later")
-            self.seen.confirm(cand.key, watched.family, event_id)
-            logger.info("announced %s (%s) to family %s", cand.key, lineage, watched.family)
-            emitted.append({"family": watched.family, "lineage": lineage, "event_id": event_id})
+                detail = "could not send the event to Prefect; retry later"
+                raise HTTPException(503, detail) from None
+            self.seen.confirm(cand.key, family, event_id)
+            logger.info("announced %s (%s) to family %s", cand.key, lineage, family)
+            emitted.append({"family": family, "lineage": lineage, "event_id": event_id})
+        if not (emitted or repeated):
+            return _ignored(f"{repo} is not a fine-tune or adapter of a watched family")
         if not emitted:
-            logger.info("delivery ignored: %s@%s already announced", repo, sha)
-            return _reply(200, ignored=f"{repo}@{sha} already announced", families=repeated)
-        return _reply(202, emitted=emitted, already_announced=repeated)
+            return _ignored(f"{repo}@{sha} already announced", families=repeated)
+        return JSONResponse({"emitted": emitted, "already_announced": repeated}, 202)
 
 
 def create_app(receiver: Receiver, path: str = "/webhook") -> FastAPI:
     """The ASGI app: POST `path` takes deliveries, GET /health says it is up."""
-    app = FastAPI(
-        title="lssf Hub webhook receiver", docs_url=None, redoc_url=None, openapi_url=None
-    )
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.post(path)(receiver.deliver)
-
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
+    app.get("/health")(lambda: {"status": "ok"})
     return app

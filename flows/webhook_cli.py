@@ -9,16 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
+from lssf.commands import GROUP_HELP
 from lssf.errors import ConfigError
-
-HELP = "receive Hugging Face Hub webhooks and emit lssf.finetune.discovered"
-
-
-def hub_model_info(repo: str, revision: str):
-    """`HfApi().model_info` at one commit; the token comes from HF_TOKEN (never logged)."""
-    from huggingface_hub import HfApi
-
-    return HfApi().model_info(repo, revision=revision, timeout=10.0)
 
 
 def resolve_secret(env_var: str, block: str | None) -> str:
@@ -38,6 +30,7 @@ def resolve_secret(env_var: str, block: str | None) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from huggingface_hub import HfApi
     from prefect.settings import PREFECT_API_URL
 
     from flows.webhook import Receiver, SeenStore, create_app, watched_families
@@ -61,18 +54,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config_ref=str(args.config),
         secret=resolve_secret(args.secret_env, args.secret_block),
         seen=SeenStore(state / "seen.sqlite"),
-        model_info=hub_model_info,
+        # At one commit; the token comes from HF_TOKEN (never logged).
+        model_info=lambda repo, sha: HfApi().model_info(repo, revision=sha, timeout=10.0),
         emit=send_discovered,
         max_body=args.max_body_bytes,
     )
-    names = ", ".join(f"{w.family} ({w.base_model})" for w in watched)
+    names = ", ".join(f"{family} ({base})" for family, (base, _) in watched.items())
     print(f"lssf webhook: POST http://{args.host}:{args.port}{args.path} for {names}")
     uvicorn.run(create_app(receiver, args.path), host=args.host, port=args.port, log_level="info")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("webhook", help=HELP)
+    p = subparsers.add_parser("webhook", help=GROUP_HELP["webhook"])
     sub = p.add_subparsers(dest="webhook_command", metavar="ACTION", required=True)
     s = sub.add_parser(
         "serve",

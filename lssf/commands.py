@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from importlib.metadata import EntryPoint, entry_points
 
-GROUP = "lssf.commands"
-
-# One line per known group, the same text as its register() gives (tests/test_cli.py checks it).
+# One line per known group; its register() gives the same text (tests/test_cli.py checks it).
 GROUP_HELP: dict[str, str] = {
     "config": "pipeline config: print its schema, validate a file",
     "data": "benchmark data for the evaluation suites",
@@ -26,7 +24,7 @@ GROUP_HELP: dict[str, str] = {
 
 def command_groups() -> dict[str, EntryPoint]:
     """Entry points of the group by name, sorted; nothing is imported (no ``.load()``)."""
-    return {ep.name: ep for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name)}
+    return {ep.name: ep for ep in sorted(entry_points(group="lssf.commands"), key=lambda e: e.name)}
 
 
 def group_help(name: str) -> str:
