@@ -20,8 +20,6 @@ from lssf.models import Frozen
 if TYPE_CHECKING:
     from tasks.registry import RecordStore
 
-DEFAULT_STATE_DIR = Path(".state")
-
 
 class _Frozen(Frozen):
     # allow_inf_nan=False: `.inf` or `.nan` in YAML fails naming the field, never slips through.
@@ -195,7 +193,7 @@ class PipelineConfig(_Frozen):
         min_length=1, description="model families by name (the name is used in run names)"
     )
     state_dir: Path = Field(
-        DEFAULT_STATE_DIR,
+        Path(".state"),
         description="local folder for patches, fused models, evaluations and the default "
         "MLflow store",
     )
@@ -231,9 +229,7 @@ class PipelineConfig(_Frozen):
         return self.state_dir.expanduser().resolve()
 
     def resolved_tracking_uri(self) -> str:
-        if self.tracking_uri:
-            return self.tracking_uri
-        return f"sqlite:///{self.resolved_state_dir() / 'mlflow.db'}"
+        return self.tracking_uri or f"sqlite:///{self.resolved_state_dir() / 'mlflow.db'}"
 
     def record_store(self) -> RecordStore:
         """Where this pipeline's MLflow record lives (artifacts under the state folder)."""

@@ -1,8 +1,6 @@
-"""The `lssf.finetune.discovered` event, the same from the watcher and the webhook receiver.
-
-The realign deployment's trigger (prefect.yaml) starts a run from it whichever path found the
-fine-tune. Its id is a uuid5 of repo@revision and family: a replayed delivery, or both paths
-finding one commit, give the *same* event, which a Prefect server stores once.
+"""`lssf.finetune.discovered`, the event that starts a realign (prefect.yaml's trigger), the same
+from the watcher and the webhook receiver. Its id is a uuid5 of repo@revision and family: a
+replayed delivery, or both paths finding one commit, give the *same* event, stored once.
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ from typing import Any
 from tasks.sources import Candidate
 
 DISCOVERED_EVENT = "lssf.finetune.discovered"
-RESOURCE_PREFIX = "lssf.finetune."
 # Fixed namespace of lssf's event ids (uuid5 of the DNS name below); never change it, or a
 # replay after an upgrade becomes a new event.
 EVENT_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_DNS, "lssf.finetune.discovered")
@@ -29,7 +26,7 @@ def discovered_event(candidate: Candidate, family: str, config: str) -> dict[str
     return {
         "event": DISCOVERED_EVENT,
         "resource": {
-            "prefect.resource.id": f"{RESOURCE_PREFIX}{candidate.key}",
+            "prefect.resource.id": f"lssf.finetune.{candidate.key}",
             "prefect.resource.name": candidate.repo,
         },
         "payload": {
@@ -42,20 +39,9 @@ def discovered_event(candidate: Candidate, family: str, config: str) -> dict[str
     }
 
 
-def emit_discovered(candidate: Candidate, family: str, config: str) -> str | None:
-    """Emit the event through Prefect's events client; its id, or None when events are off."""
-    from prefect.events import emit_event
-
-    event = emit_event(**discovered_event(candidate, family, config))
-    return str(event.id) if event is not None else None
-
-
 async def send_discovered(candidate: Candidate, family: str, config: str) -> str:
-    """Send the event to the server at `PREFECT_API_URL` and return its id; raise if it fails.
-
-    For the webhook receiver, which records a delivery as done only once its event has left:
-    `emit_event` would queue it to a worker that turns a failed send into a log line.
-    """
+    """Send the event to the server at `PREFECT_API_URL`; its id. Raises if it fails, unlike
+    `emit_event`'s worker (a log line): the webhook records a delivery done once it has left."""
     from prefect.events import Event
     from prefect.events.clients import get_events_client
 

@@ -73,10 +73,8 @@ def extract_group(
     config: PatchConfig,
     threads: int = 1,
 ) -> str:
-    """Factors of one group of targets into ``shard``, on this worker's own device.
-
-    One torch thread by default: the same bits as a one-process ``extract`` on one thread.
-    """
+    """Factors of one group of targets into ``shard``, on this worker's own device; one torch
+    thread by default: the same bits as a one-process ``extract`` on one thread."""
     log = run_logger()
     if _reusable(Path(shard), config, names):
         log.info("%s: complete from an earlier attempt", Path(shard).name)

@@ -1,10 +1,8 @@
-"""Prefect tasks of a realign, each wrapping one lssf or evaluation call.
-
-Only paths, ids and small configs travel between tasks, never tensors. Outputs live under the
-state folder at paths derived from input revisions and are written atomically, so a realign
-killed anywhere and started again redoes only the unfinished work; Prefect's cache (keyed by
-the same revisions, only while the output exists) skips even the check for it. Hub and
-registry I/O retry; computation does not.
+"""Prefect tasks of a realign, each wrapping one lssf or evaluation call (only paths, ids and
+small configs travel between them, never tensors). Outputs live under the state folder at paths
+derived from input revisions and are written atomically, so a killed realign started again redoes
+only the unfinished work; Prefect's cache (only while the output exists) skips even the check for
+it. Hub and registry I/O retry; computation does not.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ from lssf.st_io import file_sha256
 from tasks import registry
 from tasks._log import run_logger
 from tasks.config import FamilyConfig, PipelineConfig
-from tasks.registry import CANDIDATE_ALIAS, CHAMPION_ALIAS, RecordStore
 from tasks.sources import Candidate
 
 
@@ -121,7 +118,7 @@ class PatchSummary(Frozen):
 
 
 @task(**REGISTRY_RETRIES)
-def patch_is_stored(key: str, state_dir: str, store: RecordStore) -> bool:
+def patch_is_stored(key: str, state_dir: str, store: registry.RecordStore) -> bool:
     """Is the patch of `key` already there, complete in the state folder or in MLflow? (Only
     then does a distributed extraction have nothing to do.)"""
     if (Path(state_dir) / "patches" / key / PATCH_MANIFEST).is_file():
@@ -137,7 +134,7 @@ def get_or_build_patch(
     config: PatchConfig,
     key: str,
     state_dir: str,
-    store: RecordStore,
+    store: registry.RecordStore,
 ) -> PatchSummary:
     """The family's safety patch (both refs pinned): local copy, else the MLflow copy, else
     extracted here in one process; stored in MLflow once. (A distributed extraction, when the
@@ -184,11 +181,9 @@ def fuse_candidate(finetuned: str, patch_dir: str, alpha: float, out: str) -> st
 
 def _reusable_report(out: Path, model: str, limit: int | None, split: str) -> bool:
     """An earlier complete evaluation of the same model, limit and split (never a failed one)."""
-    if not out.is_file():
-        return False
     try:
         report = EvalReport.load(out)
-    except ValueError:  # a torn or foreign file: evaluate again
+    except ValueError:  # missing, torn or foreign (a ReportError): evaluate again
         return False
     return (report.status, report.model, report.limit, report.split) == ("ok", model, limit, split)
 
@@ -220,7 +215,6 @@ def evaluate_model(
     if _reusable_report(path, model, limit, split):
         log.info("evaluation %s already complete; reusing it", path)
         return EvalReport.load(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         data = Path(data_dir) if data_dir else None
         report = evaluate(model, suite, path, data_dir=data, limit=limit, split=split)
@@ -296,7 +290,11 @@ class RealignJob(Frozen):
     def params(self) -> dict[str, Any]:
         """The run's inputs: pinned sources, patch settings, the alpha search's settings."""
         patch = self.fam.patch.model_dump(include={"rank_rule", "eta", "max_rank", "weight_top"})
-        params: dict[str, Any] = {
+        search = {
+            f"alpha_search.{name}": ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            for name, v in self.fam.search_config().model_dump(exclude_none=True).items()
+        }
+        return {
             "source_repo": self.cand.repo,
             "source_revision": self.cand.revision,
             "aligned": self.fam.aligned,
@@ -305,22 +303,7 @@ class RealignJob(Frozen):
             "reference_revision": self.reference.revision,
             **patch,
             "suite": self.fam.suite,
-        }
-        for name, value in self.fam.search_config().model_dump(exclude_none=True).items():
-            if isinstance(value, (list, tuple)):
-                value = ",".join(str(v) for v in value)
-            params[f"alpha_search.{name}"] = value
-        return params
-
-    @property
-    def aliases(self) -> tuple[str, ...]:
-        champion = (CHAMPION_ALIAS,) if self.fam.promote_to_champion else ()
-        return (CANDIDATE_ALIAS, *champion)
-
-    def version_tags(self, alpha: float, patch_id: str) -> dict[str, str]:
-        """Only a version that passed the held-out gate is registered: both verdicts pass."""
-        verdicts = {"gate_verdict": "pass", "heldout_verdict": "pass"}
-        return self.tags | verdicts | {"patch_id": patch_id, "alpha": f"{alpha:g}"}
+        } | search
 
     def fused_dir(self, alpha: float) -> str:
         return str(self.work / f"fused-alpha-{alpha:g}")

@@ -69,34 +69,6 @@ def open_record(
     return run_id
 
 
-def _log_evidence(
-    store: RecordStore,
-    run_id: str,
-    params: dict[str, Any],
-    series: list[tuple[str, float, int]],
-    tags: dict[str, str],
-    artifacts: list[tuple[str, str]],
-) -> None:
-    """Params, metrics as (name, value, step) (NaN skipped), tags, and files/folders as
-    (artifact folder, path)."""
-    client = store.client()
-    for name, value in params.items():
-        client.log_param(run_id, name, value)
-    for name, value, step in series:
-        if isinstance(value, (int, float)) and not math.isnan(value):
-            # lm-eval's raw names ("task/refusal,judge") hold characters MLflow refuses.
-            key = re.sub(r"[^\w\-. :/]", "_", name)
-            client.log_metric(run_id, key, float(value), step=step)
-    for name, value in tags.items():
-        client.set_tag(run_id, name, value)
-    for dest, path in artifacts:
-        local = Path(path)
-        if local.is_dir():
-            client.log_artifacts(run_id, str(local), dest)
-        elif local.is_file():
-            client.log_artifact(run_id, str(local), dest)
-
-
 @task(**REGISTRY_RETRIES)
 def register_model(
     store: RecordStore,
@@ -109,16 +81,17 @@ def register_model(
     """Log the fused model of `alpha` under the run's `model/` and make it a version of the
     family's registered model (once per source key), with its aliases and `description`."""
     client, name = store.client(), job.fam.registered_model
-    tags = job.version_tags(alpha, patch_id)
-    existing = registry.find_version(client, name, tags["source_key"])
-    if existing is None:
+    # Only a version that passed the held-out gate is registered: both verdicts pass.
+    verdicts = {"gate_verdict": "pass", "heldout_verdict": "pass"}
+    tags = job.tags | verdicts | {"patch_id": patch_id, "alpha": f"{alpha:g}"}
+    if registry.find_version(client, name, tags["source_key"]) is None:
         # A version only ever points at a completely logged folder of this run.
         client.log_artifacts(run_id, job.fused_dir(alpha), "model")
-        source = f"{client.get_run(run_id).info.artifact_uri}/model"
-    else:
-        source = existing.source
+    source = f"{client.get_run(run_id).info.artifact_uri}/model"  # for a new version only
+    champion = (registry.CHAMPION_ALIAS,) if job.fam.promote_to_champion else ()
+    aliases = (registry.CANDIDATE_ALIAS, *champion)
     version = registry.register_version(
-        client, name, run_id, source, tags, aliases=job.aliases, description=description
+        client, name, run_id, source, tags, aliases=aliases, description=description
     )
     run_logger().info("%s version %s, aliases %s", name, version.version, list(version.aliases))
     return str(version.version)
@@ -140,17 +113,6 @@ def publish_summary(markdown: str, key: str) -> str:
     return str(create_markdown_artifact(markdown=markdown, key=key, description="lssf realign"))
 
 
-def _write_search_record(record: SearchRecord, folder: str) -> list[tuple[str, str]]:
-    """`search_trace.json`, `search_trace.md` and `alpha_search.png` in `folder`, as
-    (artifact folder, path) pairs for `_log_evidence`."""
-    out = Path(folder)
-    trace = write_atomic(out / "search_trace.json", record.model_dump_json(indent=2) + "\n")
-    text = f"{verdict_line(record)}\n\n{summary_table(record)}\n"
-    table = write_atomic(out / "search_trace.md", text)
-    plot = plot_search(record, out / "alpha_search.png")
-    return [("search", str(trace)), ("search", str(table)), ("plots", str(plot))]
-
-
 @task(**REGISTRY_RETRIES)
 def record_realign(
     store: RecordStore, run_id: str, job: RealignJob, record: SearchRecord, patch: PatchSummary
@@ -170,6 +132,26 @@ def record_realign(
         "patch_id": patch.patch_id,
         "summary_table": summary_table(record),
     }
+    files, series = _evidence_files(job, record, patch), _evidence_series(job, record)
+    client = store.client()
+    for name, value in params.items():
+        client.log_param(run_id, name, value)
+    for name, value, step in series:
+        if isinstance(value, (int, float)) and not math.isnan(value):
+            # lm-eval's raw names ("task/refusal,judge") hold characters MLflow refuses.
+            key = re.sub(r"[^\w\-. :/]", "_", name)
+            client.log_metric(run_id, key, float(value), step=step)
+    for name, value in tags.items():
+        client.set_tag(run_id, name, value)
+    for dest, path in files:
+        if Path(path).is_file():
+            client.log_artifact(run_id, path, dest)
+
+
+def _evidence_files(
+    job: RealignJob, record: SearchRecord, patch: PatchSummary
+) -> list[tuple[str, str]]:
+    """(artifact folder, path) of every report, sample and gate, the patch, plots, card, trace."""
     runs = [("calibration", p.alpha) for p in record.probes]
     if record.heldout is not None:
         runs.append(("heldout", record.heldout.alpha))
@@ -183,8 +165,12 @@ def record_realign(
     files += [("patch", str(Path(patch.path) / MANIFEST)), ("plots", str(plot))]
     if record.chosen is not None:
         files.append(("model_card", str(Path(job.fused_dir(record.chosen)) / "README.md")))
-    files += _write_search_record(record, str(job.work / "search"))
-    _log_evidence(store, run_id, params, _evidence_series(job, record), tags, files)
+    out = job.work / "search"
+    trace = write_atomic(out / "search_trace.json", record.model_dump_json(indent=2) + "\n")
+    text = f"{verdict_line(record)}\n\n{summary_table(record)}\n"
+    table = write_atomic(out / "search_trace.md", text)
+    plot = plot_search(record, out / "alpha_search.png")
+    return [*files, ("search", str(trace)), ("search", str(table)), ("plots", str(plot))]
 
 
 def _evidence_series(job: RealignJob, record: SearchRecord) -> list[tuple[str, float, int]]:
@@ -193,15 +179,13 @@ def _evidence_series(job: RealignJob, record: SearchRecord) -> list[tuple[str, f
     before = EvalReport.load(Path(job.baseline_path("heldout")))
     metrics = {f"before.{k}": v for k, v in (before.metrics | before.raw_metrics).items()}
     metrics |= {f"calibration.before.{k}": v for k, v in record.baseline.items()}
-    if record.heldout is not None:
-        held = record.heldout
+    if (held := record.heldout) is not None:
         after = EvalReport.load(Path(job.eval_path("heldout", held.alpha)))
         metrics |= {f"after.{k}": v for k, v in (after.metrics | after.raw_metrics).items()}
         metrics |= {f"heldout.{k}": v for k, v in held.metrics.items()}
         metrics |= {"heldout.passed": float(held.passed), "calibration.chosen_alpha": held.alpha}
     series = [(name, value, 0) for name, value in metrics.items()]
     for p in record.probes:
-        series += [(f"calibration.{k}", v, p.index) for k, v in p.metrics.items()]
-        series += [("calibration.alpha", p.alpha, p.index)]
-        series += [("calibration.passed", float(p.passed), p.index)]
+        values = [*p.metrics.items(), ("alpha", p.alpha), ("passed", float(p.passed))]
+        series += [(f"calibration.{k}", v, p.index) for k, v in values]
     return series

@@ -1,13 +1,11 @@
-"""The MLflow record: one run per realign attempt, versions of the registered model, aliases.
-
-The MLflow runs are the pipeline's only memory (no Prefect here): a finished realign run
+"""The MLflow record, the pipeline's only memory (no Prefect here): a finished realign run
 tagged with a candidate's `source_key` (repo@revision) means "processed"; a model version
 tagged with it means "registered".
 
 Tags on realign runs: `lssf_kind=realign`, `source_key`, `source_repo`, `source_revision`,
 `family`, `lssf_status` (running | passed | rejected | error), `gate_verdict`, `reason`,
-`patch_id`, and MLflow's own `mlflow.note.content` (the run page's description: the verdict
-line and the before/after table). Patch runs: `lssf_kind=patch`, `patch_key`, `patch_id`.
+`patch_id`, and `mlflow.note.content` (the run page's description). Patch runs:
+`lssf_kind=patch`, `patch_key`, `patch_id`.
 """
 
 from __future__ import annotations
@@ -84,8 +82,7 @@ def _search(client: MlflowClient, experiment_id: str, filter_string: str) -> Ite
     while True:
         page = client.search_runs([experiment_id], filter_string, max_results=500, page_token=token)
         yield from page
-        token = page.token
-        if not token:
+        if not (token := page.token):
             return
 
 
@@ -161,18 +158,6 @@ def find_version(client: MlflowClient, model_name: str, source_key: str) -> Mode
     return client.get_model_version(model_name, str(first.version))
 
 
-def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
-    try:
-        client.get_registered_model(model_name)
-    except MlflowException:
-        try:
-            client.create_registered_model(
-                model_name, description="Fine-tunes re-aligned by lssf and passed by its gate."
-            )
-        except MlflowException:
-            client.get_registered_model(model_name)  # created concurrently; fine if it exists
-
-
 def register_version(
     client: MlflowClient,
     model_name: str,
@@ -187,7 +172,11 @@ def register_version(
     now holds the verdict) and (re)sets the aliases."""
     version = find_version(client, model_name, tags["source_key"])
     if version is None:
-        _ensure_registered_model(client, model_name)
+        try:
+            about = "Fine-tunes re-aligned by lssf and passed by its gate."
+            client.create_registered_model(model_name, description=about)
+        except MlflowException:
+            client.get_registered_model(model_name)  # it exists (maybe created concurrently)
         version = client.create_model_version(
             model_name, source, run_id=run_id, tags=tags, description=description
         )

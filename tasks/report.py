@@ -1,14 +1,10 @@
-"""Pure helpers for a realign's outcome: the search record, its tables and plot.
-
-`SearchRecord` holds how alpha was chosen on the calibration split and confirmed once on the
-held-out split; `search_trace.json`, the Markdown summary and `alpha_search.png` are made from it.
-"""
+"""A realign's outcome, pure: the `SearchRecord` (alpha chosen on calibration, confirmed once on
+held-out) and the tables, descriptions and plot made from it."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic.dataclasses import dataclass
 
@@ -16,9 +12,6 @@ from evaluation.alpha_search import AlphaSearch, AlphaSearchConfig, Probe, utili
 from evaluation.gates import GateConfig, GateReport
 from evaluation.report import EvalReport
 from lssf.models import Frozen
-
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
 
 
 @dataclass(frozen=True)  # pydantic's: positional arguments, and a field of SearchRecord
@@ -66,10 +59,8 @@ class SearchRecord(Frozen):
         """Why the candidate passes or not, in one line (the run's `reason` tag)."""
         held = self.heldout
         if held is None:
-            probes = [
-                f"alpha={p.alpha:g}: {'; '.join(p.reasons) or p.outcome}" for p in self.probes
-            ]
-            return f"{self.explain} " + " | ".join(probes)
+            why = [f"alpha={p.alpha:g}: {'; '.join(p.reasons) or p.outcome}" for p in self.probes]
+            return f"{self.explain} " + " | ".join(why)
         if held.passed:
             return f"{self.explain} It passes every rule on the held-out split."
         return f"{self.explain} On the held-out split it fails: " + "; ".join(held.reasons)
@@ -118,26 +109,19 @@ def before_after_table(baseline: dict[str, float], trials: list[Trial]) -> str:
     return _markdown(["metric", "fine-tuned", *(f"alpha={t.alpha:g}" for t in trials)], rows)
 
 
-def trace_table(record: SearchRecord) -> str:
-    """Markdown: one row per calibration probe (safety and utility metrics, outcome)."""
-    names = list(dict.fromkeys([*record.config.safety_metrics, *record.utility_metrics]))
+def summary_table(record: SearchRecord) -> str:
+    """The calibration trace (one row per probe: safety and utility metrics, outcome), then the
+    held-out before/after of the chosen alpha."""
+    cfg = record.config
+    names = list(dict.fromkeys([*cfg.safety_metrics, *record.utility_metrics]))
     rows = [["-", "fine-tuned", *(_cell(record.baseline.get(n)) for n in names), "-"]]
     for p in record.probes:
         cells = [_cell(p.metrics.get(n)) for n in names]
         mark = " (chosen)" if p.alpha == record.chosen and p.passed else ""
         rows.append([str(p.index + 1), f"{p.alpha:g}", *cells, p.outcome.replace("_", " ") + mark])
-    return _markdown(["#", "alpha", *names, "calibration gate"], rows)
-
-
-def summary_table(record: SearchRecord) -> str:
-    """The calibration trace, then the held-out before/after of the chosen alpha."""
-    cfg = record.config
-    how = f"{cfg.mode}, budget {cfg.budget}, margin {cfg.margin:g}"
-    parts = [
-        f"Calibration search ({how}; gate {record.calibration_gate}):",
-        "",
-        trace_table(record),
-    ]
+    trace = _markdown(["#", "alpha", *names, "calibration gate"], rows)
+    how = f"{cfg.mode}, budget {cfg.budget}, margin {cfg.margin:g}; gate {record.calibration_gate}"
+    parts = [f"Calibration search ({how}):", "", trace]
     if record.heldout is not None:
         table = before_after_table(record.heldout_baseline, [record.heldout])
         parts += ["", "Held-out (decides):", "", table]
@@ -147,16 +131,13 @@ def summary_table(record: SearchRecord) -> str:
 def verdict_line(record: SearchRecord) -> str:
     """The outcome in one Markdown line: `**PASS** (held-out gate, alpha=0.1875): <reason>`."""
     word = "PASS" if record.verdict == "pass" else "FAIL"
-    if record.heldout is None:
-        how = "no alpha passed the calibration gate"
-    else:
-        how = f"held-out gate, alpha={record.heldout.alpha:g}"
+    held = record.heldout
+    how = f"held-out gate, alpha={held.alpha:g}" if held else "no alpha passed the calibration gate"
     return f"**{word}** ({how}): {record.reason}"
 
 
 def run_description(record: SearchRecord, model: str, version: str | None) -> str:
-    """The realign run's description (Markdown): the verdict line, the calibration trace and
-    held-out before/after tables, and the registered version if there is one."""
+    """The realign run's description (Markdown): verdict line, tables, the registered version."""
     parts = [verdict_line(record), "", summary_table(record)]
     if version:
         parts += ["", f"Registered: {model} version {version}"]
@@ -186,17 +167,23 @@ def plot_search(record: SearchRecord, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    safety, names = record.config.safety_metrics[0], record.utility_metrics
+    probes = sorted(record.probes, key=lambda p: p.alpha)
+    alphas = [p.alpha for p in probes]
+    safe_y = [p.metrics.get(safety, math.nan) for p in probes]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    _plot_probes(ax, record)
+    ax.plot(alphas, safe_y, "o-", label=f"calibration {safety}")
+    ax.plot(alphas, [_utility(p.metrics, names) for p in probes], "s-", label="calibration utility")
+    for p, y in zip(probes, safe_y, strict=True):
+        ax.annotate(str(p.index + 1), (p.alpha, y), fontsize=7)
     if record.chosen is not None:
         label = f"chosen alpha={record.chosen:g}"
         ax.axvline(record.chosen, color="grey", linestyle="--", label=label)
-    if record.heldout is not None:
-        held, safety = record.heldout, record.config.safety_metrics[0]
-        safe_y = held.metrics.get(safety, math.nan)
-        ax.plot([held.alpha], [safe_y], "*", markersize=14, label=f"held-out {safety}")
-        util_y = _utility(held.metrics, record.utility_metrics)
-        ax.plot([held.alpha], [util_y], "P", markersize=11, label="held-out utility")
+    if (held := record.heldout) is not None:
+        safe = held.metrics.get(safety, math.nan)
+        ax.plot([held.alpha], [safe], "*", markersize=14, label=f"held-out {safety}")
+        util = _utility(held.metrics, names)
+        ax.plot([held.alpha], [util], "P", markersize=11, label="held-out utility")
     title = f"alpha search ({record.config.mode}): {record.verdict} on held-out"
     ax.set(xlabel="alpha", ylabel="metric", title=title)
     ax.legend(fontsize=7)
@@ -205,15 +192,3 @@ def plot_search(record: SearchRecord, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _plot_probes(ax: Axes, record: SearchRecord) -> None:
-    safety = record.config.safety_metrics[0]
-    probes = sorted(record.probes, key=lambda p: p.alpha)
-    alphas = [p.alpha for p in probes]
-    safe_y = [p.metrics.get(safety, math.nan) for p in probes]
-    util_y = [_utility(p.metrics, record.utility_metrics) for p in probes]
-    ax.plot(alphas, safe_y, "o-", label=f"calibration {safety}")
-    ax.plot(alphas, util_y, "s-", label="calibration utility")
-    for p, y in zip(probes, safe_y, strict=True):
-        ax.annotate(str(p.index + 1), (p.alpha, y), fontsize=7)

@@ -1,8 +1,6 @@
 """Watch sources: where candidate fine-tunes come from, each as repo@revision (no Prefect here).
 
-A local folder's revision is `lssf.sources.local_revision`, so an edited model is a new
-candidate. On the Hub, the client's own backoff (429/5xx/network, honouring Retry-After) is
-the one retry layer.
+A local folder's revision is its content hash, so an edited model is a new candidate.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from lssf.errors import CheckpointError
 from lssf.models import Frozen
 from lssf.sources import ModelRef
 from tasks.config import WatchConfig
+from tasks.lineage import lineage_of
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +69,8 @@ class LocalFolderSource:
             logger.warning("watch folder %s does not exist; no candidates", self.path)
             return []
         # A hidden folder is an unfinished copy (atomic_folder's temporary), never a model.
-        folders = [
-            p
-            for p in self.path.iterdir()
-            if not p.name.startswith(".") and (p / "config.json").is_file()
-        ]
+        folders = [p for p in self.path.iterdir() if not p.name.startswith(".")]
+        folders = [p for p in folders if (p / "config.json").is_file()]
         folders.sort(key=lambda p: p.stat().st_mtime, reverse=True)
         found = []
         for folder in folders[:max_candidates]:
@@ -86,14 +82,13 @@ class LocalFolderSource:
 
 
 class HubSource:
-    """Fine-tunes and adapters of `base_model` on the Hub (or HF_ENDPOINT), newest first: the
-    lineage filters `base_model:finetune:<id>` and `base_model:adapter:<id>`, each listed model
-    checked by `tasks.lineage`."""
+    """Fine-tunes and adapters of `base_model` on the Hub (or HF_ENDPOINT), newest first, by
+    the lineage filters; the Hub client's backoff (429/5xx/network) is the one retry layer."""
 
-    def __init__(self, base_model: str, config: WatchConfig, endpoint: str | None = None) -> None:
+    def __init__(self, base_model: str, config: WatchConfig) -> None:
         self.base_model = ModelRef.parse(base_model).repo
         self.config = config
-        self.api = HfApi(endpoint=endpoint)
+        self.api = HfApi()
 
     def list(self) -> list[Candidate]:
         if constants.is_offline_mode():
@@ -101,9 +96,8 @@ class HubSource:
         seen: dict[str, Candidate] = {}
         for lineage in self.config.lineages:
             for info in self._models(f"base_model:{lineage}:{self.base_model}"):
-                cand = self._candidate(info)
-                if cand is not None and cand.key not in seen:
-                    seen[cand.key] = cand
+                if (cand := self._candidate(info)) is not None:
+                    seen.setdefault(cand.key, cand)
         # Each lineage comes newest first; merge them the same way.
         return sorted(seen.values(), key=lambda c: c.created_at or "", reverse=True)
 
@@ -123,8 +117,6 @@ class HubSource:
             raise HubUnavailableError(f"Hub listing of {filter_tag} failed: {exc}") from exc
 
     def _candidate(self, info: ModelInfo) -> Candidate | None:
-        from tasks.lineage import lineage_of
-
         lineage = lineage_of(info, self.base_model, self.config.lineages)
         if lineage is None or not info.sha:
             logger.warning("Hub item %s skipped (lineage %s, sha %s)", info.id, lineage, info.sha)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 
 from prefect import task
+from prefect.events import emit_event
 
-from tasks import registry
 from tasks._log import run_logger
 from tasks.config import WatchConfig
-from tasks.events import emit_discovered
+from tasks.events import discovered_event
 from tasks.realign_tasks import REGISTRY_RETRIES
-from tasks.registry import RecordStore
+from tasks.registry import RecordStore, processed_keys
 from tasks.sources import Candidate, list_candidates
 
 
@@ -21,8 +21,7 @@ def use_hf_token(secret_block: str | None) -> None:
         return
     from prefect.blocks.system import Secret
 
-    value = Secret.load(secret_block).get()
-    os.environ["HF_TOKEN"] = str(value)
+    os.environ["HF_TOKEN"] = str(Secret.load(secret_block).get())
     run_logger().info("Hub token loaded from Secret block %r", secret_block)
 
 
@@ -39,7 +38,7 @@ def list_source(watch: WatchConfig, aligned: str) -> list[Candidate]:
 def drop_processed(candidates: list[Candidate], store: RecordStore, family: str) -> list[Candidate]:
     """Candidates without a finished realign run for `family` in MLflow (the only record)."""
     client, exp = store.open()
-    done = registry.processed_keys(client, exp, family)
+    done = processed_keys(client, exp, family)
     fresh = [c for c in candidates if c.key not in done]
     run_logger().info("%d new, %d already processed", len(fresh), len(candidates) - len(fresh))
     return fresh
@@ -48,6 +47,6 @@ def drop_processed(candidates: list[Candidate], store: RecordStore, family: str)
 @task
 def announce(candidate: Candidate, family: str, config: str) -> str:
     """Emit `lssf.finetune.discovered`; the realign deployment's trigger starts a run from it."""
-    event_id = emit_discovered(candidate, family, config)
+    event = emit_event(**discovered_event(candidate, family, config))
     run_logger().info("announced %s", candidate.key)
-    return event_id or ""
+    return str(event.id) if event is not None else ""  # None: events are off
