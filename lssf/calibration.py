@@ -1,15 +1,15 @@
 """Calibration prompts for the activation basis: read, chat-templated and tokenized.
 
-The file is JSONL with a ``prompt`` (user turn) per row. Rows marked ``"split": "heldout"`` are
-refused: the release decision reads that split, so the basis must never have seen it.
-Prompts are rendered with the model's chat template in a sandboxed jinja2 set up as
-transformers' ``apply_chat_template`` sets it up, then tokenized with ``tokenizer.json`` and no
-added special tokens (the template writes them): the ids equal transformers'.
+Rows of the held-out split are refused: the release decision reads it, so the basis must never
+have seen it. Prompts are rendered in a sandboxed jinja2 set up as transformers'
+``apply_chat_template`` sets it up and tokenized with no added special tokens (the template
+writes them): the ids equal transformers'.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,15 +19,7 @@ from lssf.checkpoint import folder_file
 from lssf.errors import CheckpointError, ConfigError
 from lssf.st_io import file_sha256
 
-SPECIAL_TOKEN_KEYS = (
-    "bos_token",
-    "eos_token",
-    "unk_token",
-    "sep_token",
-    "pad_token",
-    "cls_token",
-    "mask_token",
-)
+SPECIAL_TOKEN_KEYS = tuple(f"{k}_token" for k in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"))
 
 
 @dataclass(frozen=True)
@@ -46,13 +38,9 @@ def read_calibration(path: Path, limit: int | None = None) -> CalibrationSet:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"calibration: cannot read {path}: {exc}") from exc
-    prompts: list[str] = []
-    for number, line in enumerate(lines, start=1):
-        if limit is not None and len(prompts) >= limit:
-            break
-        if not line.strip():
-            continue
-        prompts.append(_prompt(path, number, line))
+    # A generator, so that rows past the limit are never checked.
+    rows = (_prompt(path, n, line) for n, line in enumerate(lines, start=1) if line.strip())
+    prompts = list(itertools.islice(rows, limit))
     if not prompts:
         raise ConfigError(f"calibration: {path} holds no prompt")
     return CalibrationSet(path=path, sha256=file_sha256(path), prompts=tuple(prompts))
@@ -72,13 +60,6 @@ def _prompt(path: Path, number: int, line: str) -> str:
             "evaluation split; calibration prompts must never come from it"
         )
     return prompt
-
-
-def _token_text(value: object) -> str | None:
-    """A special token as tokenizer_config.json writes it: a string or ``{"content": ...}``."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -110,7 +91,9 @@ def chat_template(folder: Path) -> tuple[str, dict[str, str]]:
             f"{folder} has no chat template (chat_template.jinja or tokenizer_config.json's "
             "chat_template); the activation basis renders prompts with it"
         )
-    specials = {k: t for k in SPECIAL_TOKEN_KEYS if (t := _token_text(config.get(k)))}
+    tokens = {k: config.get(k) for k in SPECIAL_TOKEN_KEYS}  # a string, or {"content": ...}
+    tokens = {k: t.get("content") if isinstance(t, dict) else t for k, t in tokens.items()}
+    specials = {k: t for k, t in tokens.items() if isinstance(t, str) and t}
     return template, specials
 
 

@@ -227,7 +227,7 @@ class Checkpoint:
 
     def get(self, name: str) -> torch.Tensor:
         """Tensor ``name`` read from its shard."""
-        info = self.info(name)
+        info = self.info(name)  # first: it names a missing tensor
         return read_tensor(self._fd(self._where[name][0].path), info)
 
     def mapped(self, header: Header) -> MappedFile:
@@ -243,13 +243,11 @@ class Checkpoint:
         prefetch: int = 64 << 20,
         hash: bool = True,  # noqa: A002 - the name the brief and callers use
     ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-        """Every tensor of one shard in file order, hashing the whole file as it goes.
+        """Every tensor of one shard in file order, hashing exactly the bytes handed out.
 
-        A reader thread reads (and hashes) up to ``prefetch`` bytes ahead, at least one tensor;
-        ``pread`` and hashing release the GIL, so reading overlaps the caller's work; the hash
-        covers exactly the bytes handed out. Tensors are buffers from ``pool`` or views of
-        ``mapped``, each to be given back when done. With ``hash=False`` (the caller has the
-        digest, e.g. from ``lssf.hashcache``) ``sha256`` is left as it was.
+        A reader thread reads and hashes (both release the GIL) up to ``prefetch`` bytes ahead,
+        at least one tensor; tensors are buffers from ``pool`` or views of ``mapped``, each given
+        back when done. ``hash=False`` (digest known, e.g. from ``lssf.hashcache``): no hashing.
         """
         fd = self._fd(header.path)
         infos = sorted(header.tensors.values(), key=lambda t: t.start)

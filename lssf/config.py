@@ -12,6 +12,7 @@ import yaml
 from pydantic import (
     BaseModel,
     Field,
+    FiniteFloat,
     SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
@@ -41,11 +42,8 @@ class PatchConfig(Frozen):
     rank_rule: str = Field("entropy", description="rank rule: entropy (LSSF), energy, full")
     eta: float = Field(0.85, gt=0.0, le=1.0, description="threshold of the rank rule, in (0, 1]")
     max_rank: int | None = Field(None, ge=1, description="cap on the rank of every tensor")
-    weight_top: float = Field(
-        1.0,
-        gt=0.0,
-        allow_inf_nan=False,
-        description="a_1, weight of the strongest direction (1 = no weighting)",
+    weight_top: FiniteFloat = Field(
+        1.0, gt=0.0, description="a_1, weight of the strongest direction (1 = no weighting)"
     )
     basis: str = Field(
         "delta-svd", description="how the safety subspace is found: delta-svd, activation"
@@ -104,13 +102,11 @@ class PatchConfig(Frozen):
                 for f in ACTIVATION_FIELDS
                 if getattr(self, f) != PatchConfig.model_fields[f].default
             ]
-        if problems:
-            errors = [
-                InitErrorDetails(
-                    type="value_error", loc=(f,), input=getattr(self, f), ctx={"error": m}
-                )
-                for f, m in problems
-            ]
+        errors = [
+            InitErrorDetails(type="value_error", loc=(f,), input=getattr(self, f), ctx={"error": m})
+            for f, m in problems
+        ]
+        if errors:
             raise ValidationError.from_exception_data("PatchConfig", errors)
         return self
 

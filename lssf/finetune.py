@@ -1,8 +1,4 @@
-"""The inputs of a fuse: the fine-tune as a ``TensorSource`` and the patch, checked together.
-
-A fine-tune is a model folder (a ``Checkpoint``) or a PEFT LoRA adapter merged onto its base as
-each tensor is read (a ``MergedView``).
-"""
+"""The inputs of a fuse, checked together: the patch and the fine-tune as a ``TensorSource``."""
 
 from __future__ import annotations
 
@@ -11,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from lssf.checkpoint import Checkpoint, TensorSource, check_tensors, folder_file
+from lssf.checkpoint import Checkpoint, TensorSource, check_tensors
 from lssf.devices import pick_device
 from lssf.errors import CheckpointError, PatchMismatchError
 from lssf.lora import ADAPTER_CONFIG, LoraAdapter, MergedView, is_adapter
+from lssf.models import SourceRecord
 from lssf.patch import SafetyPatch
 from lssf.provenance import declared_base
-from lssf.sources import ModelRef, SourceRecord, content_files, resolve_source, with_hashes
-from lssf.st_io import file_sha256
+from lssf.sources import ModelRef, content_files, hash_files, resolve_source, with_hashes
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +127,13 @@ def _same_folder(folder: Path, declared: str, path: str) -> bool:
 def _same_weights(base_dir: Path, aligned: SourceRecord) -> bool:
     """A copy of the aligned model under another name: same weight files, same hashes."""
     weights = {n: h for n, h in aligned.files.items() if n.endswith(".safetensors")}
-    try:
-        found = {n: folder_file(base_dir, n) for n in weights}
-    except CheckpointError:
-        return False
-    if not weights or any(p is None for p in found.values()):
+    if not weights:
         return False
     log.info("comparing %s with the patch's aligned model by content", base_dir)
-    return all(file_sha256(found[n]) == h for n, h in weights.items())
+    try:
+        return all(hash_files(base_dir, [n]) == {n: h} for n, h in weights.items())
+    except CheckpointError:
+        return False
 
 
 def finetune_sources(ft: TensorSource, streamed: dict[str, str] | None) -> dict[str, SourceRecord]:

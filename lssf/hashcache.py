@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ ENV_SWITCH = "LSSF_HASH_CACHE"
 VERSION = 1
 # Timestamps come from the kernel's coarse clock (one tick is 1-10 ms); a second is generous.
 RACY_MARGIN_S = 1.0
+HEX64 = re.compile(r"[0-9a-f]{64}")
 _STAT_FIELDS = ("st_size", "st_mtime_ns", "st_ctime_ns", "st_ino", "st_dev")
 
 
@@ -98,14 +100,10 @@ def cached_sha256(path: str | os.PathLike[str]) -> str | None:
 def _valid(data: Any, snap: Snapshot) -> bool:
     """True when ``data`` is a well-formed entry for exactly the file and stat of ``snap``."""
     digest = data.get("sha256") if isinstance(data, dict) else None
-    if not isinstance(digest, str) or not _is_hex64(digest) or data.get("version") != VERSION:
+    if not isinstance(digest, str) or not HEX64.fullmatch(digest) or data.get("version") != VERSION:
         log.debug("hash cache entry for %s malformed (version or sha256); ignored", snap.real)
         return False
     return {"path": data.get("path"), "stat": data.get("stat")} == snap.key
-
-
-def _is_hex64(digest: str) -> bool:
-    return len(digest) == 64 and not digest.strip("0123456789abcdef")
 
 
 def store_sha256(path: str | os.PathLike[str], digest: str, before: Snapshot | None = None) -> bool:
@@ -115,7 +113,7 @@ def store_sha256(path: str | os.PathLike[str], digest: str, before: Snapshot | N
     the file meanwhile). Nothing is stored for a file changed since, or modified less than
     ``RACY_MARGIN_S`` before it.
     """
-    if not isinstance(digest, str) or not _is_hex64(digest.lower()):
+    if not isinstance(digest, str) or not HEX64.fullmatch(digest.lower()):
         raise ValueError(f"store_sha256({path!s}): {digest!r} is not a hex SHA-256 digest")
     if not enabled():
         return False
@@ -143,7 +141,6 @@ def store_sha256(path: str | os.PathLike[str], digest: str, before: Snapshot | N
 
 
 def _write_atomic(target: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``target`` and rename it into place."""
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=".tmp")
     try:

@@ -58,18 +58,6 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
-def is_lssf_output(folder: Path) -> bool:
-    """A folder lssf wrote: it holds a provenance file (a real file) naming lssf as the tool."""
-    prov = Path(folder) / PROVENANCE
-    if Path(folder).is_symlink() or prov.is_symlink() or not prov.is_file():
-        return False
-    try:
-        data = json.loads(prov.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("tool") == "lssf"
-
-
 def check_output(out: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
     """Refuse, before any work, an ``out`` that writing or replacing would destroy data at."""
     if not out.name or out.name in (".", ".."):
@@ -88,7 +76,11 @@ def check_output(out: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> 
         raise OutputExistsError(f"output {out} exists; pass overwrite=True (--overwrite)")
     if out.is_symlink() or not out.is_dir():
         raise OutputError(f"output {out} is not a folder; lssf replaces only folders it wrote")
-    if not is_lssf_output(out):
+    prov, data = out / PROVENANCE, None
+    if prov.is_file() and not prov.is_symlink():  # never a FIFO (a read would block)
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(prov.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or data.get("tool") != "lssf":
         raise OutputError(
             f"output {out} exists and was not written by lssf (no {PROVENANCE}); "
             "--overwrite replaces only lssf's own outputs: remove it yourself or pick another --out"
@@ -179,11 +171,9 @@ def _publish(tmp: Path, out: Path, overwrite: bool, inputs: list[Path]) -> None:
 def atomic_folder(
     out: Path, *, overwrite: bool = False, inputs: Iterable[Path | str] = ()
 ) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out``; on success it becomes ``out``.
+    """Yield a temporary folder that becomes ``out`` once complete, as the module says.
 
-    On any exception the temporary folder is removed; after a kill it stays a hidden sibling
-    until the next run to ``out``. With ``overwrite`` an existing ``out`` that lssf wrote is
-    replaced only after the new one is complete. ``out`` may not be, contain or lie in ``inputs``.
+    On any exception it is removed; after a kill it stays until the next run to ``out``.
     """
     out = Path(out).absolute()
     inputs = [Path(p) for p in inputs]

@@ -17,6 +17,7 @@ from lssf.config import PatchConfig
 from lssf.models import Frozen
 from lssf.outputs import PROVENANCE, atomic_write_text, write_json
 from lssf.patch import PatchManifest
+from lssf.report import summary
 from lssf.sources import SourceRecord
 
 __all__ = ["PROVENANCE", "Provenance", "declared_base", "model_card", "write_outputs"]
@@ -49,10 +50,9 @@ class Provenance(Frozen):
         finetune: dict[str, SourceRecord] | None = None,
         adapter_ranks: dict[str, int] | None = None,
     ) -> Provenance:
-        """The record of an output of ``manifest``'s patch, all of it at once.
+        """The record of an output of ``manifest``'s patch; ``adapter_ranks`` for an adapter.
 
-        ``finetune``: the fine-tune's sources (None: the patch alone, exported as an adapter);
-        ``adapter_ranks``: the modules' ranks when the output is an adapter.
+        ``finetune``: the fine-tune's sources (None: the patch alone, exported as an adapter).
         """
         finetune = finetune or {}
         sources = {"finetuned": finetune["finetuned"]} if "finetuned" in finetune else {}
@@ -72,10 +72,7 @@ class Provenance(Frozen):
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The on-disk form: ``format`` by its name, unset top-level keys left out.
-
-        Nested nulls (``patch_config.max_rank``, ``repo_id``) stay, as the config resolved.
-        """
+        """The on-disk form: ``format`` by its name, top-level nulls left out (nested ones stay)."""
         data = self.model_dump(mode="json", by_alias=True)
         return {key: value for key, value in data.items() if value is not None}
 
@@ -100,13 +97,9 @@ def declared_base(folder: Path) -> str | None:
         base = base[0]
     if isinstance(base, str) and base:
         return base
-    adapter = folder_file(folder, "adapter_config.json")
-    if adapter is None:
-        return None
-    try:
-        config = json.loads(adapter.read_bytes())
-    except (OSError, ValueError, RecursionError):
-        return None
+    adapter, config = folder_file(folder, "adapter_config.json"), None
+    with contextlib.suppress(OSError, ValueError, RecursionError):
+        config = json.loads(adapter.read_bytes()) if adapter is not None else None
     base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     return base if isinstance(base, str) and base else None
 
@@ -119,17 +112,14 @@ def _card(base_model: str | None, library: str, tags: list[str], body: list[str]
     return str(ModelCard("\n".join(["---", data.to_yaml(), "---", "", *body, "", *footer])))
 
 
-def _source_line(label: str, rec: SourceRecord) -> str:
-    return f"| {label} | `{rec.name}` | `{rec.revision}` |"
-
-
 def model_card(prov: Provenance, manifest: PatchManifest, adapter: dict[str, Any] | None) -> str:
     """The card of an output: a fused model, or an adapter (``adapter``: its PEFT config)."""
     finetuned = prov.sources.get("finetuned")
     if adapter is not None:
         return _adapter_card(prov, adapter, finetuned.name if finetuned else None)
-    ranks = [rec.rank for rec in manifest.tensors.values()]
-    cfg = manifest.config
+    cfg, stats = manifest.config, summary(manifest)
+    roles = (("finetuned", "fine-tuned"), ("aligned", "aligned"), ("reference", "reference"))
+    sources = [(label, prov.sources[key]) for key, label in roles if key in prov.sources]
     body = [
         f"# Safety re-aligned: {finetuned.name if finetuned else '?'}",
         "",
@@ -139,27 +129,21 @@ def model_card(prov: Provenance, manifest: PatchManifest, adapter: dict[str, Any
         "",
         "| role | model | revision |",
         "|---|---|---|",
-        *(_source_line(label, prov.sources[key]) for key, label in _ROLES if key in prov.sources),
+        *(f"| {label} | `{rec.name}` | `{rec.revision}` |" for label, rec in sources),
         "",
         f"Method parameters: rank rule `{cfg.rank_rule}`, eta = {cfg.eta}, "
         f"max rank = {cfg.max_rank}, a_1 = {cfg.weight_top}, alpha = {prov.alpha}.",
-        f"Patch `{manifest.patch_id}`: {len(ranks)} tensors, rank "
-        f"min {min(ranks, default=0)} / mean {sum(ranks) / max(len(ranks), 1):.1f} / "
-        f"max {max(ranks, default=0)}.",
+        f"Patch `{manifest.patch_id}`: {stats['tensors']} tensors, rank min {stats['rank_min']} "
+        f"/ mean {stats['rank_mean']:.1f} / max {stats['rank_max']}.",
     ]
     return _card(manifest.aligned.name, "transformers", ["lssf", "safety-realignment"], body)
 
 
-_ROLES = (("finetuned", "fine-tuned"), ("aligned", "aligned"), ("reference", "reference"))
-
-
 def _adapter_card(prov: Provenance, config: dict[str, Any], ft: str | None) -> str:
     """A short card for an adapter folder (PEFT and vLLM read only the config)."""
-    what = (
-        f"the LoRA fine-tune `{ft}` with its safety subspace restored"
-        if ft
-        else "the safety patch alone"
-    )
+    what = f"the LoRA fine-tune `{ft}` with its safety subspace restored"
+    if not ft:
+        what = "the safety patch alone"
     base = config["base_model_name_or_path"]
     ranks = list(config["rank_pattern"].values())
     body = [

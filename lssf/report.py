@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lssf.patch import PatchManifest
+from lssf.patch import PatchManifest, TensorRecord
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -15,34 +14,17 @@ if TYPE_CHECKING:
 LAYER = re.compile(r"\.(\d+)\.")
 
 
-@dataclass(frozen=True)
-class Row:
-    """One line of the per-layer table."""
+def rows(manifest: PatchManifest) -> list[tuple[int, str, TensorRecord]]:
+    """``(layer, module, record)`` by layer then module; layer -1 outside the repeated blocks.
 
-    tensor: str
-    layer: int | None
-    module: str  # e.g. "self_attn.q_proj"
-    shape: tuple[int, int]
-    rank: int
-    entropy_ratio: float
-    energy_kept: float
-
-
-def split_name(name: str) -> tuple[int | None, str]:
-    """``model.layers.3.self_attn.q_proj.weight`` -> ``(3, "self_attn.q_proj")``."""
-    match = LAYER.search(name)
-    if not match:
-        return None, name.removesuffix(".weight")
-    return int(match.group(1)), name[match.end() :].removesuffix(".weight")
-
-
-def rows(manifest: PatchManifest) -> list[Row]:
-    """The table's rows, by layer then module."""
-    out = [
-        Row(name, *split_name(name), rec.shape, rec.rank, rec.entropy_ratio, rec.energy_kept)
-        for name, rec in manifest.tensors.items()
-    ]
-    return sorted(out, key=lambda r: (r.layer if r.layer is not None else -1, r.module))
+    ``model.layers.3.self_attn.q_proj.weight`` is layer 3, module ``self_attn.q_proj``.
+    """
+    out = []
+    for name, rec in manifest.tensors.items():
+        match = LAYER.search(name)
+        layer, module = (int(match.group(1)), name[match.end() :]) if match else (-1, name)
+        out.append((layer, module.removesuffix(".weight"), rec))
+    return sorted(out, key=lambda row: row[:2])
 
 
 def render_table(manifest: PatchManifest, title: str | None = None) -> Table:
@@ -52,14 +34,14 @@ def render_table(manifest: PatchManifest, title: str | None = None) -> Table:
     table = Table(title=title or f"safety patch {manifest.patch_id}")
     for col in ("layer", "module", "shape", "rank", "H_r/H_n", "energy kept"):
         table.add_column(col, justify="left" if col == "module" else "right")
-    for r in rows(manifest):
+    for layer, module, rec in rows(manifest):
         table.add_row(
-            "-" if r.layer is None else str(r.layer),
-            r.module,
-            "x".join(map(str, r.shape)),
-            str(r.rank),
-            f"{r.entropy_ratio:.3f}",
-            f"{r.energy_kept:.3f}",
+            "-" if layer < 0 else str(layer),
+            module,
+            "x".join(map(str, rec.shape)),
+            str(rec.rank),
+            f"{rec.entropy_ratio:.3f}",
+            f"{rec.energy_kept:.3f}",
         )
     return table
 
@@ -86,14 +68,14 @@ def plot_ranks(manifest: PatchManifest, path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    by_module: dict[str, list[Row]] = {}
-    for r in rows(manifest):
-        by_module.setdefault(r.module, []).append(r)
+    by_module: dict[str, list[tuple[int, TensorRecord]]] = {}
+    for layer, module, rec in rows(manifest):
+        by_module.setdefault(module, []).append((layer, rec))
     fig, (ax_rank, ax_ent) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for module, rs in sorted(by_module.items()):
-        xs = [r.layer if r.layer is not None else -1 for r in rs]
-        ax_rank.plot(xs, [r.rank for r in rs], marker="o", label=module)
-        ax_ent.plot(xs, [r.energy_kept for r in rs], marker=".", label=module)
+    for module, recs in sorted(by_module.items()):
+        xs = [layer for layer, _ in recs]
+        ax_rank.plot(xs, [rec.rank for _, rec in recs], marker="o", label=module)
+        ax_ent.plot(xs, [rec.energy_kept for _, rec in recs], marker=".", label=module)
     cfg = manifest.config
     ax_rank.set_ylabel("safety-critical rank r")
     ax_rank.set_title(f"LSSF patch {manifest.patch_id}: {cfg.rank_rule} rule, eta = {cfg.eta}")

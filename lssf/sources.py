@@ -76,14 +76,19 @@ class ModelRef(Frozen):
             return False
         return self.is_local or bool(COMMIT_SHA.match(self.revision))
 
-    def pin(self, *, cache_dir: Path | None = None) -> ModelRef:
+    def pin(self) -> ModelRef:
         """At its exact revision: a Hub commit (API, nothing downloaded), or ``local_revision``."""
-        del cache_dir
         if self.is_local:
             return self.model_copy(update={"revision": local_revision(Path(self.repo))})
         if self.pinned:
             return self
-        return self.model_copy(update={"revision": _hub_sha(self.repo, self.revision)})
+        from huggingface_hub import HfApi
+
+        with _hub_errors(self.repo, self.revision):
+            sha = HfApi().model_info(self.repo, revision=self.revision or "main").sha
+        if not sha:
+            raise CheckpointError(f"Hub did not report a commit for {self.repo}@{self.revision}")
+        return self.model_copy(update={"revision": sha})
 
     def __str__(self) -> str:
         if self.is_local or self.revision is None:
@@ -121,11 +126,7 @@ def content_files(folder: Path) -> dict[str, str]:
 
 
 def local_revision(folder: Path) -> str:
-    """THE revision of a local folder: ``folder_revision`` of ``content_files``.
-
-    ``with_hashes`` gives the same value from the hashes streamed while reading, so the output's
-    provenance and anything that pins the folder beforehand agree.
-    """
+    """THE revision of a local folder; ``with_hashes`` gives the same from streamed hashes."""
     return folder_revision(content_files(Path(folder)))
 
 
@@ -148,34 +149,12 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         ) from exc
 
 
-def _hub_sha(repo_id: str, revision: str | None) -> str:
-    """The commit a Hub revision (default ``main``) points at, asked of the Hub's API."""
-    from huggingface_hub import HfApi
-
-    with _hub_errors(repo_id, revision):
-        sha = HfApi().model_info(repo_id, revision=revision or "main").sha
-    if not sha:
-        raise CheckpointError(f"Hub did not report a commit for {repo_id}@{revision}")
-    return sha
-
-
-def _download(ref: ModelRef, cache_dir: Path | None) -> tuple[Path, str]:
-    from huggingface_hub import snapshot_download
-
-    sha = ref.pin().revision or ""
-    with _hub_errors(ref.repo, ref.revision):
-        path = snapshot_download(
-            ref.repo, revision=sha, allow_patterns=list(HUB_PATTERNS), cache_dir=cache_dir
-        )
-    return Path(path), sha
-
-
 def resolve_source(
     ref: str | Path | ModelRef, *, cache_dir: Path | None = None
 ) -> tuple[Path, SourceRecord]:
-    """Local folder or Hub id -> (folder, record). Hub revisions are pinned to a commit sha.
+    """Local folder or Hub id -> (folder, record), a Hub revision pinned to its commit.
 
-    File hashes are left empty here; callers that stream the weights fill them in as they read.
+    File hashes are left empty: callers that stream the weights fill them in as they read.
     """
     given = str(ref)
     ref = ModelRef.parse(ref)
@@ -184,7 +163,14 @@ def resolve_source(
         if not folder.is_dir():
             raise CheckpointError(f"{folder} is a file; expected a model folder")
         return folder, SourceRecord(ref=given, kind="local", revision="", path=str(folder))
-    folder, sha = _download(ref, cache_dir)
+    from huggingface_hub import snapshot_download
+
+    sha = ref.pin().revision or ""
+    with _hub_errors(ref.repo, ref.revision):
+        path = snapshot_download(
+            ref.repo, revision=sha, allow_patterns=list(HUB_PATTERNS), cache_dir=cache_dir
+        )
+    folder = Path(path)
     log.info("resolved %s to %s@%s", ref, ref.repo, sha)
     return folder, SourceRecord(
         ref=given, kind="hub", repo_id=ref.repo, revision=sha, path=str(folder)

@@ -1,9 +1,6 @@
 """Llama-shaped checkpoints generated on the spot, for the quickstart, tests and benchmarks.
 
-``make_trio`` writes reference / aligned / fine-tuned folders that ``transformers`` loads as
-``LlamaForCausalLM``. The aligned model is the reference plus a safety vector with a known,
-decaying low-rank spectrum (plus a little noise); the fine-tune adds an unrelated low-rank
-drift. Tensors are generated and written one at a time, so any size fits in memory.
+Tensors are generated and written one at a time, so any size fits in memory.
 """
 
 from __future__ import annotations
@@ -114,11 +111,11 @@ def make_trio(
     dtype: torch.dtype = torch.float32,
     shard_bytes: int = 1 << 30,
 ) -> dict[str, Path]:
-    """Write ``out/{reference,aligned,finetuned}``; returns the three folders.
+    """Write ``out/{reference,aligned,finetuned}`` (``LlamaForCausalLM``); the three folders.
 
-    Per 2-D tensor: safety vector with singular values ``0.5 * q^i`` (i < safety_rank, q drawn
-    in [0.35, 0.9] per tensor) plus isotropic noise whose singular values are about
-    ``noise * s_1``; fine-tune drift of rank 4 at 0.3. 1-D tensors are ones (norm weights).
+    Aligned = reference + a safety vector with singular values ``0.5 * q^i`` (i < safety_rank,
+    q drawn in [0.35, 0.9] per tensor) plus isotropic noise of singular values about
+    ``noise * s_1``; the fine-tune adds a drift of rank 4 at 0.3. 1-D tensors are ones (norms).
     The entropy rule is sensitive to that noise floor: on a 2048x1024 matrix ``noise=1e-3``
     gives rank 5 at eta 0.85 and ``noise=1e-2`` rank 231.
     """
