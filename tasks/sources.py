@@ -20,8 +20,6 @@ from tasks.lineage import lineage_of
 
 logger = logging.getLogger(__name__)
 
-OUTAGE_STATUS = (429, 500, 502, 503, 504)
-
 
 class Candidate(Frozen):
     """One fine-tuned model at one exact revision."""
@@ -110,7 +108,7 @@ class HubSource:
             return list(listing)
         except HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else None
-            if status not in OUTAGE_STATUS:
+            if status not in (429, 500, 502, 503, 504):  # not an outage: a real error
                 raise
             raise HubUnavailableError(f"Hub listing of {filter_tag} failed: {exc}") from exc
         except httpx2.TransportError as exc:  # network errors, after the client's retries
