@@ -28,10 +28,9 @@ from lssf.llama_forward import (
     read_spec,
     rope_tables,
 )
-from lssf.lowrank import patch_tensor, safety_delta
+from lssf.lowrank import checked_factors, patch_tensor, safety_delta, spectrum_stats
 from lssf.methods import get_rank_rule
 from lssf.patch import CalibrationRecord, TensorRecord
-from lssf.spectral import direction_weights, energy_kept, entropy_ratio, safety_factors
 from lssf.st_io import is_finite
 
 log = logging.getLogger(__name__)
@@ -52,16 +51,6 @@ def plan_targets(targets: list[str], spec: DecoderSpec) -> dict[int, dict[str, s
     return by_layer
 
 
-def _spectrum_stats(s: torch.Tensor, rank: int) -> dict[str, float | int]:
-    """The record fields that describe the spectrum ``s: (k,)`` that set ``rank``."""
-    return {
-        "entropy_ratio": entropy_ratio(s, rank),
-        "energy_kept": energy_kept(s, rank),
-        "n_nonzero": int(s.numel()),
-        "top_singular_value": float(s[0]) if s.numel() else 0.0,
-    }
-
-
 def _delta_rank(delta: torch.Tensor, n_act: int, config: PatchConfig) -> tuple[int, dict]:
     """delta-svd's rank (``patch_tensor``) capped at the ``n_act`` non-zero activation
     directions: beyond them the eigenvectors span a null space in no particular order."""
@@ -80,7 +69,7 @@ def _delta_rank(delta: torch.Tensor, n_act: int, config: PatchConfig) -> tuple[i
     )
     tall = delta if delta.shape[0] >= delta.shape[1] else delta.T
     s = torch.linalg.svdvals(tall.float()).double().cpu()[: record.n_nonzero]
-    return n_act, _spectrum_stats(s, n_act)
+    return n_act, spectrum_stats(s, n_act)
 
 
 def activation_tensor(
@@ -97,14 +86,9 @@ def activation_tensor(
     else:
         rank = get_rank_rule(config.rank_rule).select(act.s, config.eta)
         rank = rank if config.max_rank is None else min(rank, config.max_rank)
-        stats = _spectrum_stats(act.s, rank)
+        stats = spectrum_stats(act.s, rank)
     basis = act.u[:, :rank].to(delta.device)
-    u, c = safety_factors(delta, basis, direction_weights(act.s, rank, config.weight_top))
-    if not (is_finite(u) and is_finite(c)):
-        raise NonFiniteError(
-            f"safety factors of a {list(delta.shape)} tensor overflow float32 (NaN/Inf); "
-            f"weight_top={config.weight_top} is too large"
-        )
+    u, c = checked_factors(delta, basis, act.s, rank, config.weight_top)
     record = TensorRecord(
         shape=tuple(delta.shape),
         rank=rank,

@@ -370,6 +370,29 @@ def safety_delta(name: str, aligned: torch.Tensor, reference: torch.Tensor) -> t
     return delta
 
 
+def spectrum_stats(s: torch.Tensor, rank: int) -> dict[str, float | int]:
+    """The record fields that describe the spectrum ``s: (k,)`` that set ``rank``."""
+    return {
+        "entropy_ratio": entropy_ratio(s, rank),
+        "energy_kept": energy_kept(s, rank),
+        "n_nonzero": int(s.numel()),
+        "top_singular_value": float(s[0]) if s.numel() else 0.0,
+    }
+
+
+def checked_factors(
+    delta: torch.Tensor, basis: torch.Tensor, s: torch.Tensor, rank: int, weight_top: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U' = basis * weights``, ``C = U'^T delta`` for ``basis: (d_out, rank)``, both finite."""
+    u, c = safety_factors(delta, basis, direction_weights(s, rank, weight_top))
+    if not (is_finite(u) and is_finite(c)):
+        raise NonFiniteError(
+            f"safety factors of a {list(delta.shape)} tensor overflow float32 (NaN/Inf); "
+            f"weight_top={weight_top} is too large"
+        )
+    return u, c
+
+
 def patch_tensor(
     delta: torch.Tensor, config: PatchConfig
 ) -> tuple[torch.Tensor, torch.Tensor, TensorRecord]:
@@ -393,20 +416,11 @@ def patch_tensor(
         spec, rank = found.spectrum, found.rank
         if found.fallback:
             log.debug("%s delta: full SVD (%s)", list(delta.shape), found.fallback)
-    weights = direction_weights(spec.s, rank, config.weight_top)
-    u, c = safety_factors(delta, spec.u[:, :rank], weights)
+    u, c = checked_factors(delta, spec.u[:, :rank], spec.s, rank, config.weight_top)
     record = TensorRecord(
         shape=tuple(delta.shape),
         rank=rank,
-        entropy_ratio=entropy_ratio(spec.s, rank),
-        energy_kept=energy_kept(spec.s, rank),
-        n_nonzero=int(spec.s.numel()),
-        top_singular_value=float(spec.s[0]) if spec.s.numel() else 0.0,
         delta_norm=float(torch.linalg.vector_norm(delta.double())),
+        **spectrum_stats(spec.s, rank),
     )
-    if not (is_finite(u) and is_finite(c)):
-        raise NonFiniteError(
-            f"safety factors of a {list(delta.shape)} tensor overflow float32 (NaN/Inf); "
-            f"weight_top={config.weight_top} is too large"
-        )
     return u.cpu(), c.cpu(), record
