@@ -62,11 +62,8 @@ def side_files(folder: Path) -> dict[str, Path]:
     return {name: path for name, path in found.items() if path is not None}
 
 
-# fp32 bytes per row block: the block stays in cache (L2/L3) from the cast to the rounding, and
-# MKL packs ``C`` once per block, so blocks too small pay that again and again. Measured on the
-# 1 GB benchmark's shapes and ranks (2816x1024 at rank 224, 1024x2816 at 350, two at rank 5-6;
-# one thread, under load, 2026-12-02): 512 KiB 239-392 ms, 2 MiB 173-299, 4 MiB 161-271, the
-# whole matrix at once 266; the per-element operations are the same at any block size.
+# fp32 bytes per row block: the block stays in cache from the cast to the rounding, and MKL
+# packs ``C`` once per block (smaller blocks measured slower; the result is the same at any).
 BLOCK_BYTES = 1 << 22
 # No block has fewer rows (unless the tensor has): MKL multiplies 1-3 rows with other kernels
 # (gemv), whose roundings differ from the whole-matrix product; 4 rows and more matched it
@@ -77,10 +74,7 @@ SPLIT_BYTES = 1 << 21
 # How the fine-tune's shards (a LoRA's: its base's) are read: "read" (``pread`` into recycled
 # buffers: the bytes hashed are the bytes fused), "map" (views of the mapped file, no copy), or
 # "auto": "map" where the shard's digest came from ``lssf.hashcache`` (nothing to hash; the
-# mapping checks the file's stat data on exit), else "read". Measured on 1 GB with hashing
-# (2026-12-01): "read" 3.3 s, "map" 3.6 s quiet, under load 5.3 s / 4.6 s; without hashing
-# (2026-12-02, under load) "map" took 0.5 CPU-s less of kernel time per GB (no copy into a
-# buffer, no fresh pages).
+# mapping checks the file's stat data on exit), else "read" (docs/benchmarks.md: timings).
 READ_MODE = "auto"
 
 

@@ -1,12 +1,10 @@
-"""Streaming safetensors I/O: one tensor in memory at a time.
+"""Streaming safetensors I/O: one tensor in memory at a time, whatever the checkpoint's size.
 
-safetensors' own ``safe_open`` maps whole files; the pages it touches count in the process's
-resident set, so a full pass over a 10 GB checkpoint looks like 10 GB of RSS. Here tensors are
-read with ``pread`` into a fresh (or recycled) buffer and written straight from the tensor's
-memory, so peak memory is the largest tensor, whatever the checkpoint's size. (``fuse`` maps
-shards instead and drops each tensor's pages once written: ``lssf.pipeline.MappedFile``.) The
-format is small and documented (https://github.com/huggingface/safetensors#format); headers are
-validated fully so a corrupt or truncated file fails before anything is computed.
+Tensors are read with ``pread`` into their own buffers (safetensors' ``safe_open`` maps whole
+files, and the pages it touches stay in the resident set) or, in ``fuse``, as views of a
+mapping whose pages are dropped once used. The format is small and documented
+(https://github.com/huggingface/safetensors#format); headers are validated fully, so a corrupt
+or truncated file fails before anything is computed.
 """
 
 from __future__ import annotations
@@ -286,16 +284,11 @@ class PlannedWriter:
     """
 
     def __init__(
-        self,
-        path: Path,
-        specs: list[TensorSpec],
-        metadata: dict[str, str] | None = None,
-        checked: Iterable[str] = (),
-    ):
-        """``checked``: names whose finiteness the caller has verified (not summed twice)."""
+        self, path: Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None
+    ) -> None:
+        """Create ``path`` and write the header."""
         self.path = Path(path)
         self._specs = list(specs)
-        self._checked = frozenset(checked)
         self._next = 0
         header = _header_bytes(self._specs, _check_metadata(path, metadata or {"format": "pt"}))
         self._fh = self.path.open("wb")
@@ -310,14 +303,9 @@ class PlannedWriter:
                 f"{self.path}: expected {spec.name!r} {spec.dtype} {spec.shape}, "
                 f"got {name!r} {tensor.dtype} {tuple(tensor.shape)}"
             )
-        if name not in self._checked:
-            check_finite(name, tensor, self.path)
+        check_finite(name, tensor, self.path)
         self._fh.write(_tensor_bytes(tensor))
         self._next += 1
-
-    def discard(self) -> None:
-        """Close the file after a failure; the caller removes the incomplete output."""
-        self._fh.close()
 
     def close(self) -> None:
         self._fh.close()
