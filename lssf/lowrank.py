@@ -2,10 +2,10 @@
 
 The rank rules need every singular value but only ``r`` left singular vectors are kept. So:
 
-1. all singular values, from whichever exact route is cheaper for the shape: up to
-   ``GRAM_MAX_SIDE`` on the short side, the eigenvalues of the float64 Gram matrix
-   ``delta delta^T`` (or ``delta^T delta``) with their rigorous error bound (Weyl); beyond it,
-   ``svdvals`` of the tall form;
+1. all singular values: up to ``GRAM_MAX_SIDE`` on the short side, the eigenvalues of the
+   float64 Gram matrix ``delta delta^T`` (or ``delta^T delta``) with their rigorous error
+   bound (Weyl); beyond it ``svdvals`` of the tall form (float64 deltas, GPUs; on CPU a
+   larger delta takes the full SVD at once, ``FULL_SVD_SIDE``);
 2. the rank from the unchanged rule, accepted only if it does not move when every value is
    shifted by its possible error, or borderline values near the zero cut are dropped (else the
    full SVD's own values decide, as before);
@@ -60,15 +60,12 @@ CERTIFIED = 1e-6
 MAX_BLOCK_FRACTION = 0.25
 MAX_ITERATIONS = 12
 OVERSAMPLING = (8, 16, 32, 64, 128)
-# Short side up to which float64 Gram + eigvalsh (numpy) beats float32 svdvals (torch) here,
-# one thread, loaded machine: 1024x2816 0.14 + 0.075 s vs 0.25-0.40 s; 2048x2048 0.46 + 1.86 s
-# vs 4.5 s; 2048x5632 0.8 + 1.6 s vs 6.0 s. eigvalsh grows as n^3 and is memory-bound past
-# 2048 (about 15 s at 4096, against svdvals' 4.8 s), so wider matrices take svdvals. The passes
-# then cost a small (n, n) product instead of two passes over delta.
+# Short side up to which the values come from float64 Gram + eigvalsh (numpy), cheaper than
+# float32 svdvals here (2048x5632: 2.4 s vs 6.0 s, one thread); the passes then multiply the
+# small (n, n) Gram instead of delta.
 GRAM_MAX_SIDE = 2048
-# Beyond this short side, on CPU, the exact values alone cost most of a full SVD here (one
-# thread, idle, 2026-12-02: 4096x4096 svdvals 25.2 s vs svd 29.4 s; 11008x4096 30.6 vs 51.0 s),
-# and a noise-floor rank needs the full SVD's vectors anyway: take the full SVD directly.
+# Beyond this short side, on CPU, the values alone cost most of a full SVD (4096x4096, one
+# thread: svdvals 25.2 s, svd 29.4 s) and noise-floor ranks need its vectors: take it at once.
 FULL_SVD_SIDE = 2048
 
 
