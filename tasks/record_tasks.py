@@ -25,17 +25,13 @@ from tasks.report import SearchRecord, plot_search, summary_table, verdict_line
 def lookup_outcome(
     store: RecordStore, source_key: str, model_name: str, family: str | None = None
 ) -> dict[str, Any] | None:
-    """The summary of a finished realign of `source_key` (by `family`), or None."""
+    """The summary of a finished realign of `source_key` (by `family`), or None: what `lssf
+    demo` prints, rebuilt from the realign run and its model version."""
     client, exp = store.open()
     run = registry.find_final_run(client, exp, source_key, family)
     if run is None:
         return None
     version = registry.find_version(client, model_name, source_key)
-    return summary_from_run(run, version)
-
-
-def summary_from_run(run: Any, version: Any | None) -> dict[str, Any]:
-    """What `lssf demo` prints, rebuilt from a realign run and its model version."""
     tags, metrics = run.data.tags, run.data.metrics
     return {
         "source_key": tags.get("source_key"),
