@@ -110,12 +110,13 @@ OPS = {
         " for f in sorted(Path('{d}/finetuned').glob('*.safetensors'))]",
     ),
     "compute only": (
-        "from pathlib import Path\nfrom lssf.fuse import fused_rows, single_threaded_ops\n"
+        "from pathlib import Path\nfrom lssf.fuse import fused_rows\n"
+        "from lssf.devices import one_thread_ops\n"
         "from lssf.patch import SafetyPatch\nfrom lssf.checkpoint import Checkpoint\n"
         "p = SafetyPatch.load('{d}/patch')\n"
         "with Checkpoint(Path('{d}/finetuned')) as ck:\n"
         "    work = [(ck.get(n), *p.factors(n)) for n in p.manifest.tensors]",
-        "with single_threaded_ops():  # as fuse runs it\n"
+        "with one_thread_ops():  # as fuse runs it\n"
         "    for w, u, c in work:\n        fused_rows(w, u, c, 1.0, torch.empty_like(w))",
     ),
 }  # fmt: skip

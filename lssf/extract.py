@@ -14,19 +14,17 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from lssf._version import __version__
 from lssf.checkpoint import Checkpoint
 from lssf.config import PatchConfig
-from lssf.devices import pick_device
+from lssf.devices import one_thread_ops, pick_device
 from lssf.errors import ConfigError, NonFiniteError, ShapeMismatchError
 from lssf.lowrank import patch_tensor, safety_delta
 from lssf.outputs import PROVENANCE, atomic_folder, write_json
@@ -123,9 +121,8 @@ def extract(
             writer = AppendingWriter(tmp / FACTORS)
 
             def write(name: str, u: torch.Tensor, c: torch.Tensor) -> None:
-                u_name, c_name = factor_names(name)
-                writer.write(u_name, u)
-                writer.write(c_name, c)
+                for key, t in zip(factor_names(name), (u, c), strict=True):
+                    writer.write(key, t)
 
             if config.basis == "activation":  # imported only when used: the forward pass
                 from lssf.activation_extract import activation_patch
@@ -181,21 +178,6 @@ def _work_bytes(a_ckpt: Checkpoint, r_ckpt: Checkpoint, name: str) -> int:
     return info.nbytes + r_ckpt.info(name).nbytes + 20 * n + 8 * side * side
 
 
-@contextmanager
-def _one_thread_ops() -> Iterator[None]:
-    """Torch ops and numpy's BLAS on one thread for the duration; restores the caller's counts.
-
-    One thread per op keeps every matrix's bits independent of the worker count.
-    """
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1):
-            yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def delta_patch(
     a_ckpt: Checkpoint,
     r_ckpt: Checkpoint,
@@ -237,7 +219,7 @@ def delta_patch(
     todo = deque(targets)
     held = 0
     try:
-        with _one_thread_ops():
+        with one_thread_ops():
             while todo or queue:
                 # Up to workers + 2 matrices read or in work, within the byte budget (one
                 # always, however large).

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from lssf import hashcache
 from lssf.adapter_out import write_combined_adapter
 from lssf.checkpoint import INDEX_NAME, Checkpoint, TensorSource, folder_file
 from lssf.config import check_alpha
-from lssf.devices import pick_device
+from lssf.devices import one_thread_ops, pick_device
 from lssf.errors import CheckpointError, ConfigError, NonFiniteError
 from lssf.finetune import (
     check_compatible,
@@ -99,21 +98,6 @@ def fused_rows(
         out[i:j].copy_(block)
         i = j
     return out
-
-
-@contextlib.contextmanager
-def single_threaded_ops() -> Iterator[None]:
-    """Torch ops on one thread each while fusing; the pipeline's threads share the cores.
-
-    Many small ``addmm`` on two OpenMP threads wait at a barrier per call: measured 40x slower
-    than one thread on this 2-core machine under load. The previous setting is restored.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -218,7 +202,7 @@ def _write_shard(
             hit = None  # MergedView.iter_file always hashes the base shard
             tensors = ft.iter_file(header, pool=buffers, mapped=mapped)
         stack.enter_context(contextlib.closing(tensors))  # stops the reader thread on failure
-        stack.enter_context(single_threaded_ops())
+        stack.enter_context(one_thread_ops())  # the pipeline's threads share the cores
         pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="lssf-fuse"))
         out = stack.enter_context(MappedWriter(dst, specs, header.metadata or {"format": "pt"}))
         fused = _Fuser(alpha, dev, pool)
