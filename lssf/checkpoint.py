@@ -129,9 +129,17 @@ class TensorSource(Protocol):
         """``header``'s file mapped, for ``iter_file(header, mapped=...)``."""
 
     def iter_file(
-        self, header: Header, pool: BufferPool | None = None, mapped: MappedFile | None = None
+        self,
+        header: Header,
+        pool: BufferPool | None = None,
+        mapped: MappedFile | None = None,
+        *,
+        hash: bool = True,  # noqa: A002
     ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-        """Every tensor of one shard in file order; ``sha256[shard]`` holds its hash afterwards."""
+        """Every tensor of one shard in file order; ``sha256[shard]`` holds its hash afterwards.
+
+        ``hash=False``: the digest is known already (``lssf.hashcache``); none is computed.
+        """
 
     def __enter__(self) -> TensorSource: ...
     def __exit__(self, *exc: object) -> None: ...

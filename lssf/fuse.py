@@ -131,6 +131,32 @@ class _Fuser:
         other.result()
 
 
+def _copy(
+    name: str,
+    src: torch.Tensor,
+    slot: torch.Tensor,
+    out: MappedWriter,
+    mapped: MappedFile | None,
+    dst: Path,
+) -> None:
+    """``slot = src`` a block at a time, each block checked finite while in cache.
+
+    The pages of both leave the resident set as they are used, so a large tensor (an
+    embedding) is never resident whole.
+    """
+    flat, into = src.reshape(-1), slot.view(-1)
+    size = src.element_size()
+    step = max(1, BLOCK_BYTES // size)
+    for i in range(0, flat.numel(), step):
+        part = into[i : i + step]
+        part.copy_(flat[i : i + step])
+        check_finite(name, part, dst)
+        lo, hi = i * size, (i + part.numel()) * size
+        out.drop(name, lo, hi)
+        if mapped is not None:
+            mapped.drop(src, lo, hi)
+
+
 def _stream_digest(
     ft: TensorSource, header: Header
 ) -> tuple[Checkpoint, hashcache.Snapshot | None, str | None]:
@@ -183,9 +209,8 @@ def _write_shard(
 
     ``buffers`` is shared by every shard of a run: later shards reuse the first one's memory.
 
-    The input's digest comes from ``lssf.hashcache`` when its stat data is unchanged since it
-    was last hashed; only then is hashing skipped (a plain checkpoint's stream; a LoRA's base
-    is always hashed as it is read, and the digest stored).
+    The input's digest (a LoRA's: its base shard's) comes from ``lssf.hashcache`` when its stat
+    data is unchanged since it was last hashed; only then is hashing skipped.
     """
     infos = sorted(header.tensors.values(), key=lambda t: t.start)
     specs = [TensorSpec(i.name, i.torch_dtype, i.shape) for i in infos]
@@ -193,14 +218,9 @@ def _write_shard(
     ck, snap, hit = _stream_digest(ft, header)
     with contextlib.ExitStack() as stack:
         mapped: MappedFile | None = None
-        cached = hit is not None and ft is ck
-        if READ_MODE == "map" or (READ_MODE == "auto" and cached):
+        if READ_MODE == "map" or (READ_MODE == "auto" and hit is not None):
             mapped = stack.enter_context(ft.mapped(header))
-        if ft is ck:
-            tensors = ck.iter_file(header, pool=buffers, mapped=mapped, hash=hit is None)
-        else:
-            hit = None  # MergedView.iter_file always hashes the base shard
-            tensors = ft.iter_file(header, pool=buffers, mapped=mapped)
+        tensors = ft.iter_file(header, pool=buffers, mapped=mapped, hash=hit is None)
         stack.enter_context(contextlib.closing(tensors))  # stops the reader thread on failure
         stack.enter_context(one_thread_ops())  # the pipeline's threads share the cores
         pool = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="lssf-fuse"))
@@ -222,8 +242,7 @@ def _write_shard(
                     factors[following] = loader.submit(patch.factors, following)
                 fused(info.name, tensor, slot, factors.pop(info.name))
             else:
-                slot.copy_(tensor)
-                check_finite(info.name, slot, dst)
+                _copy(info.name, tensor, slot, out, mapped, dst)
             del slot
             give_back(tensor, buffers, mapped)
             out.done(info.name)

@@ -348,10 +348,18 @@ class MergedView:
         return self.base.mapped(header)
 
     def iter_file(
-        self, header: Header, pool: BufferPool | None = None, mapped: MappedFile | None = None
+        self,
+        header: Header,
+        pool: BufferPool | None = None,
+        mapped: MappedFile | None = None,
+        *,
+        hash: bool = True,  # noqa: A002 - as Checkpoint.iter_file
     ) -> Iterator[tuple[TensorInfo, torch.Tensor]]:
-        """The base shard's tensors merged; a base tensor replaced by its merge is given back."""
-        with contextlib.closing(self.base.iter_file(header, pool, mapped)) as tensors:
+        """The base shard's tensors merged; a base tensor replaced by its merge is given back.
+
+        ``hash``: whether the base shard is hashed as it is read (``Checkpoint.iter_file``).
+        """
+        with contextlib.closing(self.base.iter_file(header, pool, mapped, hash=hash)) as tensors:
             for info, tensor in tensors:
                 merged = self.merge(info.name, tensor)
                 if merged is not tensor:

@@ -22,6 +22,9 @@ from lssf.errors import CheckpointError
 
 # Linux's madvise(2) advice value (5.14+); Python's mmap module does not name it.
 MADV_POPULATE_READ = 22
+# The reader maps at most this much of a tensor ahead; the rest faults in as it is used, so a
+# large tensor (an embedding) consumed a block at a time is never resident whole (``drop``).
+POPULATE_BYTES = 16 << 20
 
 if TYPE_CHECKING:  # st_io imports this module's BufferPool the same way: no cycle at run time
     from lssf.st_io import TensorInfo
@@ -97,7 +100,7 @@ class MappedFile:
             with memoryview(self._mm) as view:
                 hasher.update(view[info.start : info.end])
         numel = info.nbytes // torch.empty(0, dtype=info.torch_dtype).element_size()
-        self._populate(info.start, info.end)
+        self._populate(info.start, min(info.end, info.start + POPULATE_BYTES))
         t = torch.frombuffer(self._mm, dtype=info.torch_dtype, count=numel, offset=info.start)
         self._ranges[t.data_ptr()] = (info.start, info.end)
         return t.reshape(info.shape)
@@ -110,6 +113,12 @@ class MappedFile:
                 self._mm.madvise(MADV_POPULATE_READ, start, end - start)
             except OSError:  # a kernel before 5.14: the pages fault in when used instead
                 self._can_populate = False
+
+    def drop(self, t: torch.Tensor, lo: int, hi: int) -> None:
+        """Drop the pages of bytes ``lo:hi`` of a tensor made here, once used (if it was)."""
+        span = self._ranges.get(t.data_ptr())
+        if span is not None:
+            drop_pages(self._mm, span[0] + lo, span[0] + hi)
 
     def give(self, t: torch.Tensor) -> bool:
         """Drop the pages of a tensor made here from the resident set; False if not one."""
@@ -163,3 +172,14 @@ class ByteBudget:
         with self._cv:
             self._cancelled = True
             self._cv.notify_all()
+
+
+def drop_pages(mm: mmap.mmap, lo: int, hi: int) -> None:
+    """``MADV_DONTNEED`` the pages of bytes ``lo:hi`` that end by ``hi`` (page cache keeps them).
+
+    The page ``hi`` falls in stays mapped: the next bytes still need it. The first page may hold
+    bytes before ``lo``: they are used already.
+    """
+    start, end = lo - lo % mmap.PAGESIZE, hi - hi % mmap.PAGESIZE
+    if end > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)

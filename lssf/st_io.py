@@ -26,6 +26,7 @@ import torch
 
 from lssf import hashcache
 from lssf.errors import CheckpointError, NonFiniteError
+from lssf.pipeline import drop_pages
 
 if TYPE_CHECKING:
     from lssf.pipeline import BufferPool
@@ -359,6 +360,10 @@ class MappedWriter:
         count = spec.nbytes // torch.empty(0, dtype=spec.dtype).element_size()
         t = torch.frombuffer(self._mm, dtype=spec.dtype, count=count, offset=offset)
         return t.reshape(spec.shape)
+
+    def drop(self, name: str, lo: int, hi: int) -> None:
+        """Bytes ``lo:hi`` of ``name`` are filled: their pages leave the resident set."""
+        drop_pages(self._mm, self._at[name][0] + lo, self._at[name][0] + hi)
 
     def done(self, name: str) -> None:
         """``name`` is filled: its pages leave the resident set (still in the page cache)."""

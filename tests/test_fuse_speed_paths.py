@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import mmap
 import os
 import threading
 import time
@@ -22,11 +23,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lssf import extract, fuse
+from lssf import extract, fuse, pipeline
 from lssf.checkpoint import Checkpoint
 from lssf.errors import CheckpointError, NonFiniteError
 from lssf.patch import SafetyPatch
-from lssf.pipeline import BufferPool, ByteBudget, MappedFile
+from lssf.pipeline import BufferPool, ByteBudget, MappedFile, drop_pages
 from lssf.spectral import fused_weight
 from lssf.st_io import MappedWriter, PlannedWriter, TensorSpec, file_sha256, is_finite
 from lssf.synthetic import LlamaShape, make_trio
@@ -108,6 +109,8 @@ def test_fast_paths_write_the_reference_bytes(
     monkeypatch.setattr(fuse_mod, "BLOCK_BYTES", block)
     monkeypatch.setattr(fuse_mod, "SPLIT_BYTES", split)
     monkeypatch.setattr(fuse_mod, "READ_MODE", read)
+    if block <= 4096:  # mapped tensors also mapped in only partly ahead, the rest faulted in
+        monkeypatch.setattr(pipeline, "POPULATE_BYTES", 12_000)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -122,6 +125,21 @@ def test_fast_paths_write_the_reference_bytes(
     if alpha == 0.0:
         for name in shards:
             assert sha(ref / name) == sha(trio["finetuned"] / name)
+
+
+def test_drop_pages_keeps_the_page_the_next_bytes_need():
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def madvise(self, *args):
+            self.calls.append(args)
+
+    page, mm = mmap.PAGESIZE, Recorder()
+    drop_pages(mm, 100, 2 * page + 50)  # bytes 0:100 used before; page 2 still in use
+    drop_pages(mm, 2 * page + 50, 2 * page + 60)  # nothing whole yet
+    drop_pages(mm, 3 * page, 4 * page)  # exactly one page
+    assert mm.calls == [(mmap.MADV_DONTNEED, 0, 2 * page), (mmap.MADV_DONTNEED, 3 * page, page)]
 
 
 def test_provenance_hashes_are_the_input_files(world, tmp_path):

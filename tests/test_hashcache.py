@@ -394,3 +394,46 @@ def test_auto_read_mode_maps_a_shard_only_when_its_digest_is_cached(
     assert not any(how2) and sorted(mapped) == sorted(p.name for p in ft.glob("*.safetensors"))
     for out in (tmp_path / "a").glob("*.safetensors"):
         assert out.read_bytes() == (tmp_path / "b" / out.name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def lora_world(fuse_world, tmp_path_factory: pytest.TempPathFactory):
+    """A PEFT LoRA adapter on the trio's aligned model (the patch itself, exported), its base."""
+    from lssf.adapter_out import export_patch_adapter
+
+    ft, patch = fuse_world
+    out = tmp_path_factory.mktemp("lora-cache") / "adapter"
+    adapter = export_patch_adapter(patch, out, alpha=0.5, progress=False)
+    return adapter, ft.parent / "aligned", patch
+
+
+def test_fuse_an_adapter_twice_its_base_from_the_cache_the_second_time(
+    cache: Path, lora_world, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A LoRA's base shards are streamed like a full fine-tune's: hashed while read the first
+    # time, the digest stored, then taken from the cache (and the shards mapped).
+    from lssf import fuse
+    from lssf.checkpoint import Checkpoint
+
+    adapter, aligned, patch = lora_world
+    plain = Checkpoint.iter_file
+    runs: list[tuple[list[bool], dict]] = []
+    for out in (tmp_path / "a", tmp_path / "b"):
+        streamed: list[bool] = []
+
+        def spy(self, header, *args, hash: bool = True, _seen=streamed, **kwargs):
+            _seen.append(hash)
+            return plain(self, header, *args, hash=hash, **kwargs)
+
+        with monkeypatch.context() as m:
+            m.setattr(Checkpoint, "iter_file", spy)
+            fuse(adapter, patch, out, aligned=aligned, progress=False)
+        prov = json.loads((out / "lssf_provenance.json").read_text())
+        runs.append((streamed, prov["sources"]["finetuned_base"]["files"]))
+    (how1, files1), (how2, files2) = runs
+    shards = {k: v for k, v in files1.items() if k.endswith(".safetensors")}
+    assert shards == true_hashes(aligned) and len(shards) > 1
+    assert how1 == [True] * len(shards) and how2 == [False] * len(shards)
+    assert files2 == files1
+    for f in (tmp_path / "a").glob("*.safetensors"):
+        assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes()
