@@ -1,9 +1,10 @@
 """The threads and buffers of a streaming pass: read ahead, then compute.
 
 ``ByteBudget`` bounds the bytes in flight between two threads; ``BufferPool`` recycles buffers
-by size and ``MappedFile`` hands out views of a mapped shard (its pages mapped by the reader's
-thread), so steady-state streaming neither copies nor page-faults more than it must. Memory
-stays a few tensors, whatever the checkpoint's size. (Outputs: ``st_io.MappedWriter``.)
+by size and ``MappedFile`` hands out views of a mapped shard (the first ``POPULATE_BYTES`` of
+each mapped in by the reader's thread), so steady-state streaming neither copies nor
+page-faults more than it must. Memory stays a few tensors, whatever the checkpoint's size.
+(Outputs: ``st_io.MappedWriter``.)
 """
 
 from __future__ import annotations
