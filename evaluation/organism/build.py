@@ -82,6 +82,7 @@ def build_organism(
     config: OrganismConfig | None = None,
     reuse: Iterable[Path] = (),
     use_shipped: bool = True,
+    numerics: repro.Numerics = "pinned",
 ) -> OrganismPaths:
     """Build (or reuse) the seed's organism under `out`.
 
@@ -89,10 +90,12 @@ def build_organism(
     with that key among `reuse` and the shipped ones is copied; failing that, stages whose key
     matches a stage of a `reuse` organism are copied and the rest is trained (pinned, in a child
     process) into a sibling folder that replaces `out` by a rename when complete.
+    `numerics="native"` trains on this machine's own kernels instead (about 4x faster, its
+    own cache key; reproducible on this machine only).
     """
     config = config or OrganismConfig()
     out = Path(out)
-    keys = config.stage_keys(seed, repro.versions())
+    keys = config.stage_keys(seed, repro.versions(numerics))
     key = keys["finetuned"]
     if read_manifest(out).get("cache_key") == key:
         logger.info("organism seed %d: cache hit at %s (%s)", seed, out, key)
@@ -112,7 +115,7 @@ def build_organism(
             trained = False
         else:
             _adopt_stages(tmp, keys, donors)
-            trained = _train_missing(tmp, seed, config, keys)
+            trained = _train_missing(tmp, seed, config, keys, numerics)
         data.write_eval_sets(seed, tmp / "eval")
         replace_folder(tmp, out)
     return OrganismPaths.at(out, config, key, cached=not trained)
@@ -151,12 +154,14 @@ def _adopt_stages(tmp: Path, keys: dict[str, str], donors: list[Path]) -> None:
                 break
 
 
-def _train_missing(tmp: Path, seed: int, config: OrganismConfig, keys: dict[str, str]) -> bool:
+def _train_missing(
+    tmp: Path, seed: int, config: OrganismConfig, keys: dict[str, str], numerics: repro.Numerics
+) -> bool:
     """Train the stages `tmp` lacks in a pinned child; True when anything was trained."""
     if all(_stage_key(tmp / s) == keys[s] for s in STAGES) and (tmp / MANIFEST).is_file():
         return False
     args = ["--seed", str(seed), "--root", str(tmp), "--config", config.model_dump_json()]
-    repro.run_pinned("evaluation.organism.build", args)
+    repro.run_pinned("evaluation.organism.build", [*args, "--numerics", numerics], numerics)
     return True
 
 
@@ -190,7 +195,9 @@ def file_hashes(folder: Path) -> dict[str, str]:
 # --- the pinned child: `python -m evaluation.organism.build --seed N --root DIR --config JSON` ---
 
 
-def train_stages(root: Path, seed: int, config: OrganismConfig) -> dict[str, float]:
+def train_stages(
+    root: Path, seed: int, config: OrganismConfig, numerics: repro.Numerics = "pinned"
+) -> dict[str, float]:
     """Train every stage whose folder lacks the right key, each from the saved one before it.
 
     Must run in a pinned process. Returns the seconds each trained stage took.
@@ -201,9 +208,9 @@ def train_stages(root: Path, seed: int, config: OrganismConfig) -> dict[str, flo
     from evaluation.organism import train
     from evaluation.organism.tokenizer import build_tokenizer
 
-    keys = config.stage_keys(seed, repro.versions())
+    keys = config.stage_keys(seed, repro.versions(numerics))
     timings: dict[str, float] = {}
-    with repro.pinned_numerics():
+    with repro.pinned_numerics(numerics):
         tok = build_tokenizer()
         for i, stage in enumerate(STAGES):
             folder = root / stage
@@ -247,16 +254,18 @@ def _save(model, tok, folder: Path) -> None:
     tok.save_pretrained(folder)
 
 
-def write_manifest(root: Path, seed: int, config: OrganismConfig, timings: dict) -> None:
+def write_manifest(
+    root: Path, seed: int, config: OrganismConfig, timings: dict, numerics: repro.Numerics
+) -> None:
     """Written last: its presence marks a complete build. Records keys, versions, hashes."""
-    keys = config.stage_keys(seed, repro.versions())
+    keys = config.stage_keys(seed, repro.versions(numerics))
     manifest = {
         "cache_key": keys["finetuned"],
         "stage_keys": keys,
         "seed": seed,
         "organism_version": ORGANISM_VERSION,
         "config": config.model_dump(),
-        "versions": repro.versions(),
+        "versions": repro.versions(numerics),
         "sha256": {stage: file_hashes(root / stage) for stage in STAGES},
         "train_seconds": timings,
     }
@@ -268,12 +277,13 @@ def _child(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--config", required=True, help="OrganismConfig as JSON")
+    parser.add_argument("--numerics", choices=("pinned", "native"), default="pinned")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = OrganismConfig.model_validate_json(args.config)
     args.root.mkdir(parents=True, exist_ok=True)
-    timings = train_stages(args.root, args.seed, config)
-    write_manifest(args.root, args.seed, config, timings)
+    timings = train_stages(args.root, args.seed, config, args.numerics)
+    write_manifest(args.root, args.seed, config, timings, args.numerics)
     return 0
 
 
