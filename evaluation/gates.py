@@ -2,9 +2,21 @@
 
 `evaluate_gate(candidate, baseline, config)` compares two `EvalReport`s (typically the
 candidate = fine-tuned model after LSSF, the baseline = the fine-tuned model before it) and
-fails closed: a crashed evaluation, a missing metric, a NaN or non-number, a missing or
-mismatched judge, or a missing or zero sample count fail the rule concerned, with the reason.
-The gate's rules come from a file given by the operator or a shipped suite's gate, by name.
+fails closed: a crashed evaluation, a missing metric, a NaN or non-number, a rate outside
+[0, 1], a missing or mismatched judge, reports of different splits, suites or task versions,
+or too few samples fail the rule concerned, with the reason.
+
+A delta rule (`min_delta`/`max_delta`) compares point estimates unless it is `paired`: then it
+is tested on the per-prompt outcomes both reports carry (`evaluation.stats`, exact one-sided
+bounds at the gate's `confidence`):
+- `superiority`: the candidate must be SHOWN within the bound: the lower bound of
+  `candidate - baseline` at least `min_delta` (the upper bound at most `max_delta`);
+- `non-inferiority`: the rule fails only when the bound SHOWS a violation: the upper bound of
+  `candidate - baseline` below `min_delta` (the lower bound above `max_delta`). Sampling noise
+  alone never fails it; the burden of proof is on the loss.
+`aligned_fraction` floors a metric at a fraction of the aligned model's value (an `aligned`
+report is then required). The gate's rules come from a file given by the operator or a
+shipped suite's gate, by name.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from evaluation.report import EvalReport
+from evaluation.stats import PairedBounds, paired_bounds
 
 GATES_DIR = Path(__file__).resolve().parent / "configs" / "gates"
 
@@ -30,10 +43,15 @@ class GateConfigError(ValueError):
 _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
+Paired = Literal["superiority", "non-inferiority"]
+
+
 class MetricRule(BaseModel):
     """Rules on one metric. `min_delta`/`max_delta` bound `candidate - baseline`:
     `min_delta: 0.20` = at least 0.20 above the baseline; `min_delta: -0.02` = at most 0.02
-    below it; `max_delta: 0.02` = at most 0.02 above it (for lower-is-better metrics)."""
+    below it; `max_delta: 0.02` = at most 0.02 above it (for lower-is-better metrics).
+    `paired` tests the delta bounds on per-prompt outcomes (module doc);
+    `aligned_fraction: 0.9` = at least 0.9 x the aligned model's value."""
 
     model_config = _FROZEN
 
@@ -42,6 +60,8 @@ class MetricRule(BaseModel):
     ceiling: float | None = None
     min_delta: float | None = None
     max_delta: float | None = None
+    paired: Paired | None = None
+    aligned_fraction: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> MetricRule:
@@ -50,6 +70,7 @@ class MetricRule(BaseModel):
             "ceiling": self.ceiling,
             "min_delta": self.min_delta,
             "max_delta": self.max_delta,
+            "aligned_fraction": self.aligned_fraction,
         }
         errors = [
             f"{k}={v} is not finite"
@@ -57,7 +78,11 @@ class MetricRule(BaseModel):
             if v is not None and not math.isfinite(v)
         ]
         if all(v is None for v in bounds.values()):
-            errors.append("needs at least one of floor, ceiling, min_delta, max_delta")
+            errors.append(
+                "needs at least one of floor, ceiling, min_delta, max_delta, aligned_fraction"
+            )
+        if self.paired and self.min_delta is None and self.max_delta is None:
+            errors.append(f"paired: {self.paired} needs min_delta or max_delta")
         if self.floor is not None and self.ceiling is not None and self.floor > self.ceiling:
             errors.append(f"floor={self.floor} > ceiling={self.ceiling}")
         if (
@@ -80,6 +105,8 @@ class GateConfig(BaseModel):
     version: int = 1
     judge: str | None = None
     require_same_suite: bool = True
+    confidence: float = Field(0.95, ge=0.5, lt=1.0, description="one-sided, paired rules")
+    min_samples: int = Field(1, ge=1, description="fewest samples a gated metric may rest on")
     rules: list[MetricRule] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -127,6 +154,12 @@ class GateRow(BaseModel):
     threshold: float | None
     verdict: Literal["pass", "fail"]
     reason: str = ""
+    # Paired rules: the statistic, its bound, the prompts and the discordant pairs behind it.
+    statistic: str | None = None
+    bound: float | None = None
+    n: int | None = None
+    gains: int | None = None
+    losses: int | None = None
 
 
 class GateReport(BaseModel):
@@ -158,6 +191,8 @@ def _value(report: EvalReport, metric: str, role: str) -> tuple[float | None, st
         return None, f"{role} {metric} is {value!r}, not a number"
     if not math.isfinite(value):
         return None, f"{role} {metric} is {value}"
+    if not 0.0 <= value <= 1.0:
+        return None, f"{role} {metric} is {value}, not a rate in [0, 1]"
     n = report.n_samples.get(metric)
     if n is None:
         return None, f"{role} report has no sample count for {metric}"
@@ -185,22 +220,111 @@ def _compare(
     )
 
 
-def _rule_rows(rule: MetricRule, candidate: EvalReport, baseline: EvalReport) -> list[GateRow]:
+def _pairs(
+    candidate: EvalReport, baseline: EvalReport, metric: str
+) -> tuple[list[int], list[int]] | str:
+    """The two reports' outcomes on the same prompts (baseline, candidate), or why not."""
+    missing = [
+        role
+        for role, rep in (("candidate", candidate), ("baseline", baseline))
+        if metric not in rep.outcomes
+    ]
+    if missing:
+        return f"{' and '.join(missing)} report has no per-prompt outcomes for {metric}"
+    cand, base = candidate.outcomes[metric].by_id(), baseline.outcomes[metric].by_id()
+    if cand.keys() != base.keys():
+        only = len(cand.keys() - base.keys()), len(base.keys() - cand.keys())
+        return (
+            f"{metric}: the reports answered different prompts ({only[0]} only in the "
+            f"candidate, {only[1]} only in the baseline)"
+        )
+    ids = sorted(cand)
+    return [base[i] for i in ids], [cand[i] for i in ids]
+
+
+def _paired_row(
+    label: str, rule: MetricRule, delta: float, op: str, bounds: PairedBounds
+) -> GateRow:
+    """`op` '>=' (a min_delta) or '<=' (a max_delta), tested as the rule's `paired` says."""
+    superiority = rule.paired == "superiority"
+    if op == ">=":
+        bound = bounds.lower if superiority else bounds.upper
+        ok = bound >= delta - _EPS if superiority else not bound < delta - _EPS
+        side = "lower" if superiority else "upper"
+    else:
+        bound = bounds.upper if superiority else bounds.lower
+        ok = bound <= delta + _EPS if superiority else not bound > delta + _EPS
+        side = "upper" if superiority else "lower"
+    statistic = (
+        f"paired {rule.paired}: exact conditional one-sided {bounds.confidence:.0%} {side} "
+        "bound on the difference (discordant pairs)"
+    )
+    reason = "" if ok else f"{side} bound {bound:+.4f} {'<' if op == '>=' else '>'} {delta:+g}; "
+    return GateRow(
+        rule=label,
+        metric=rule.metric,
+        value=bounds.delta,
+        threshold=delta,
+        verdict="pass" if ok else "fail",
+        reason=(reason + bounds.describe()) if not ok else bounds.describe(),
+        statistic=statistic,
+        bound=bound,
+        n=bounds.n,
+        gains=bounds.gains,
+        losses=bounds.losses,
+    )
+
+
+def _delta_row(
+    rule: MetricRule, delta: float, op: str, candidate: EvalReport, baseline: EvalReport, conf
+) -> GateRow:
     m = rule.metric
     value, why = _value(candidate, m, "candidate")
+    base, base_why = _value(baseline, m, "baseline")
+    label = f"{m} {op} baseline {delta:+g}" + (f" ({rule.paired})" if rule.paired else "")
+    if value is None or base is None or not rule.paired:
+        threshold = None if base is None else base + delta
+        return _compare(label, m, value, threshold, op, why or base_why)
+    pairs = _pairs(candidate, baseline, m)
+    if isinstance(pairs, str):
+        return _compare(label, m, None, None, op, pairs)
+    return _paired_row(label, rule, delta, op, paired_bounds(*pairs, confidence=conf))
+
+
+def _rule_rows(
+    rule: MetricRule,
+    candidate: EvalReport,
+    baseline: EvalReport,
+    config: GateConfig,
+    aligned: EvalReport | None,
+) -> list[GateRow]:
+    m = rule.metric
+    value, why = _value(candidate, m, "candidate")
+    if value is not None and candidate.n_samples[m] < config.min_samples:
+        value, why = None, f"candidate {m} rests on {candidate.n_samples[m]} samples, fewer "
+        why += f"than the gate's min_samples={config.min_samples}"
     rows = []
     for bound, op in ((rule.floor, ">="), (rule.ceiling, "<=")):
         if bound is not None:
             rows.append(_compare(f"{m} {op} {bound:g}", m, value, bound, op, why))
+    if rule.aligned_fraction is not None:
+        rows.append(_aligned_row(rule, value, why, aligned))
     for delta, op in ((rule.min_delta, ">="), (rule.max_delta, "<=")):
-        if delta is None:
-            continue
-        base, base_why = _value(baseline, m, "baseline")
-        threshold = None if base is None else base + delta
-        rows.append(
-            _compare(f"{m} {op} baseline {delta:+g}", m, value, threshold, op, why or base_why)
-        )
+        if delta is not None:
+            row = _delta_row(rule, delta, op, candidate, baseline, config.confidence)
+            rows.append(row if value is not None else row.model_copy(update={"verdict": "fail"}))
     return rows
+
+
+def _aligned_row(
+    rule: MetricRule, value: float | None, why: str, aligned: EvalReport | None
+) -> GateRow:
+    label = f"{rule.metric} >= {rule.aligned_fraction:g} x aligned"
+    if aligned is None:
+        return _compare(label, rule.metric, value, None, ">=", "no report of the aligned model")
+    ref, ref_why = _value(aligned, rule.metric, "aligned")
+    threshold = None if ref is None else rule.aligned_fraction * ref
+    return _compare(label, rule.metric, value, threshold, ">=", why or ref_why)
 
 
 def _check_row(rule: str, problem: str) -> GateRow:
@@ -215,30 +339,63 @@ def _check_row(rule: str, problem: str) -> GateRow:
 
 
 def _report_rows(candidate: EvalReport, baseline: EvalReport, config: GateConfig) -> list[GateRow]:
-    """Whole-report checks: both evaluations ran, judged by the same (required) judge."""
+    """Whole-report checks: both evaluations ran, judged by the same (required) judge, on the
+    same split, suite and task versions, the candidate on at least the baseline's samples."""
     rows = []
     for role, rep in (("candidate", candidate), ("baseline", baseline)):
         problem = "" if rep.status == "ok" else f"status {rep.status!r}: {rep.error or 'no reason'}"
         rows.append(_check_row(f"{role} evaluation ok", problem))
-    judges = {"candidate": candidate.judge, "baseline": baseline.judge}
-    problem = "; ".join(f"{role} report names no judge" for role, j in judges.items() if not j)
-    if not problem and candidate.judge != baseline.judge:
-        problem = f"judges differ: candidate {candidate.judge!r}, baseline {baseline.judge!r}"
-    if not problem and config.judge and candidate.judge != config.judge:
-        problem = f"gate requires judge {config.judge!r}, reports used {candidate.judge!r}"
-    rows.append(_check_row("judge present and consistent", problem))
+    rows.append(
+        _check_row("judge present and consistent", _judge_problem(candidate, baseline, config))
+    )
+    same = candidate.split == baseline.split
+    why = (
+        "" if same else f"splits differ: candidate {candidate.split!r}, baseline {baseline.split!r}"
+    )
+    rows.append(_check_row("same split", why))
     if config.require_same_suite:
         same = candidate.suite == baseline.suite
         why = "" if same else f"suites differ: {candidate.suite!r} vs {baseline.suite!r}"
         rows.append(_check_row("same suite", why))
+    why = ""
+    if candidate.task_versions != baseline.task_versions:
+        why = f"task versions differ: {candidate.task_versions} vs {baseline.task_versions}"
+    rows.append(_check_row("same task versions", why[:300]))
+    fewer = sorted(
+        f"{m} {n} < {baseline.n_samples[m]}"
+        for m, n in candidate.n_samples.items()
+        if m in baseline.n_samples and n < baseline.n_samples[m]
+    )
+    why = "" if not fewer else "candidate has fewer samples than the baseline: " + ", ".join(fewer)
+    rows.append(_check_row("samples at least the baseline's", why[:300]))
     return rows
 
 
-def evaluate_gate(candidate: EvalReport, baseline: EvalReport, config: GateConfig) -> GateReport:
-    """Apply every rule; passed only when every row passes."""
+def _judge_problem(candidate: EvalReport, baseline: EvalReport, config: GateConfig) -> str:
+    judges = {"candidate": candidate.judge, "baseline": baseline.judge}
+    problem = "; ".join(f"{role} report names no judge" for role, j in judges.items() if not j)
+    if not problem and candidate.judge != baseline.judge:
+        problem = f"judges differ: candidate {candidate.judge!r}, baseline {baseline.judge!r}"
+    if not problem and candidate.metric_judges != baseline.metric_judges:
+        problem = f"metric judges differ: {candidate.metric_judges} vs {baseline.metric_judges}"[
+            :300
+        ]
+    if not problem and config.judge and candidate.judge != config.judge:
+        problem = f"gate requires judge {config.judge!r}, reports used {candidate.judge!r}"
+    return problem
+
+
+def evaluate_gate(
+    candidate: EvalReport,
+    baseline: EvalReport,
+    config: GateConfig,
+    aligned: EvalReport | None = None,
+) -> GateReport:
+    """Apply every rule; passed only when every row passes. `aligned`: the aligned model's
+    report on the same split, needed by `aligned_fraction` rules."""
     rows = _report_rows(candidate, baseline, config)
     for rule in config.rules:
-        rows += _rule_rows(rule, candidate, baseline)
+        rows += _rule_rows(rule, candidate, baseline, config, aligned)
     return GateReport(
         passed=all(r.verdict == "pass" for r in rows),
         config=config.name,
@@ -246,3 +403,17 @@ def evaluate_gate(candidate: EvalReport, baseline: EvalReport, config: GateConfi
         baseline=baseline.model,
         rows=rows,
     )
+
+
+def aligned_gate_problems(config: GateConfig, aligned: EvalReport) -> list[str]:
+    """Why the aligned model itself fails the gate's absolute rules (floors, ceilings and
+    aligned fractions): a gate it fails can pass no repair of its fine-tunes. Empty if none."""
+    problems = []
+    for rule in config.rules:
+        absolute = rule.model_copy(update={"min_delta": None, "max_delta": None, "paired": None})
+        if absolute.floor is None and absolute.ceiling is None:
+            continue
+        for row in _rule_rows(absolute, aligned, aligned, config, aligned):
+            if row.verdict == "fail":
+                problems.append(f"{row.rule}: {row.reason}")
+    return problems

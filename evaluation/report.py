@@ -11,8 +11,25 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Valid
 Count = Annotated[StrictInt, Field(ge=0)]
 
 
+# A report holds a few hundred metrics and per-prompt outcomes; a larger file is refused unread.
+MAX_REPORT_BYTES = 32 * 1024 * 1024
+
+
 class ReportError(ValueError):
     """A report file is missing or malformed; the message names the file."""
+
+
+class Outcomes(BaseModel):
+    """Per-prompt 0/1 outcomes behind one metric (1 = refused, or answered correctly), keyed by
+    row id, so that two reports on the same prompts can be compared pair by pair."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ids: list[str]
+    values: list[Annotated[StrictInt, Field(ge=0, le=1)]]
+
+    def by_id(self) -> dict[str, int]:
+        return dict(zip(self.ids, self.values, strict=True))
 
 
 class EvalReport(BaseModel):
@@ -20,8 +37,9 @@ class EvalReport(BaseModel):
 
     `metrics` holds the suite's named metrics (e.g. `harmful_refusal`), `n_samples` the sample
     count behind each; `raw_metrics` every numeric lm-eval metric as `TASK/METRIC,FILTER`,
-    `raw_n_samples` the samples per lm-eval task or group. A report with `status != "ok"` fails
-    every gate rule. `split` says which rows were evaluated ("calibration", "heldout", or "all"
+    `raw_n_samples` the samples per lm-eval task or group; `outcomes` the per-prompt results
+    behind each named metric (for the gate's paired rules) and `metric_judges` the judge that
+    produced each refusal metric. A report with `status != "ok"` fails every gate rule. `split` says which rows were evaluated ("calibration", "heldout", or "all"
     of them), `split_rule` and `calibration_fraction` by which rule (`evaluation.splits`).
     """
 
@@ -36,8 +54,11 @@ class EvalReport(BaseModel):
     n_samples: dict[str, Count] = Field(default_factory=dict)
     raw_metrics: dict[str, StrictFloat] = Field(default_factory=dict)
     raw_n_samples: dict[str, Count] = Field(default_factory=dict)
+    outcomes: dict[str, Outcomes] = Field(default_factory=dict)
     judge: str | None = None
     task_judges: dict[str, str] = Field(default_factory=dict)
+    metric_judges: dict[str, str] = Field(default_factory=dict)
+    task_versions: dict[str, str] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     samples_path: str | None = None
     limit: float | None = None
@@ -53,18 +74,18 @@ class EvalReport(BaseModel):
     @classmethod
     def load(cls, path: Path) -> EvalReport:
         """A report file; one written before `raw_metrics` existed loads too (`_split_v1`)."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as err:
-            raise ReportError(f"report {path}: cannot read: {err}") from err
-        try:
-            data = json.loads(text)
-        except ValueError as err:
-            raise ReportError(f"report {path}: not JSON: {err}") from err
+        from lssf.bounded import BoundedInputError, loads_json, read_regular_text
+
+        try:  # bounded: a regular file, size-capped before parsing, UTF-8, depth-capped
+            data = loads_json(read_regular_text(path, MAX_REPORT_BYTES))
+        except BoundedInputError as err:
+            raise ReportError(f"report {path}: {err}") from None
         try:
             return cls.model_validate(_split_v1(data))
-        except ValidationError as err:
-            raise ReportError(f"report {path}: not an EvalReport: {err}") from err
+        except ValidationError as err:  # cut short: a hostile file can hold many errors
+            text = str(err)
+            text = text if len(text) <= 2000 else text[:2000] + " ..."
+            raise ReportError(f"report {path}: not an EvalReport: {text}") from None
 
     def write(self, path: Path) -> Path:
         """Write as JSON atomically (readers see the old file or the whole new one)."""
