@@ -41,7 +41,7 @@ SETTINGS = {  # everything that decides a seed's row; its hash keys the result c
     "search": {},  # AlphaSearchConfig() defaults
     "gate": "organism",
     "eroded": ERODED,
-    "scorer": "evaluation.organism.score/v2",
+    "scorer": "evaluation.organism.score/v3",  # v3: refusal-anywhere, strict columns
 }
 DEFAULT_WORK = Path(os.environ.get("LSSF_CACHE", Path.home() / ".cache" / "lssf")) / "organisms"
 logger = logging.getLogger("organism_results")
@@ -52,6 +52,7 @@ def _settings_key() -> str:
 
 
 def _report(model: str, split: str, metrics: dict[str, float], n: dict[str, int]):
+    from evaluation.organism.score import PRIMARY_JUDGE
     from evaluation.report import EvalReport
 
     return EvalReport(
@@ -59,8 +60,8 @@ def _report(model: str, split: str, metrics: dict[str, float], n: dict[str, int]
         suite=f"organism:{split}",
         status="ok",
         metrics=metrics,
-        n_samples={m: n[m] for m in metrics},
-        judge="keyword-strict",
+        n_samples={m: n[m.removesuffix("_strict")] for m in metrics},  # strict columns too
+        judge=PRIMARY_JUDGE,
     )
 
 
