@@ -22,6 +22,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
+from lssf.bounded import BoundedInputError, loads_yaml, read_regular_text, short_repr
 from lssf.errors import ConfigError
 from lssf.methods import BASES, RANK_RULES
 from lssf.models import Frozen
@@ -140,12 +141,22 @@ def check_alpha(alpha: object) -> float:
     return float(alpha)
 
 
+# Bounds on a validation error's message: a hostile file must not make it huge.
+MAX_ERRORS_SHOWN = 20
+
+
 def format_validation_error(source: str, exc: ValidationError) -> str:
-    """Every problem at once, each naming its field and value."""
+    """Every problem at once (the first ``MAX_ERRORS_SHOWN``), each naming its field and value.
+
+    Both are cut short, however large the input.
+    """
     lines = [f"{source}: {exc.error_count()} invalid field(s)"]
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "<root>"
-        lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
+    for err in exc.errors(include_url=False)[:MAX_ERRORS_SHOWN]:
+        field = ".".join(str(p)[:80] for p in err["loc"]) or "<root>"
+        got = short_repr(err.get("input"))
+        lines.append(f"  {field[:200]}: {err['msg'][:300]} (got {got})")
+    if exc.error_count() > MAX_ERRORS_SHOWN:
+        lines.append(f"  ... and {exc.error_count() - MAX_ERRORS_SHOWN} more")
     return "\n".join(lines)
 
 
@@ -160,13 +171,19 @@ def load_model(cls: type[M], data: dict[str, Any], source: str) -> M:
         raise ConfigError(format_validation_error(source, exc)) from exc
 
 
+MAX_CONFIG_BYTES = 4 * 1024 * 1024  # a pipeline, gate or suite YAML is a few KiB
+
+
 def load_yaml_model(path: Path | str, model_cls: type[M]) -> M:
     """A YAML file validated into ``model_cls``; errors name the file and every bad field."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
+        data = loads_yaml(read_regular_text(path, MAX_CONFIG_BYTES)) or {}
+    except BoundedInputError as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    except yaml.YAMLError as exc:  # one line: the problem and where (marks are short)
+        where = " ".join(str(exc).replace('in "<unicode string>", ', "at ").split())
+        raise ConfigError(f"cannot read config {path}: {where[:1000]}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return load_model(model_cls, data, str(path))

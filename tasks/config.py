@@ -7,13 +7,15 @@ working directory, the repository root in the commands the README shows.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import ConfigDict, Field, PositiveFloat, field_validator, model_validator
 
 from evaluation.alpha_search import AlphaSearchConfig
-from evaluation.gates import GateConfig, default_gate_config
+from evaluation.gates import GateConfig, default_gate_config, shipped_gates
+from evaluation.suites import SuiteConfig, known_suites
 from lssf.config import PatchConfig, load_yaml_model
 from lssf.models import Frozen
 
@@ -85,6 +87,18 @@ class ExtractionConfig(_Frozen):
     def distributed(self) -> bool:
         """Fanned out over Dask: more than one worker, or an existing cluster's address."""
         return self.workers > 1 or self.address is not None
+
+
+# An lm-eval task or shipped suite name (`hellaswag`, `arc_easy`, `tinyArc`): never a path.
+_SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+
+
+def _check_yaml_file(field: str, path: str, model: type[GateConfig] | type[SuiteConfig]) -> None:
+    """``path`` loads as ``model`` (a gate or suite YAML); else a ValueError naming it."""
+    try:
+        model.from_yaml(Path(path))
+    except ValueError as err:  # GateConfigError, EvaluationConfigError
+        raise ValueError(f"{field} {path[:200]!r} is not a usable {field} YAML: {err}") from None
 
 
 class FamilyConfig(_Frozen):
@@ -160,6 +174,37 @@ class FamilyConfig(_Frozen):
         if v is not None and len(set(v)) != len(v):
             raise ValueError(f"alphas must be distinct, got {list(v)}")
         return v
+
+    @field_validator("suite")
+    @classmethod
+    def _suite_name_or_file(cls, v: str) -> str:
+        """A shipped suite or task name, or an existing suite YAML (validated now); no path
+        outside those: `suite: ../../etc/passwd` would otherwise pass until the run."""
+        if v.endswith((".yaml", ".yml")):
+            _check_yaml_file("suite", v, SuiteConfig)
+        elif not _SUITE_NAME.fullmatch(v) or ".." in v:
+            raise ValueError(
+                f"suite {v[:80]!r}: expected a suite name (shipped: {', '.join(known_suites())}),"
+                " an lm-eval task name (letters, digits, '_', '-', '.') or a suite YAML file"
+            )
+        return v
+
+    @field_validator("gate")
+    @classmethod
+    def _gate_file(cls, v: GateConfig | Path | None) -> GateConfig | Path | None:
+        """A gate path must be a gate YAML, checked now rather than at the release decision."""
+        if isinstance(v, Path):
+            _check_yaml_file("gate", str(v), GateConfig)
+        return v
+
+    @model_validator(mode="after")
+    def _a_gate_in_force(self) -> FamilyConfig:
+        if self.gate is None and self.suite not in shipped_gates():
+            raise ValueError(
+                f"gate is null (the suite's shipped gate) but suite {self.suite[:80]!r} ships "
+                f"none (shipped: {', '.join(shipped_gates())}); give a gate YAML or inline rules"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_alpha_strategy(self) -> FamilyConfig:
