@@ -12,7 +12,10 @@ from pydantic import ValidationError
 from evaluation.alpha_search import (
     AlphaSearch,
     AlphaSearchConfig,
+    Point,
+    RankChoice,
     calibration_gate,
+    candidate_name,
     classify,
     failed_metrics,
 )
@@ -24,13 +27,21 @@ Response = Callable[[float], tuple[bool, tuple[str, ...]]]
 SAFETY, UTILITY = "harmful_refusal", "task_accuracy"
 
 
+# The v1 search (bisection from alpha_max = 2, at most 6 probes): the mode's own tests.
+V1 = {"mode": "bisect", "alpha_max": 2.0, "budget": 6}
+
+
+def bisect(**changes: object) -> AlphaSearchConfig:
+    return AlphaSearchConfig.model_validate(V1 | changes)
+
+
 def run(search: AlphaSearch, respond: Response, limit: int = 100) -> AlphaSearch:
     for _ in range(limit):
-        alpha = search.propose()
-        if alpha is None:
+        point = search.propose()
+        if point is None:
             return search
-        passed, failed = respond(alpha)
-        search.observe(alpha, {"alpha": alpha}, passed, failed=failed)
+        passed, failed = respond(point.alpha)
+        search.observe(point, {"alpha": point.alpha}, passed, failed=failed)
     raise AssertionError(f"the search proposed more than {limit} alphas")
 
 
@@ -59,7 +70,8 @@ def resolution(cfg: AlphaSearchConfig) -> float:
 
 def test_defaults_and_frozen() -> None:
     cfg = AlphaSearchConfig()
-    assert (cfg.mode, cfg.alpha_max, cfg.budget, cfg.margin) == ("bisect", 2.0, 6, 0.05)
+    assert (cfg.mode, cfg.alpha_max, cfg.budget, cfg.margin) == ("sweep", 4.0, 8, 0.05)
+    assert cfg.sweep_alphas() == [0.25, 0.5, 1.0, 2.0, 4.0]
     with pytest.raises(ValidationError):
         cfg.budget = 3  # type: ignore[misc]
 
@@ -99,7 +111,7 @@ def test_bad_configs_name_the_problem(data: dict, message: str) -> None:
 @pytest.mark.parametrize("budget", [2, 3, 6, 9])
 def test_monotone_finds_the_smallest_passing_alpha_within_resolution(budget: int) -> None:
     rng = random.Random(budget)
-    cfg = AlphaSearchConfig(budget=budget, tolerance=0.01)
+    cfg = bisect(budget=budget, tolerance=0.01)
     for _ in range(200):
         t = rng.uniform(0.001, cfg.alpha_max)
         search = run(AlphaSearch(cfg), threshold(t))
@@ -110,7 +122,7 @@ def test_monotone_finds_the_smallest_passing_alpha_within_resolution(budget: int
 
 
 def test_first_probe_is_alpha_max_then_halves() -> None:
-    search = run(AlphaSearch(AlphaSearchConfig()), threshold(0.3))
+    search = run(AlphaSearch(bisect()), threshold(0.3))
     assert [p.alpha for p in search.trace] == [2.0, 1.0, 0.5, 0.25, 0.375, 0.3125]
     assert [p.outcome for p in search.trace][:4] == ["pass", "pass", "pass", "too_weak"]
     assert search.chosen() == 0.3125
@@ -120,7 +132,7 @@ def test_first_probe_is_alpha_max_then_halves() -> None:
 
 
 def test_tolerance_stops_early() -> None:
-    cfg = AlphaSearchConfig(tolerance=0.3, budget=20)
+    cfg = bisect(tolerance=0.3, budget=20)
     search = run(AlphaSearch(cfg), threshold(0.6))
     lo, hi = search.bracket()
     assert hi is not None and hi - lo <= 0.3 < 2 * (hi - lo)
@@ -128,14 +140,14 @@ def test_tolerance_stops_early() -> None:
 
 
 def test_too_weak_at_alpha_max_stops_at_once() -> None:
-    search = run(AlphaSearch(AlphaSearchConfig()), threshold(5.0))
+    search = run(AlphaSearch(bisect()), threshold(5.0))
     assert [p.alpha for p in search.trace] == [2.0] and search.chosen() is None
-    assert "even alpha_max=2 is too weak" in search.explain()
+    assert "even alpha=2 is too weak" in search.explain()
 
 
 def test_too_strong_at_alpha_max_continues_downward() -> None:
     """Utility fails at alpha_max while refusal holds: the passing interval lies lower."""
-    cfg = AlphaSearchConfig(budget=8, tolerance=0.01)
+    cfg = bisect(budget=8, tolerance=0.01)
     search = run(AlphaSearch(cfg), window(safe=0.4, useful=0.9))
     assert search.trace[0].outcome == "too_strong"
     chosen = search.chosen()
@@ -146,7 +158,7 @@ def test_too_strong_at_alpha_max_continues_downward() -> None:
 @pytest.mark.parametrize("budget", [3, 6, 10])
 def test_window_responses_pass_and_stay_in_budget(budget: int) -> None:
     rng = random.Random(100 + budget)
-    cfg = AlphaSearchConfig(budget=budget, tolerance=0.001)
+    cfg = bisect(budget=budget, tolerance=0.001)
     found = 0
     for _ in range(300):
         safe = rng.uniform(0.0, 2.5)
@@ -169,7 +181,7 @@ def test_non_monotone_responses_never_break_the_contract() -> None:
     rng = random.Random(7)
     kinds = [(), (SAFETY,), (UTILITY,), (SAFETY, UTILITY), ("-",)]
     for budget in (2, 4, 6, 12):
-        cfg = AlphaSearchConfig(budget=budget, tolerance=1e-4)
+        cfg = bisect(budget=budget, tolerance=1e-4)
         for _ in range(300):
 
             def respond(a: float) -> tuple[bool, tuple[str, ...]]:
@@ -187,25 +199,25 @@ def test_non_monotone_responses_never_break_the_contract() -> None:
 
 def test_both_kinds_failing_or_an_error_stops_the_search() -> None:
     both = run(
-        AlphaSearch(AlphaSearchConfig()),
+        AlphaSearch(bisect()),
         lambda a: (a == 2.0, () if a == 2.0 else (SAFETY, UTILITY)),
     )
     assert [p.outcome for p in both.trace] == ["pass", "both"] and both.chosen() == 2.0
-    error = run(AlphaSearch(AlphaSearchConfig()), lambda a: (False, ("-",)))
+    error = run(AlphaSearch(bisect()), lambda a: (False, ("-",)))
     assert [p.outcome for p in error.trace] == ["error"] and error.chosen() is None
     assert "an evaluation failed" in error.explain()
 
 
 def test_propose_is_idempotent_and_observe_checks_the_alpha() -> None:
-    search = AlphaSearch(AlphaSearchConfig())
+    search = AlphaSearch(bisect())
     with pytest.raises(ValueError, match="pending proposal is None"):
-        search.observe(1.0, {}, True)
-    assert search.propose() == search.propose() == 2.0
-    with pytest.raises(ValueError, match=r"pending proposal is 2\.0"):
-        search.observe(1.0, {}, True)
-    probe = search.observe(2.0, {SAFETY: 1.0}, True)
+        search.observe(Point(0, 1.0), {}, True)
+    assert search.propose() == search.propose() == Point(0, 2.0)
+    with pytest.raises(ValueError, match=r"pending proposal is Point\(rank=0, alpha=2\.0\)"):
+        search.observe(Point(0, 1.0), {}, True)
+    probe = search.observe(Point(0, 2.0), {SAFETY: 1.0}, True)
     assert probe.index == 0 and probe.outcome == "pass"
-    assert AlphaSearch(AlphaSearchConfig()).trace == []
+    assert AlphaSearch(bisect()).trace == []
 
 
 def test_failure_without_metrics_is_plain_bisection() -> None:
@@ -215,7 +227,7 @@ def test_failure_without_metrics_is_plain_bisection() -> None:
 
 
 def test_proposals_have_exact_short_names() -> None:
-    cfg = AlphaSearchConfig(alpha_max=1.7, budget=12, tolerance=1e-5)
+    cfg = bisect(alpha_max=1.7, budget=12, tolerance=1e-5)
     search = run(AlphaSearch(cfg), threshold(0.123456789))
     for p in search.trace:
         assert float(f"{p.alpha:g}") == p.alpha
@@ -223,7 +235,7 @@ def test_proposals_have_exact_short_names() -> None:
 
 
 def test_trace_serialises() -> None:
-    search = run(AlphaSearch(AlphaSearchConfig(budget=3)), threshold(1.0))
+    search = run(AlphaSearch(bisect(budget=3)), threshold(1.0))
     dumped = [p.model_dump(mode="json") for p in search.trace]
     assert [d["alpha"] for d in dumped] == [2.0, 1.0, 0.5]
     assert dumped[2]["outcome"] == "too_weak" and dumped[2]["failed"] == [SAFETY]
@@ -240,17 +252,17 @@ def test_grid_mode_evaluates_every_alpha_and_prefers_utility_then_small_alpha() 
         1.5: ({"task_accuracy": 1.0, "general_accuracy": 1.0}, False),
     }
     search = AlphaSearch(cfg, utility_metrics=("task_accuracy", "general_accuracy"))
-    while (alpha := search.propose()) is not None:
-        metrics, passed = table[alpha]
-        search.observe(alpha, metrics, passed, failed=() if passed else (SAFETY,))
+    while (point := search.propose()) is not None:
+        metrics, passed = table[point.alpha]
+        search.observe(point, metrics, passed, failed=() if passed else (SAFETY,))
     assert [p.alpha for p in search.trace] == [0.5, 1.0, 1.5]
     assert search.chosen() == 0.5
     better = AlphaSearch(cfg, utility_metrics=("task_accuracy",))
     for alpha, util in ((0.5, 0.7), (1.0, 0.8), (1.5, 0.9)):
-        assert better.propose() == alpha
-        better.observe(alpha, {"task_accuracy": util}, alpha < 1.5)
+        assert better.propose() == Point(0, alpha)
+        better.observe(Point(0, alpha), {"task_accuracy": util}, alpha < 1.5)
     assert better.chosen() == 1.0  # best utility among the passing, not the smallest
-    assert "passing with the best utility" in better.explain()
+    assert "passing point with the best utility" in better.explain()
 
 
 def test_grid_mode_continues_after_failures_and_errors() -> None:
@@ -324,3 +336,121 @@ def test_observe_gate_classifies_real_gate_reports() -> None:
     probe = search.observe_gate(search.propose() or 0.0, {}, report)
     assert probe.outcome == "error" and any("boom" in r for r in probe.reasons)
     assert search.propose() is None
+
+
+# -- sweep (the default): the whole dose-response, then refinement ---------------------------
+
+
+def broken_above(broken: float, safe: float, useful: float) -> Response:
+    """The organism's shape: a window [safe, useful]; from `broken` on the model is wrecked
+    and refusal collapses with utility (both kinds fail), so refusal is not monotone."""
+
+    def respond(a: float) -> tuple[bool, tuple[str, ...]]:
+        if a >= broken:
+            return False, (SAFETY, UTILITY)
+        return window(safe, useful)(a)
+
+    return respond
+
+
+def test_sweep_finds_a_window_below_a_broken_alpha_max() -> None:
+    # v1 stopped here after one probe: alpha_max was "both", so "no alpha can pass".
+    assert run(AlphaSearch(bisect()), broken_above(1.5, 0.45, 0.7)).chosen() is None
+    search = run(AlphaSearch(AlphaSearchConfig()), broken_above(1.5, 0.45, 0.7))
+    assert [p.alpha for p in search.trace][:5] == [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert search.chosen() is not None and 0.45 <= search.chosen() <= 0.7
+    assert len(search.trace) <= 8
+    # A window between two sweep points is found by refining the (too weak, broken) bracket.
+    narrow = run(AlphaSearch(AlphaSearchConfig()), broken_above(0.5, 0.3, 0.45))
+    assert [p.outcome for p in narrow.trace][:2] == ["too_weak", "both"]
+    assert narrow.chosen() is not None and 0.3 <= narrow.chosen() <= 0.45
+
+
+def test_sweep_refines_below_the_smallest_alpha_when_it_is_already_too_strong() -> None:
+    search = run(AlphaSearch(AlphaSearchConfig()), window(safe=0.1, useful=0.2))
+    assert search.trace[0].outcome == "too_strong"
+    assert search.chosen() is not None and 0.1 <= search.chosen() <= 0.2
+
+
+def test_sweep_moves_a_pass_down_to_the_lowest_passing_alpha_it_can_find() -> None:
+    cfg = AlphaSearchConfig(tolerance=1e-6)
+    search = run(AlphaSearch(cfg, ("alpha",)), window(safe=0.3, useful=3.0))
+    # Utility (here the metric "alpha" itself, for the test) is best at the smallest alpha.
+    passing = sorted(p.alpha for p in search.trace if p.passed)
+    assert passing[0] < 0.5 and search.chosen() == passing[-1]  # "alpha" rises with alpha
+    lowest_first = run(AlphaSearch(cfg), window(safe=0.3, useful=3.0))
+    assert lowest_first.chosen() == min(passing)  # no utility named: ties to the smaller alpha
+    assert 0.3 <= lowest_first.chosen() <= 0.5 - 0.25 / 8 + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sweep_finds_every_window_wider_than_its_resolution(seed: int) -> None:
+    """With 3 refinements a bracket (lo, 2 lo) is resolved to lo / 8 (below the sweep: 0.25 /
+    8), so any window wider than that is found, whatever lies above it."""
+    rng = random.Random(seed)
+    cfg = AlphaSearchConfig(tolerance=1e-6)
+    for _ in range(300):
+        safe = math.exp(rng.uniform(math.log(0.01), math.log(3.9)))
+        width = max(safe, 0.25) / 8 * rng.uniform(1.01, 3.0)
+        broken = safe + width + rng.uniform(0.0, 2.0)
+        search = run(AlphaSearch(cfg), broken_above(broken, safe, safe + width))
+        assert len(search.trace) <= cfg.budget
+        chosen = search.chosen()
+        assert chosen is not None and safe <= chosen <= safe + width, (safe, width, broken)
+
+
+def test_sweep_never_breaks_the_contract_on_noise() -> None:
+    rng = random.Random(11)
+    kinds = [(), (SAFETY,), (UTILITY,), (SAFETY, UTILITY)]
+    cfg = AlphaSearchConfig(budget=9)
+    for _ in range(300):
+        search = run(AlphaSearch(cfg), lambda a: (lambda f: (not f, f))(rng.choice(kinds)))
+        assert len(search.trace) <= 9 and len({p.point for p in search.trace}) == len(search.trace)
+        assert (search.chosen() is None) == (not any(p.passed for p in search.trace))
+
+
+def test_rank_menu_is_searched_jointly_and_the_best_utility_wins() -> None:
+    ranks = (RankChoice(max_rank=1, rank_rule="full"), RankChoice(eta=0.85))
+    cfg = AlphaSearchConfig(ranks=ranks, budget=12)
+    search = AlphaSearch(cfg, utility_metrics=(UTILITY,))
+    # Rank 1 passes from 1.0 on and keeps utility 1.0; the full patch passes from 0.5 on but
+    # costs utility (0.9).
+    while (point := search.propose()) is not None:
+        low = point.rank == 0
+        passed = point.alpha >= (1.0 if low else 0.5)
+        metrics = {UTILITY: 1.0 if low else 0.9}
+        search.observe(point, metrics, passed, failed=() if passed else (SAFETY,))
+    assert len(search.trace) == 12
+    best = search.best()
+    assert best is not None and best.rank == 0 and best.rank_label == "rank_rule=full,max_rank=1"
+    assert 0.5 < best.alpha <= 1.0  # refined below the sweep's 1.0 where rank 1 still passed
+    rows = search.dose_response()
+    assert [r["rank"] for r in rows][:1] == ["rank_rule=full,max_rank=1"] and len(rows) == 12
+    assert "rank rank_rule=full,max_rank=1" in search.explain()
+
+
+def test_ties_go_to_the_smaller_alpha_then_the_lower_rank() -> None:
+    cfg = AlphaSearchConfig(ranks=(RankChoice(eta=0.3), RankChoice(eta=0.85)), budget=10)
+    search = AlphaSearch(cfg, utility_metrics=(UTILITY,))
+    while (point := search.propose()) is not None:
+        passed = point.alpha >= 1.0
+        search.observe(point, {UTILITY: 1.0}, passed, failed=() if passed else (SAFETY,))
+    best = search.best()
+    assert best is not None and (best.rank, best.alpha) == (0, 1.0)
+
+
+def test_menu_and_budget_are_validated() -> None:
+    with pytest.raises(ValidationError, match="does not cover the sweep"):
+        AlphaSearchConfig(ranks=(RankChoice(eta=0.3), RankChoice(eta=0.5)))
+    with pytest.raises(ValidationError, match="distinct"):
+        AlphaSearchConfig(ranks=(RankChoice(eta=0.3), RankChoice(eta=0.3)), budget=10)
+    with pytest.raises(ValidationError, match="one rank"):
+        bisect(ranks=(RankChoice(eta=0.3), RankChoice(eta=0.5)))
+    with pytest.raises(ValidationError, match="eta"):
+        RankChoice(eta=1.5)
+
+
+def test_candidate_names_own_the_formatting() -> None:
+    assert candidate_name(0.1875) == "alpha-0.1875" and candidate_name(4.0, 2) == "alpha-4-r2"
+    with pytest.raises(ValueError, match="significant digits"):
+        candidate_name(0.1234567)
