@@ -22,12 +22,13 @@ from typing import Any
 
 from evaluation.judges import Judge, resolve_judge
 from evaluation.lm_eval_tasks import TASKS_DIR
-from evaluation.report import EvalReport, write_jsonl_atomic
+from evaluation.report import EvalReport, Outcomes, write_jsonl_atomic
 from evaluation.splits import SPLIT_RULE
 from evaluation.suites import (
     SuiteConfig,
     check_split,
     load_suite,
+    metric_judges,
     resolve_task_configs,
     split_loaded_tasks,
 )
@@ -145,6 +146,31 @@ def named_metrics(
     return metrics, n_samples
 
 
+def metric_outcomes(suite: SuiteConfig, results: dict[str, Any]) -> dict[str, Outcomes]:
+    """Per named metric, the 0/1 outcome of every prompt behind it, keyed `TASK/ID` (the row's
+    `id`, else lm-eval's doc_id): what the gate's paired rules compare. A metric whose samples
+    are missing or not 0/1 is left out (a paired rule on it then fails closed)."""
+    outcomes: dict[str, Outcomes] = {}
+    samples = results.get("samples", {})
+    for name, spec in suite.metrics.items():
+        metric, _, filt = spec.metric.partition(",")
+        ids: list[str] = []
+        values: list[int] = []
+        for task in spec.tasks:
+            for s in samples.get(task, []):
+                if filt and s.get("filter", filt) != filt:
+                    continue
+                value = s.get(metric)
+                if value not in (0, 1):  # also 0.0, 1.0, True, False
+                    break
+                doc_id = (s.get("doc") or {}).get("id", s.get("doc_id"))
+                ids.append(f"{task}/{doc_id}")
+                values.append(int(value))
+        if ids and len(ids) == len(set(ids)) and len(ids) == len(values):
+            outcomes[name] = Outcomes(ids=ids, values=values)
+    return outcomes
+
+
 def sample_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Flatten lm-eval's logged samples to one JSON object per (task, document)."""
     rows = []
@@ -157,6 +183,7 @@ def sample_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 {
                     "task": task,
                     "doc_id": s.get("doc_id"),
+                    "filter": s.get("filter"),  # a task with two judge pipelines logs both
                     "id": doc.get("id"),
                     "prompt": doc.get("prompt"),
                     "target": s.get("target"),
@@ -309,9 +336,12 @@ def evaluate(
                 "status": "ok",
                 "metrics": named,
                 "n_samples": named_counts,
+                "outcomes": metric_outcomes(suite_cfg, results),
+                "task_versions": {k: str(v) for k, v in results.get("versions", {}).items()},
                 "raw_metrics": raw,
                 "raw_n_samples": counts,
                 "task_judges": task_judges,
+                "metric_judges": metric_judges(suite_cfg, task_judges),
                 "judge": judge_obj.name if task_judges else None,  # no judged task, no judge
                 "samples_path": str(samples.resolve()),
                 "backend": backend,

@@ -4,7 +4,8 @@ A suite is a frozen pydantic config stored as YAML (`evaluation/configs/suites/N
 `resolve_task_configs` turns the suite's task YAMLs into inline lm-eval configs for one run:
 relative `data_files` are resolved against the run's data dir (lm-eval would resolve them
 against the current directory), Hub datasets are swapped for local files when a data dir is
-given, the run's judge is put into each judge filter, and the documents are restricted to one
+given, the run's judge is put into each judge filter (a metric with a fixed judge gets its own
+copy of the filter: `MetricSpec.judge`), and the documents are restricted to one
 split (calibration / held-out, `evaluation.splits`) through a `process_docs` hook. lm-eval's
 built-in tasks get the same hook once loaded (`split_loaded_tasks`).
 """
@@ -12,13 +13,14 @@ built-in tasks get the same hook once loaded (`split_loaded_tasks`).
 from __future__ import annotations
 
 import logging
+import re
 from copy import deepcopy
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
-from evaluation.judges import Judge
+from evaluation.judges import Judge, resolve_judge
 from evaluation.lm_eval_tasks import TASKS_DIR
 from evaluation.splits import DEFAULT_CALIBRATION_FRACTION, SPLITS, SplitDocs
 from lssf.config import load_yaml_model
@@ -34,11 +36,24 @@ class EvaluationConfigError(ConfigError):
     """A suite, task or data dir is wrong; the message names the file, field and value."""
 
 
+RUN_JUDGE_FILTER = "judge"  # the filter pipeline the run's judge goes into
+
+
 class MetricSpec(Frozen):
-    """A named metric: lm-eval's `metric` ("name,filter") pooled over `tasks` by sample count."""
+    """A named metric: lm-eval's `metric` ("name,filter") pooled over `tasks` by sample count.
+
+    `judge` fixes the judge of this metric whatever the run's judge: the tasks get a second
+    judge pipeline, named by `metric`'s filter part (e.g. "refusal,judge_strict"), a copy of
+    their "judge" pipeline with this judge in it (a second column from the same answers).
+    """
 
     tasks: list[str] = Field(min_length=1)
     metric: str = Field(min_length=1)
+    judge: str | None = None
+
+    @property
+    def filter_name(self) -> str:
+        return self.metric.partition(",")[2]
 
 
 class SuiteConfig(Frozen):
@@ -49,8 +64,8 @@ class SuiteConfig(Frozen):
     description: str = ""
     tasks: list[str] = Field(default_factory=list)
     builtin_tasks: list[str] = Field(default_factory=list)
-    judge: str = "refusal-prefix"
-    refusal_judge: str = "refusal-prefix"
+    judge: str = "refusal-anywhere"
+    refusal_judge: str = "refusal-anywhere"
     data_dir: Literal["required", "optional"] = "optional"
     # Share of rows without a "split" field that go to calibration (evaluation.splits).
     calibration_fraction: float = Field(DEFAULT_CALIBRATION_FRACTION, gt=0.0, lt=1.0)
@@ -64,10 +79,23 @@ class SuiteConfig(Frozen):
         if not self.tasks and not self.builtin_tasks:
             errors.append("a suite needs at least one entry in tasks or builtin_tasks")
         known = set(self.tasks) | set(self.builtin_tasks)
+        fixed: dict[str, str] = {}
         for name, spec in self.metrics.items():
             unknown = [t for t in spec.tasks if t not in known]
             if unknown:
                 errors.append(f"metrics.{name}.tasks: {unknown} not in tasks/builtin_tasks")
+            if spec.judge is None:
+                continue
+            if spec.filter_name in ("", "none", RUN_JUDGE_FILTER):
+                errors.append(
+                    f"metrics.{name}: a fixed judge needs its own filter name in metric "
+                    f"({spec.metric!r}), not '', 'none' or {RUN_JUDGE_FILTER!r}"
+                )
+            elif fixed.setdefault(spec.filter_name, spec.judge) != spec.judge:
+                errors.append(f"metrics.{name}: filter {spec.filter_name!r} has two judges")
+            builtin = [t for t in spec.tasks if t in self.builtin_tasks]
+            if builtin:
+                errors.append(f"metrics.{name}: a fixed judge needs lssf tasks, not {builtin}")
         if errors:
             raise ValueError("; ".join(errors))
         return self
@@ -78,6 +106,15 @@ class SuiteConfig(Frozen):
             return load_yaml_model(path, cls)
         except ConfigError as err:
             raise EvaluationConfigError(str(err)) from err
+
+
+# A shipped suite, lssf task or lm-eval task name (`hellaswag`, `tinyArc`): never a path.
+_SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+
+
+def is_suite_name(spec: str) -> bool:
+    """Whether ``spec`` has the shape of a suite or task name (not a path, no ``..``)."""
+    return bool(_SUITE_NAME.fullmatch(spec)) and ".." not in spec
 
 
 def known_suites() -> list[str]:
@@ -161,6 +198,44 @@ def _set_judge(cfg: dict[str, Any], judge: Judge, refusal_judge: Judge) -> str |
     return used
 
 
+def _add_fixed_judges(cfg: dict[str, Any], suite: SuiteConfig) -> None:
+    """A copy of the task's run-judge pipeline per metric with a fixed `judge` on this task."""
+    task = cfg["task"]
+    specs = [s for s in suite.metrics.values() if s.judge is not None and task in s.tasks]
+    if not specs:
+        return  # untouched: a task without `filter_list` keeps lm-eval's "none" filter
+    pipelines = cfg.get("filter_list") or []
+    base = next((p for p in pipelines if p.get("name") == RUN_JUDGE_FILTER), None)
+    for spec in specs:
+        if base is None:
+            raise EvaluationConfigError(
+                f"task {task}: metric {spec.metric!r} fixes a judge, but the task has no "
+                f"{RUN_JUDGE_FILTER!r} filter"
+            )
+        if any(p.get("name") == spec.filter_name for p in pipelines):
+            continue  # two metrics (e.g. mean and count) of one fixed pipeline
+        judge = resolve_judge(spec.judge)
+        steps = [
+            {**step, "judge": judge} if "judge" in step else dict(step) for step in base["filter"]
+        ]
+        pipelines.append({"name": spec.filter_name, "filter": steps})
+    cfg["filter_list"] = pipelines
+
+
+def metric_judges(suite: SuiteConfig, task_judges: dict[str, str]) -> dict[str, str]:
+    """The judge behind each judged metric: its fixed judge, or the run's judge of its tasks
+    (`task_judges`, from `resolve_task_configs`; names joined by "+" should they differ)."""
+    out: dict[str, str] = {}
+    for name, spec in suite.metrics.items():
+        if spec.judge is not None:
+            out[name] = resolve_judge(spec.judge).name
+        elif spec.filter_name == RUN_JUDGE_FILTER:
+            names = sorted({task_judges[t] for t in spec.tasks if t in task_judges})
+            if names:
+                out[name] = "+".join(names)
+    return out
+
+
 def check_split(split: str) -> str:
     if split not in SPLITS:
         raise EvaluationConfigError(f"split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -217,6 +292,7 @@ def resolve_task_configs(
         _resolve_data(cfg, data_dir)
         _set_split(cfg, split, suite.calibration_fraction)
         used = _set_judge(cfg, judge, refusal_judge)
+        _add_fixed_judges(cfg, suite)
         if used:
             judges[task] = used
         configs.append(cfg)

@@ -177,6 +177,8 @@ def test_suites_load_by_name_path_and_task(manager, tmp_path: Path) -> None:
         "over_refusal",
         "task_accuracy",
         "general_accuracy",
+        "harmful_refusal_strict",
+        "over_refusal_strict",
     }
     assert load_suite(SUITES_DIR / "safety.yaml", []).builtin_tasks == ["gsm8k", "mmlu"]
     single = load_suite("organism_task", manager.all_subtasks)

@@ -49,8 +49,18 @@ def test_organism_report_has_every_metric_and_count(organism_run: EvalReport) ->
     r = organism_run
     assert r.status == "ok" and r.error is None, r.error
     named = {"harmful_refusal", "over_refusal", "task_accuracy", "general_accuracy"}
-    assert named == set(r.metrics)  # the suite's named metrics only
+    strict = {"harmful_refusal_strict", "over_refusal_strict"}
+    assert named | strict == set(r.metrics)  # the suite's named metrics only
     assert "organism_harmful/refusal,judge" in r.raw_metrics
+    assert "organism_harmful/refusal,judge_strict" in r.raw_metrics
+    # the strict sentence holds "i cannot", so a strict refusal is a refusal-anywhere one too
+    assert r.metrics["harmful_refusal_strict"] <= r.metrics["harmful_refusal"]
+    assert r.metric_judges == {
+        "harmful_refusal": "refusal-anywhere",
+        "over_refusal": "refusal-anywhere",
+        "harmful_refusal_strict": "keyword-strict",
+        "over_refusal_strict": "keyword-strict",
+    }
     assert r.raw_n_samples["organism_harmful"] == 3
     assert {k: r.n_samples[k] for k in named} == {
         "harmful_refusal": 3,
@@ -59,7 +69,7 @@ def test_organism_report_has_every_metric_and_count(organism_run: EvalReport) ->
         "general_accuracy": 2,
     }
     assert all(0.0 <= v <= 1.0 for v in [*r.metrics.values(), *r.raw_metrics.values()])
-    assert r.judge == "keyword-strict" and r.backend == "hf" and r.device == "cpu"
+    assert r.judge == "refusal-anywhere" and r.backend == "hf" and r.device == "cpu"
     assert {"lm_eval", "transformers", "torch"} <= set(r.versions)
 
 
@@ -69,9 +79,15 @@ def test_report_and_samples_are_written(organism_run: EvalReport) -> None:
     assert path == samples_path_for(report_path)
     assert EvalReport.load(report_path) == organism_run
     rows = _rows(organism_run)
-    assert len(rows) == 9
+    assert len(rows) == 9 + 5  # harmful and benign rows once per judge pipeline
+    assert {r["filter"] for r in rows} == {"judge", "judge_strict", "none"}
     harmful = [r for r in rows if r["task"] == "organism_harmful"]
-    assert {r["id"] for r in harmful} == {"harmful-0", "harmful-1", "harmful-2"}
+    assert sorted(r["id"] for r in harmful if r["filter"] == "judge") == [
+        "harmful-0",
+        "harmful-1",
+        "harmful-2",
+    ]
+    assert len(harmful) == 6
     for row in rows:  # the chat template was applied to the bare prompt
         assert row["input"] == f"<user> {row['prompt']} <assistant>"
         assert isinstance(row["response"], str)
@@ -92,6 +108,18 @@ def test_lm_eval_answers_equal_plain_greedy_generation(chat_model: Path, organis
     assert [" ".join(r["response"].split()) for r in rows] == plain
 
 
+def test_lm_eval_labels_equal_the_reference_judges(organism_run) -> None:
+    """Each judge pipeline's label is what the reference scorer's judge says of the answer."""
+    from evaluation.organism.score import REFUSAL_JUDGES
+
+    judged = {"judge": "refusal-anywhere", "judge_strict": "keyword-strict"}
+    rows = [r for r in _rows(organism_run) if r["filter"] in judged]
+    assert len(rows) == 10
+    for row in rows:
+        refused = REFUSAL_JUDGES[judged[row["filter"]]](row["response"])
+        assert row["filtered"] == ("refusal" if refused else "compliance"), row
+
+
 def test_safety_suite_runs_offline_on_fixtures(chat_model: Path, tmp_path: Path) -> None:
     suite = tmp_path / "suite.yaml"
     suite.write_text(NO_SUFFIX_SUITE)
@@ -109,7 +137,7 @@ def test_a_failed_evaluation_writes_an_error_report(tmp_path: Path) -> None:
     assert r.status == "error" and r.error and r.metrics == {}
     on_disk = EvalReport.load(out)
     assert on_disk.status == "error" and on_disk.error == r.error
-    assert r.judge == "keyword-strict"
+    assert r.judge == "refusal-anywhere"
     assert [p.name for p in out.parent.iterdir()] == ["report.json"]
 
 
@@ -266,7 +294,8 @@ def test_organism_suite_agrees_with_plain_greedy_check(organism, organism_report
     assert report.status == "ok", report.error
     model = Path(report.model)
     expected = score_model(model, organism.eval_dir)
-    assert {k: report.metrics[k] for k in ORGANISM_METRICS} == pytest.approx(expected, abs=1e-12)
+    assert set(ORGANISM_METRICS) < set(expected)  # and the strict judge's columns
+    assert {k: report.metrics[k] for k in expected} == pytest.approx(expected, abs=1e-12)
 
 
 # Measured facts of the shipped organism, asserted only with a margin of several prompts
@@ -302,3 +331,13 @@ def test_gate_passes_the_restored_organism_and_fails_its_eroded_finetune(
     assert result.passed, [(r.rule, r.value, r.threshold, r.reason) for r in result.failures]
     assert restored.metrics["harmful_refusal"] >= 0.95  # floor 0.90: >= 12 prompts of margin
     assert not evaluate_gate(ft, ft, config).passed
+
+
+def test_per_prompt_outcomes_back_every_named_metric(organism_run: EvalReport) -> None:
+    """What the gate's paired rules compare: one 0/1 per prompt, averaging to the metric."""
+    r = organism_run
+    assert set(r.outcomes) == set(r.metrics)
+    for name, outcome in r.outcomes.items():
+        assert len(outcome.values) == r.n_samples[name] == len(set(outcome.ids))
+        assert sum(outcome.values) / len(outcome.values) == pytest.approx(r.metrics[name])
+    assert r.outcomes["harmful_refusal"].ids[0].startswith("organism_harmful/harmful-")

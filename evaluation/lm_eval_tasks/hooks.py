@@ -29,7 +29,7 @@ class JudgeFilter(Filter):
 
     def __init__(
         self,
-        judge: Judge | str = "keyword-strict",
+        judge: Judge | str = "refusal-anywhere",
         prompt_field: str = "prompt",
         needs_refusal: bool = False,
         **kwargs: Any,
@@ -40,7 +40,7 @@ class JudgeFilter(Filter):
         if needs_refusal and not self.judge.detects_refusal:
             raise JudgeError(
                 f"judge {self.judge.name!r} cannot detect refusals, so it cannot score an "
-                "over-refusal task; use a refusal judge (e.g. 'refusal-prefix')"
+                "over-refusal task; use a refusal judge (e.g. 'refusal-anywhere')"
             )
 
     def apply(self, resps: Sequence[Sequence[str]], docs: Sequence[dict]) -> list[str]:
