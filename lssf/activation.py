@@ -1,9 +1,13 @@
-"""The activation basis: output directions a layer uses on calibration prompts (ActSVD).
+"""The activation basis: output directions a layer uses while the aligned model refuses (ActSVD).
 
 For weight ``W: (d_out, d_in)`` and calibration inputs ``X: (T, d_in)``, the basis is the left
 singular vectors of ``W X^T`` (Wei et al. 2024, arXiv 2402.05162): the eigenvectors of
-``W G W^T`` with ``G = X^T X / T``, singular values ``sqrt(eigenvalues)``. Dividing by ``T``
-makes them root-mean-square outputs, comparable across calibration sizes; only ``G`` is held.
+``W G W^T``, singular values ``sqrt(eigenvalues)``. The rows of ``X`` are the layer's inputs at
+the positions that emit the aligned model's answer (teacher-forced: the last prompt token up to
+the answer's second-to-last token), as ActSVD counts only its calibration answers' tokens.
+``G = sum_t w_t x_t x_t^T`` with ``w_t = 1 / (N * n_i)`` for the ``n_i`` counted positions of
+prompt ``i`` of ``N``: the mean over prompts of each answer's mean Gram, so every refusal weighs
+the same whatever its length; only ``G`` is held.
 """
 
 from __future__ import annotations
@@ -17,11 +21,23 @@ from lssf.spectral import Spectrum
 EIG_EPS = torch.finfo(torch.float64).eps
 
 
-def mean_gram(gram: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """``G / T`` as float64; gram: (d_in, d_in) = ``X^T X`` over ``T = n_tokens`` inputs."""
-    if n_tokens <= 0:
-        raise ValueError(f"n_tokens must be positive, got {n_tokens}")
-    return gram.double() / n_tokens
+def answer_weights(prompt_lens: list[int], answer_lens: list[int]) -> torch.Tensor:
+    """Square roots of the Gram's token weights, ``(T,)`` float64 over the packed sequences.
+
+    Sequence ``i`` is ``prompt_lens[i]`` prompt tokens then ``answer_lens[i] >= 1`` answer tokens;
+    its ``n_i = answer_lens[i]`` positions that predict an answer token (the last prompt token
+    on) weigh ``1 / (N * n_i)``, every other position 0, so the weights sum to 1.
+    """
+    if len(prompt_lens) != len(answer_lens) or not prompt_lens:
+        raise ValueError(f"{len(prompt_lens)} prompts and {len(answer_lens)} answers")
+    if min(prompt_lens) < 1 or min(answer_lens) < 1:
+        raise ValueError("every prompt and every answer needs at least one token")
+    parts = []
+    for p, a in zip(prompt_lens, answer_lens, strict=True):
+        w = torch.zeros(p + a, dtype=torch.float64)
+        w[p - 1 : p + a - 1] = 1.0 / (len(prompt_lens) * a)
+        parts.append(w)
+    return torch.cat(parts).sqrt()
 
 
 def output_covariance(w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
@@ -34,7 +50,7 @@ def output_covariance(w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
 
 
 def activation_spectrum(w: torch.Tensor, gram: torch.Tensor) -> Spectrum:
-    """Left singular vectors and values of ``W X^T`` from ``gram = X^T X`` (normalised or not).
+    """Left singular vectors and values of ``W X^T`` from ``gram = X^T X`` (weighted or not).
 
     w: (d_out, d_in); gram: (d_in, d_in). Returns ``u: (d_out, k)`` float32 orthonormal and
     ``s: (k,)`` float64 descending, keeping only values above ``s_1 * sqrt(d_out * eps)``

@@ -1,6 +1,8 @@
 """Extraction with the activation basis: one layer-by-layer pass over the aligned model.
 
-Per decoder layer (``lssf/llama_forward.py``): the Grams of the targeted maps' inputs, then each
+The calibration sequences are each chat-templated prompt followed by the aligned model's answer
+(the row's ``response``, else its greedy answer). Per decoder layer (``lssf/llama_forward.py``):
+the Grams of the targeted maps' inputs at the answer positions, averaged per prompt, then each
 target's basis (``lssf/activation.py``) and factors; the Grams are dropped before the next layer.
 """
 
@@ -10,12 +12,20 @@ import hashlib
 import logging
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from lssf.activation import activation_spectrum, captured_energy, mean_gram
-from lssf.calibration import chat_template, encode_prompts, read_calibration, read_json
+from lssf.activation import activation_spectrum, answer_weights, captured_energy
+from lssf.calibration import (
+    chat_template,
+    encode_answers,
+    encode_prompts,
+    read_calibration,
+    read_json,
+    stop_ids,
+)
 from lssf.checkpoint import Checkpoint, folder_file
 from lssf.config import PatchConfig
 from lssf.errors import CheckpointError, ConfigError, NonFiniteError
@@ -23,6 +33,7 @@ from lssf.llama_forward import (
     INPUT_GROUPS,
     DecoderSpec,
     embed,
+    greedy_answers,
     layer_forward,
     layer_weights,
     read_spec,
@@ -34,6 +45,10 @@ from lssf.patch import CalibrationRecord, TensorRecord
 from lssf.st_io import is_finite
 
 log = logging.getLogger(__name__)
+# What the Gram counts, recorded in the patch manifest (``CalibrationRecord.gram``).
+GRAM_READING = (
+    "answer positions (last prompt token to the answer's second-to-last), mean per prompt"
+)
 
 
 def plan_targets(targets: list[str], spec: DecoderSpec) -> dict[int, dict[str, str]]:
@@ -99,6 +114,53 @@ def activation_tensor(
     return u.cpu(), c.cpu(), record
 
 
+@dataclass(frozen=True)
+class CalibrationTokens:
+    """Each prompt's ids then its answer's ids; how many answers lssf generated."""
+
+    prompts: list[list[int]]
+    answers: list[list[int]]
+    truncated: int  # prompts cut at calibration_max_tokens
+    generated: int
+
+
+def calibration_tokens(
+    a_ckpt: Checkpoint, spec: DecoderSpec, config: PatchConfig, device: torch.device
+) -> tuple[CalibrationTokens, str]:
+    """The calibration sequences of the aligned model and the calibration file's sha256."""
+    folder = a_ckpt.folder
+    calib = read_calibration(config.calibration, config.calibration_limit)
+    full = encode_prompts(folder, calib.prompts)
+    prompts = [x[: config.calibration_max_tokens] for x in full]
+    budget = config.calibration_answer_tokens
+    window = spec.sliding_window
+    if window is not None and max(map(len, prompts)) + budget > window:
+        raise ConfigError(
+            f"calibration sequences of up to {max(map(len, prompts)) + budget} tokens exceed "
+            f"the model's sliding_window {window}; lower calibration_max_tokens or "
+            "calibration_answer_tokens"
+        )
+    given = encode_answers(folder, calib.answers)
+    missing = [i for i, a in enumerate(given) if a is None]
+    if missing:
+        log.info("activation basis: generating %d answers (<= %d tokens)", len(missing), budget)
+        made = greedy_answers(
+            a_ckpt, spec, [prompts[i] for i in missing], budget, stop_ids(folder), device
+        )
+        for i, answer in zip(missing, made, strict=True):
+            given[i] = answer
+    answers = [a[:budget] for a in given]
+    if empty := [i for i, a in enumerate(answers) if not a]:
+        raise ConfigError(f"calibration: the answer of prompt {empty[0]} has no token")
+    tokens = CalibrationTokens(
+        prompts=prompts,
+        answers=answers,
+        truncated=sum(len(x) > config.calibration_max_tokens for x in full),
+        generated=len(missing),
+    )
+    return tokens, calib.sha256
+
+
 def activation_patch(
     a_ckpt: Checkpoint,
     r_ckpt: Checkpoint,
@@ -115,17 +177,11 @@ def activation_patch(
         raise CheckpointError(f"{folder} has no config.json; the activation basis needs it")
     spec = read_spec(read_json(config_path), a_ckpt, str(config_path))
     by_layer = plan_targets(targets, spec)
-    calib = read_calibration(config.calibration, config.calibration_limit)
-    full = encode_prompts(folder, calib.prompts)
-    ids = [x[: config.calibration_max_tokens] for x in full]
-    lengths = [len(x) for x in ids]
-    if spec.sliding_window is not None and max(lengths) > spec.sliding_window:
-        raise ConfigError(
-            f"calibration sequences of {max(lengths)} tokens exceed the model's "
-            f"sliding_window {spec.sliding_window}; lower calibration_max_tokens"
-        )
-    n_tokens = sum(lengths)
-    h = embed(a_ckpt, spec, torch.tensor([t for x in ids for t in x]), device)
+    calib, sha256 = calibration_tokens(a_ckpt, spec, config, device)
+    seqs = [p + a for p, a in zip(calib.prompts, calib.answers, strict=True)]
+    lengths = [len(x) for x in seqs]
+    scale = answer_weights([len(p) for p in calib.prompts], [len(a) for a in calib.answers])
+    h = embed(a_ckpt, spec, torch.tensor([t for x in seqs for t in x]), device)
     tables = rope_tables(spec, max(lengths), device)
     records: dict[str, TensorRecord] = {}
     bar = tqdm(total=len(targets), desc="extract", unit="tensor", disable=not progress)
@@ -134,15 +190,16 @@ def activation_patch(
         modules = by_layer.get(layer, {})
         widths = {INPUT_GROUPS[m]: w[f"{m}.weight"].shape[1] for m in modules.values()}
         grams = {g: torch.zeros(d, d, dtype=torch.double, device=device) for g, d in widths.items()}
-        h = layer_forward(h, w, spec, lengths, tables, grams)
+        h = layer_forward(h, w, spec, lengths, tables, grams, scale)
         if not is_finite(h):
             raise NonFiniteError(f"hidden states of {folder} overflow at decoder layer {layer}")
         for name, module in modules.items():
             aligned = w[f"{module}.weight"]
             delta = safety_delta(name, aligned, r_ckpt.get(name).to(device))
-            gram = mean_gram(grams[INPUT_GROUPS[module]], n_tokens)
             try:
-                u, c, records[name] = activation_tensor(delta, aligned, gram, config)
+                u, c, records[name] = activation_tensor(
+                    delta, aligned, grams[INPUT_GROUPS[module]], config
+                )
             except NonFiniteError as exc:
                 raise NonFiniteError(f"tensor {name!r}: {exc}") from exc
             write(name, u, c)
@@ -151,14 +208,25 @@ def activation_patch(
         del grams, w
     bar.close()
     template, _ = chat_template(folder)
+    n_answer = sum(len(a) for a in calib.answers)
     record = CalibrationRecord(
         file=str(config.calibration),
-        sha256=calib.sha256,
-        rows=len(calib.prompts),
-        tokens=n_tokens,
-        truncated=sum(len(x) > config.calibration_max_tokens for x in full),
+        sha256=sha256,
+        rows=len(seqs),
+        tokens=sum(lengths),
+        truncated=calib.truncated,
         model_revision="",
         chat_template_sha256=hashlib.sha256(template.encode()).hexdigest(),
+        prompt_tokens=sum(lengths) - n_answer,
+        answer_tokens=n_answer,
+        answers_generated=calib.generated,
+        gram=GRAM_READING,
     )
-    log.info("activation basis: %d prompts, %d tokens", record.rows, n_tokens)
+    log.info(
+        "activation basis: %d prompts, %d prompt + %d answer tokens (%d answers generated)",
+        record.rows,
+        record.prompt_tokens,
+        n_answer,
+        calib.generated,
+    )
     return {n: records[n] for n in targets}, record

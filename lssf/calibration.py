@@ -1,9 +1,11 @@
 """Calibration prompts for the activation basis: read, chat-templated and tokenized.
 
-Rows of the held-out split are refused: the release decision reads it, so the basis must never
-have seen it. Prompts are rendered in a sandboxed jinja2 set up as transformers'
-``apply_chat_template`` sets it up and tokenized with no added special tokens (the template
-writes them): the ids equal transformers'.
+A row is ``{"prompt": str, "response": str (optional), "split": ...}``: ``response`` is the
+aligned model's answer to the prompt; rows without it get the aligned model's greedy answer
+(``lssf/llama_forward.py``). Rows of the held-out split are refused: the release decision
+reads it, so the basis must never have seen it. Prompts are rendered in a sandboxed jinja2 set
+up as transformers' ``apply_chat_template`` sets it up and tokenized with no added special
+tokens (the template writes them): the ids equal transformers'.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ SPECIAL_TOKEN_KEYS = tuple(f"{k}_token" for k in ("bos", "eos", "unk", "sep", "p
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """The prompts used and the file they came from."""
+    """The prompts used, their answers (None: to be generated) and the file they came from."""
 
     path: Path
     sha256: str
     prompts: tuple[str, ...]
+    answers: tuple[str | None, ...]
 
 
 def read_calibration(path: Path, limit: int | None = None) -> CalibrationSet:
@@ -40,13 +43,14 @@ def read_calibration(path: Path, limit: int | None = None) -> CalibrationSet:
         raise ConfigError(f"calibration: cannot read {path}: {exc}") from exc
     # A generator, so that rows past the limit are never checked.
     rows = (_prompt(path, n, line) for n, line in enumerate(lines, start=1) if line.strip())
-    prompts = list(itertools.islice(rows, limit))
-    if not prompts:
+    pairs = list(itertools.islice(rows, limit))
+    if not pairs:
         raise ConfigError(f"calibration: {path} holds no prompt")
-    return CalibrationSet(path=path, sha256=file_sha256(path), prompts=tuple(prompts))
+    prompts, answers = zip(*pairs, strict=True)
+    return CalibrationSet(path=path, sha256=file_sha256(path), prompts=prompts, answers=answers)
 
 
-def _prompt(path: Path, number: int, line: str) -> str:
+def _prompt(path: Path, number: int, line: str) -> tuple[str, str | None]:
     try:
         row = json.loads(line)
     except ValueError as exc:
@@ -59,7 +63,13 @@ def _prompt(path: Path, number: int, line: str) -> str:
             f"calibration: {path} line {number} (id {row.get('id')!r}) is in the held-out "
             "evaluation split; calibration prompts must never come from it"
         )
-    return prompt
+    answer = row.get("response")
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        raise ConfigError(
+            f"calibration: {path} line {number} has a 'response' that is not a non-empty "
+            "string (leave it out to have the aligned model's answer generated)"
+        )
+    return prompt, answer
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -143,3 +153,38 @@ def encode_prompts(folder: Path, prompts: tuple[str, ...]) -> list[list[int]]:
     texts = [render_prompt(template, specials, p) for p in prompts]
     encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
     return [list(e.ids) for e in encoded]
+
+
+def encode_answers(folder: Path, answers: tuple[str | None, ...]) -> list[list[int] | None]:
+    """Token ids of each answer text as it follows the chat template's generation prompt (no
+    special tokens added); None where the row has no answer."""
+    from tokenizers import Tokenizer
+
+    path = folder_file(folder, "tokenizer.json")
+    if path is None:
+        raise CheckpointError(f"{folder} has no tokenizer.json; the activation basis needs it")
+    tokenizer = Tokenizer.from_file(str(path))
+    return [
+        None if a is None else tokenizer.encode(a, add_special_tokens=False).ids for a in answers
+    ]
+
+
+def stop_ids(folder: Path) -> set[int]:
+    """Ids that end an answer: ``eos_token_id`` of config.json and generation_config.json, and
+    the tokenizer's ``eos_token``."""
+    found: set[int] = set()
+    for name in ("config.json", "generation_config.json"):
+        path = folder_file(folder, name)
+        value = read_json(path).get("eos_token_id") if path is not None else None
+        values = value if isinstance(value, list) else [value]
+        found |= {v for v in values if isinstance(v, int) and not isinstance(v, bool)}
+    config_path = folder_file(folder, "tokenizer_config.json")
+    eos = read_json(config_path).get("eos_token") if config_path is not None else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    tok_path = folder_file(folder, "tokenizer.json")
+    if isinstance(eos, str) and tok_path is not None:
+        from tokenizers import Tokenizer
+
+        if (token := Tokenizer.from_file(str(tok_path)).token_to_id(eos)) is not None:
+            found.add(token)
+    return found

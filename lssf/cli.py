@@ -33,6 +33,7 @@ def _patch_config(args: argparse.Namespace) -> PatchConfig:
     base = load_yaml_model(args.config, PatchConfig) if args.config else PatchConfig()
     flags = {f: v for f in CONFIG_FLAGS if (v := getattr(args, f)) is not None}
     return load_model(PatchConfig, base.model_dump() | flags, "command line")
+    **{"calibration_answer_tokens": int},
 
 
 def fail(command: str, message: str, code: int = 2) -> int:

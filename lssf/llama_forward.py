@@ -1,9 +1,11 @@
 """A minimal pure-torch Llama-family decoder, driven one layer at a time from a checkpoint.
 
 It gives the activation basis the calibration tokens' hidden states and, per layer, the float64
-Grams ``G = X^T X`` of its linear maps' inputs. Weights are read one layer at a time
-(ActSVD-style), so layer ``i`` sees the aligned model's own activations. The maths follows
-transformers' ``LlamaModel`` (to 1e-5, ``tests/test_activation.py``) for llama, mistral and qwen2.
+Grams ``G = X^T diag(w) X`` of its linear maps' inputs (``w`` per token, ``lssf/activation.py``).
+Weights are read one layer at a time (ActSVD-style), so layer ``i`` sees the aligned model's own
+activations; ``greedy_answers`` generates the aligned model's answers with the same layers. The
+maths follows transformers' ``LlamaModel`` (to 1e-5, ``tests/test_activation.py``) for llama,
+mistral and qwen2.
 Memory: one layer's float32 weights and one ``d_in^2`` Gram per distinct targeted input.
 """
 
@@ -48,6 +50,7 @@ class DecoderSpec:
     rope_theta: float
     sliding_window: int | None
     prefix: str  # tensor name prefix of the decoder, "model." in a CausalLM checkpoint
+    tied: bool = False  # the output head is the embedding (tie_word_embeddings)
 
 
 def _rope_theta(config: dict[str, Any], where: str) -> float:
@@ -100,6 +103,7 @@ def read_spec(config: dict[str, Any], ckpt: Checkpoint, where: str) -> DecoderSp
         rope_theta=_rope_theta(config, where),
         sliding_window=int(sliding) if sliding else None,
         prefix=embed[0][: -len("embed_tokens.weight")],
+        tied=bool(config.get("tie_word_embeddings", False)),
     )
 
 
@@ -142,12 +146,20 @@ def causal_attention(
     return (probs @ vh).transpose(0, 1).reshape(length, spec.heads * spec.head_dim)
 
 
-def gram_update(grams: dict[str, torch.Tensor], group: str, x: torch.Tensor) -> None:
-    """``grams[group] += x^T x`` in float64, in token chunks; x: (T, d_in). No-op if absent."""
+def gram_update(
+    grams: dict[str, torch.Tensor], group: str, x: torch.Tensor, scale: torch.Tensor | None
+) -> None:
+    """``grams[group] += (s x)^T (s x)`` in float64, in token chunks; x: (T, d_in), scale ``s``:
+    (T,) square roots of the token weights (None: all 1). No-op if the group is absent."""
     if group not in grams:
         return
+    if scale is not None:  # tokens of weight 0 add nothing: skip their products
+        rows = torch.nonzero(scale).squeeze(1)
+        x, scale = x.index_select(0, rows.to(x.device)), scale[rows]
     for start in range(0, x.shape[0], CHUNK):
         chunk = x[start : start + CHUNK].double()
+        if scale is not None:
+            chunk = chunk * scale[start : start + CHUNK, None].to(chunk.device)
         grams[group].addmm_(chunk.T, chunk)
 
 
@@ -162,13 +174,15 @@ def layer_forward(
     lengths: list[int],
     tables: torch.Tensor,
     grams: dict[str, torch.Tensor],
+    scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoder layer on the packed tokens ``h: (T, hidden)`` of sequences of ``lengths``.
 
-    ``w``: float32 tensors by name in the layer; ``grams`` (by input group) grow in place.
+    ``w``: float32 tensors by name in the layer; ``grams`` (by input group) grow in place, each
+    token's input weighted by ``scale ** 2`` (``scale``: (T,), None for all 1).
     """
     x = rms_norm(h, w["input_layernorm.weight"], spec.eps)
-    gram_update(grams, "attn_in", x)
+    gram_update(grams, "attn_in", x, scale)
     q, k, v = (_linear(x, w, f"self_attn.{p}_proj") for p in "qkv")
     attn = torch.cat(
         [
@@ -177,16 +191,17 @@ def layer_forward(
         ]
     )
     del q, k, v
-    gram_update(grams, "o_in", attn)
+    gram_update(grams, "o_in", attn, scale)
     h = h + _linear(attn, w, "self_attn.o_proj")
     del attn
     x = rms_norm(h, w["post_attention_layernorm.weight"], spec.eps)
-    gram_update(grams, "mlp_in", x)
+    gram_update(grams, "mlp_in", x, scale)
     out = torch.empty_like(h)
     for start in range(0, x.shape[0], CHUNK):
         xc = x[start : start + CHUNK]
         m = F.silu(_linear(xc, w, "mlp.gate_proj")) * _linear(xc, w, "mlp.up_proj")
-        gram_update(grams, "down_in", m)
+        sc = None if scale is None else scale[start : start + CHUNK]
+        gram_update(grams, "down_in", m, sc)
         out[start : start + CHUNK] = h[start : start + CHUNK] + _linear(m, w, "mlp.down_proj")
     return out
 
@@ -215,3 +230,53 @@ def embed(ckpt: Checkpoint, spec: DecoderSpec, ids: torch.Tensor, device: torch.
             f"({table.shape[0]} rows): tokenizer and model disagree"
         )
     return table.index_select(0, ids).to(device=device, dtype=torch.float32)
+
+
+def _head(ckpt: Checkpoint, spec: DecoderSpec, device: torch.device) -> torch.Tensor:
+    """The output head ``(vocab, hidden)`` float32: ``lm_head.weight``, else a tied embedding."""
+    names = set(ckpt.names())
+    name = "lm_head.weight" if "lm_head.weight" in names else None
+    if name is None and spec.tied:
+        name = f"{spec.prefix}embed_tokens.weight"
+    if name is None:
+        raise CheckpointError(
+            f"{ckpt.folder} has no lm_head.weight to generate answers with; give each "
+            "calibration row its 'response'"
+        )
+    return ckpt.get(name).to(device=device, dtype=torch.float32)
+
+
+def greedy_answers(
+    ckpt: Checkpoint,
+    spec: DecoderSpec,
+    prompts: list[list[int]],
+    max_new: int,
+    stop: set[int],
+    device: torch.device,
+) -> list[list[int]]:
+    """Each prompt's greedy continuation: at most ``max_new`` ids, a ``stop`` id included.
+
+    No KV cache: every step reruns the whole model on the sequences still open (``max_new``
+    passes, each reading every layer's weights), a cost the calibration file's ``response``
+    field avoids on large models.
+    """
+    norm = ckpt.get(f"{spec.prefix}norm.weight").to(device=device, dtype=torch.float32)
+    head = _head(ckpt, spec, device)
+    tables = rope_tables(spec, max(map(len, prompts)) + max_new, device)
+    answers: list[list[int]] = [[] for _ in prompts]
+    open_ = list(range(len(prompts)))
+    for _ in range(max_new):
+        seqs = [prompts[i] + answers[i] for i in open_]
+        lengths = [len(x) for x in seqs]
+        h = embed(ckpt, spec, torch.tensor([t for x in seqs for t in x]), device)
+        for layer in range(spec.layers):
+            w = layer_weights(ckpt, spec, layer, device)
+            h = layer_forward(h, w, spec, lengths, tables, {})
+        last = torch.tensor(lengths).cumsum(0) - 1
+        logits = F.linear(rms_norm(h[last.to(device)], norm, spec.eps), head)
+        for i, token in zip(open_, logits.argmax(-1).tolist(), strict=True):
+            answers[i].append(token)
+        open_ = [i for i in open_ if answers[i][-1] not in stop]
+        if not open_:
+            break
+    return answers

@@ -54,6 +54,11 @@ class CalibrationRecord(Frozen):
     model_revision: str  # the aligned model's revision the forward pass read
     chat_template_sha256: str = Field(pattern=SHA256)
 
+    # Since the answer-token reading (absent from older patches, which counted prompt tokens):
+    prompt_tokens: int | None = Field(None, exclude_if=lambda v: v is None)
+    answer_tokens: int | None = Field(None, exclude_if=lambda v: v is None)  # the Gram's tokens
+    answers_generated: int | None = Field(None, exclude_if=lambda v: v is None)  # not in file
+    gram: str | None = Field(None, exclude_if=lambda v: v is None)  # what the Gram counts
 
 class FactorShard(Frozen):
     """One factor file of a sharded patch: its name in the patch folder, hash and targets."""
