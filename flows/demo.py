@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lssf.outputs import atomic_folder, atomic_write_text
+from lssf.outputs import atomic_folder, atomic_write_text, claim_folder
 
 if TYPE_CHECKING:
     from evaluation.organism import OrganismConfig, OrganismPaths
@@ -57,6 +57,12 @@ def place_in_watch_folder(finetuned: Path, watch_dir: Path) -> None:
             shutil.copytree(finetuned, tmp, dirs_exist_ok=True)
 
 
+def claim_workdir(workdir: Path) -> Path:
+    """The demo's work folder, claimed for lssf (`lssf.outputs.claim_folder`): new, empty or
+    made by lssf; never a folder of the user's, whose `organism/` a build would replace."""
+    return claim_folder(Path(workdir).expanduser(), "demo")
+
+
 def run_demo(
     workdir: Path,
     seed: int = 0,
@@ -65,13 +71,13 @@ def run_demo(
 ) -> DemoResult:
     """Everything `lssf demo` does but print; tests pass a pico organism and an `eval_limit`."""
     start = time.perf_counter()
+    workdir = claim_workdir(workdir)  # first: before anything is imported, built or written
     from evaluation.organism import build_organism
     from flows.watch import watch
     from tasks.config import load_config
     from tasks.record_tasks import lookup_outcome
     from tasks.sources import LocalFolderSource
 
-    workdir = workdir.expanduser().resolve()
     organism = build_organism(seed=seed, out=workdir / "organism", config=organism_config)
     logger.info("organism at %s (cached: %s)", organism.root, organism.cached)
     place_in_watch_folder(organism.finetuned, workdir / "watch")

@@ -6,17 +6,25 @@ Core subcommands live here; other packages add theirs through ``lssf.commands`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from importlib.metadata import EntryPoint
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lssf._version import __version__
 from lssf.commands import chosen_command, command_groups, group_help
 from lssf.config import PatchConfig, load_model, load_yaml_model
 from lssf.devices import DEVICE_CHOICES
 from lssf.errors import LssfError
+
+if TYPE_CHECKING:
+    from lssf.patch import PatchManifest
 
 log = logging.getLogger("lssf")
 # PatchConfig fields that `lssf extract` also takes as flags (--max-rank for max_rank, ...),
@@ -25,6 +33,7 @@ CONFIG_FLAGS: dict[str, type] = {
     **{"eta": float, "max_rank": int, "weight_top": float, "rank_rule": str, "basis": str},
     **{"include": str, "exclude": str, "calibration": Path, "calibration_limit": int},
     **{"calibration_max_tokens": int, "activation_weight": str, "rank_spectrum": str},
+    **{"calibration_answer_tokens": int},
 }
 
 
@@ -33,7 +42,6 @@ def _patch_config(args: argparse.Namespace) -> PatchConfig:
     base = load_yaml_model(args.config, PatchConfig) if args.config else PatchConfig()
     flags = {f: v for f in CONFIG_FLAGS if (v := getattr(args, f)) is not None}
     return load_model(PatchConfig, base.model_dump() | flags, "command line")
-    **{"calibration_answer_tokens": int},
 
 
 def fail(command: str, message: str, code: int = 2) -> int:
@@ -114,7 +122,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from lssf.patch import SafetyPatch
-    from lssf.report import plot_ranks, render_table, summary
+    from lssf.report import render_table, summary
 
     m = SafetyPatch.load(args.patch_dir).manifest
     if args.json:
@@ -128,8 +136,32 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"factors hold {100 * s['factor_params_fraction']:.2f}% of the targeted parameters"
     )
     if args.plot:
-        print(f"plot written to {plot_ranks(m, args.plot)}")
+        print(f"plot written to {write_plot(m, args.plot, overwrite=args.overwrite)}")
     return 0
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_plot(manifest: PatchManifest, path: Path, *, overwrite: bool = False) -> Path:
+    """The rank plot at exactly ``path``: a ``.png`` in an existing folder, built aside.
+
+    ``overwrite`` replaces only a PNG file, never a link, a folder or other data.
+    """
+    from lssf.errors import OutputError
+    from lssf.outputs import atomic_file, output_path
+    from lssf.report import plot_ranks
+
+    if Path(path).suffix.lower() != ".png":
+        raise OutputError(f"--plot {path}: the plot is a PNG image; name a file ending in .png")
+    real = output_path(path)
+    if overwrite and real.is_file() and not real.is_symlink():
+        with open(real, "rb") as f:
+            if f.read(len(PNG_MAGIC)) != PNG_MAGIC:
+                raise OutputError(f"--plot {path} exists and is not a PNG image; left it")
+    with atomic_file(real, overwrite=overwrite) as tmp:
+        plot_ranks(manifest, tmp)
+    return Path(path)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -198,7 +230,11 @@ def _add_core(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("inspect", help="per-layer table (and plot) of a safety patch")
     p.add_argument("patch_dir", type=Path)
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="write rank-by-layer plot")
+    p.add_argument(
+        "--plot", type=Path, metavar="FILE.png",
+        help="write the rank-by-layer plot (a new .png in an existing folder)",
+    )  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot PNG")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(func=cmd_inspect)
 
@@ -258,6 +294,35 @@ def _add_placeholder(sub: argparse._SubParsersAction, name: str, error: str) -> 
     p.set_defaults(func=lambda args: fail(name, message), placeholder=True)
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived: unwinds like Ctrl-C, so every ``finally`` (temp folders) runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_stop() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise ``Stopped`` once (more of them are ignored while it unwinds)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        if not stopping:
+            stopping.append(signum)
+            raise Stopped(signum)
+
+    kept = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in kept.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``lssf`` with ``argv`` (default: the process's); returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -270,7 +335,17 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args))
+        with _signals_stop():
+            return int(args.func(args))
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        return fail(args.command, "interrupted (Ctrl-C); temporary files removed", 130)
+    except Stopped as exc:
+        if args.debug:
+            raise
+        name = signal.Signals(exc.signum).name
+        return fail(args.command, f"stopped by {name}; temporary files removed", 128 + exc.signum)
     except Exception as exc:
         if args.debug:
             raise
@@ -287,7 +362,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The ``lssf`` console script: :func:`main`, then exit without a last collection."""
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:  # while starting up, before a command ran
+        print("lssf: interrupted", file=sys.stderr)
+        code = 130
     # The interpreter's last collection would walk every object torch and the libraries made
     # (~0.5 s of a 2.5 s start measured here); frozen objects are skipped. Not in ``main``,
     # which tests and callers run in their own process.

@@ -25,7 +25,13 @@ from lssf._version import __version__
 from lssf.checkpoint import Checkpoint
 from lssf.config import PatchConfig
 from lssf.devices import one_thread_ops, pick_device
-from lssf.errors import ConfigError, NonFiniteError, ShapeMismatchError
+from lssf.errors import (
+    ConfigError,
+    LssfError,
+    NonFiniteError,
+    PatchIntegrityError,
+    ShapeMismatchError,
+)
 from lssf.lowrank import patch_tensor, safety_delta
 from lssf.outputs import PROVENANCE, atomic_folder, write_json
 from lssf.patch import FACTORS, MANIFEST, PatchManifest, SafetyPatch, TensorRecord, factor_names
@@ -151,8 +157,24 @@ def extract(
             )
             write_json(tmp / MANIFEST, manifest.model_dump(mode="json"))
             write_json(tmp / PROVENANCE, patch_provenance(manifest))
+            read_back(tmp, Path(out))  # before it is published: never an unusable patch at out
     log.info("patch %s: %d tensors, written to %s", manifest.patch_id, len(records), out)
     return SafetyPatch.load(Path(out))
+
+
+def read_back(tmp: Path, out: Path) -> SafetyPatch:
+    """Load a patch from the temp folder it was written to, as ``fuse`` will; else refuse it.
+
+    (Names the manifest or the safetensors header cannot carry the same way, e.g. a lone
+    surrogate, only show up here.)
+    """
+    try:
+        return SafetyPatch.load(tmp)
+    except LssfError as exc:
+        why = str(exc).replace(str(tmp), str(out))
+        raise PatchIntegrityError(
+            f"the patch for {out} does not read back, so nothing was written there: {why}"
+        ) from exc
 
 
 def default_workers(dev: torch.device) -> int:

@@ -75,7 +75,7 @@ def test_overwrite_refuses_a_folder_lssf_did_not_write(trio, patch_dir, tmp_path
     work.mkdir()
     (work / "thesis.tex").write_text("years of work")
     monkeypatch.chdir(work)
-    with pytest.raises(OutputError, match="not written by lssf"):
+    with pytest.raises(OutputError, match="is the current folder"):
         fuse(trio["finetuned"], patch_dir, ".", overwrite=True, progress=False)
     assert listing(work) == ["thesis.tex"]
 

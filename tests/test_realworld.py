@@ -26,6 +26,7 @@ from evaluation.realworld.build import STAGE_FILE, TASK_FILE, stage_info, versio
 from evaluation.realworld.config import GGUFSource, Train
 from evaluation.realworld.convert import extract_gguf, gguf_to_safetensors
 from evaluation.splits import normalise_prompt, split_of
+from lssf.outputs import PROVENANCE
 from tests import tiny_gguf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,7 +367,7 @@ def test_lora_stage_is_an_adapter_on_aligned_that_lssf_fuses(world, tmp_path):
 def test_eval_dir_holds_the_benchmarks_and_the_task(world, bench):
     paths, config = world
     names = sorted(p.name for p in paths.eval_dir.iterdir())
-    assert names == sorted([*EVAL_FILES, "SOURCES.json", TASK_FILE, STAGE_FILE])
+    assert names == sorted([*EVAL_FILES, "SOURCES.json", TASK_FILE, STAGE_FILE, PROVENANCE])
     for name in (*EVAL_FILES, "SOURCES.json"):
         assert (paths.eval_dir / name).read_bytes() == (bench / name).read_bytes()
     assert rw_data.read_jsonl(paths.eval_dir / TASK_FILE) == rw_data.task_eval_rows(config.seed)

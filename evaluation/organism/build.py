@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -24,12 +25,15 @@ from typing import Any
 
 from evaluation.organism import data, repro
 from evaluation.organism.config import ORGANISM_VERSION, OrganismConfig
-from lssf.outputs import atomic_write_text, rename_noreplace
+from lssf import outputs
+from lssf.errors import ConfigError
+from lssf.outputs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 MANIFEST = "organism.json"
 STAGE_FILE = "organism_stage.json"
 STAGES = ("base", "aligned", "finetuned")
+MAX_SEED = 2**32 - 1  # torch, numpy and Python's random all take it
 # Organisms shipped with the repository as versioned data (see data/organisms/README.md).
 SHIPPED_DIR = Path(__file__).resolve().parents[2] / "data" / "organisms"
 
@@ -94,7 +98,8 @@ def build_organism(
     own cache key; reproducible on this machine only).
     """
     config = config or OrganismConfig()
-    out = Path(out)
+    check_seed(seed)
+    out = outputs.output_path(out)
     keys = config.stage_keys(seed, repro.versions(numerics))
     key = keys["finetuned"]
     if read_manifest(out).get("cache_key") == key:
@@ -102,30 +107,45 @@ def build_organism(
         _refresh_eval_sets(out, seed)
         return OrganismPaths.at(out, config, key, cached=True)
     donors = [Path(p) for p in reuse] + (shipped_organisms() if use_shipped else [])
+    outputs.check_output(out, overwrite=True, inputs=reuse)  # only lssf's own folder is replaced
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{key}"  # no pid: a killed build resumes from here
     with build_lock(out.parent / f".{out.name}.lock"):
         if read_manifest(out).get("cache_key") == key:  # built while we waited
             return OrganismPaths.at(out, config, key, cached=True)
+        if tmp.is_symlink() or (os.path.lexists(tmp) and not tmp.is_dir()):
+            outputs.discard(tmp)  # never build through a link lssf did not make
         whole = next((d for d in donors if read_manifest(d).get("cache_key") == key), None)
         if whole is not None:
             logger.info("organism seed %d: copying %s (%s)", seed, whole, key)
-            shutil.rmtree(tmp, ignore_errors=True)
+            outputs.discard(tmp)
             shutil.copytree(whole, tmp)
             trained = False
         else:
             _adopt_stages(tmp, keys, donors)
             trained = _train_missing(tmp, seed, config, keys, numerics)
         data.write_eval_sets(seed, tmp / "eval")
-        replace_folder(tmp, out)
+        outputs.mark_folder(tmp, "organism")
+        replace_folder(tmp, out, inputs=reuse)
     return OrganismPaths.at(out, config, key, cached=not trained)
+
+
+def check_seed(seed: object) -> int:
+    """A seed every random generator takes: an integer in [0, 2**32 - 1]."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        big = isinstance(seed, int) and abs(seed).bit_length() > 64
+        shown = f"an integer of {abs(seed).bit_length()} bits" if big else repr(seed)[:40]
+        raise ConfigError(f"seed must be an integer from 0 to {MAX_SEED}, not {shown}")
+    return seed
 
 
 @contextmanager
 def build_lock(path: Path) -> Iterator[None]:
     """One builder per output folder at a time. A waiter re-checks the cache once it holds
     the lock; the lock file is removed by its holder, so nothing is left beside the output."""
-    with open(path, "w") as handle:
+    # O_NOFOLLOW, no O_TRUNC: a link or file someone put at that name is never written through
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "r+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -172,16 +192,10 @@ def _refresh_eval_sets(root: Path, seed: int) -> None:
         data.write_eval_sets(seed, root / "eval")
 
 
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Swap a finished folder in: `out` (if any) is moved aside, `tmp` renamed to `out`, the
-    old one removed. A reader sees the old folder or the new one, never a part of either;
-    callers hold `build_lock`, so nothing else writes `out` meanwhile."""
-    old = out.parent / f".{out.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        rename_noreplace(out, old)
-    rename_noreplace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+def replace_folder(tmp: Path, out: Path, inputs: Iterable[Path] = ()) -> None:
+    """Swap a finished folder in (``lssf.outputs.replace_folder``: only a folder lssf wrote is
+    replaced). A reader sees the old folder or the new one, never a part of either."""
+    outputs.replace_folder(tmp, out, inputs=inputs)
 
 
 def file_hashes(folder: Path) -> dict[str, str]:

