@@ -433,10 +433,3 @@ class AlphaSearch:
         else:
             why = "no probe passed"
         return f"No alpha passed the calibration gate: {why} ({n} probes, {mode})."
-
-    def dose_response(self) -> list[dict[str, object]]:
-        """The probes as table rows, by rank then alpha: what was seen where."""
-        rows = []
-        for p in sorted(self.trace, key=lambda p: (p.rank, p.alpha)):
-            rows.append({"rank": p.rank_label, "alpha": p.alpha, **p.metrics, "outcome": p.outcome})
-        return rows

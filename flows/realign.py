@@ -13,9 +13,10 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from evaluation.alpha_search import AlphaSearch, calibration_gate
+from evaluation.alpha_search import AlphaSearch, Point, calibration_gate
 from evaluation.gates import GateConfig, GateReport
 from evaluation.report import EvalReport
+from lssf import PatchConfig
 from tasks import realign_tasks as rt
 from tasks import record_tasks as rec
 from tasks import report
@@ -58,39 +59,47 @@ def realign(
 
 def _realign_body(job: RealignJob, run_id: str) -> dict[str, Any]:
     fam, store = job.fam, job.cfg.record_store()
-    search_cfg = fam.search_config()  # a margin that makes the gate impossible fails here, early
+    search_cfg = job.search  # a margin that makes the gate impossible fails here, early
     cal_gate = calibration_gate(fam.gate_config(), search_cfg.margin, search_cfg.safety_metrics)
-    state = str(job.cfg.resolved_state_dir())
-    if fam.extraction.distributed and not rt.patch_is_stored(job.patch_key, state, store):
-        # Over Dask into the folder get_or_build_patch reads; consolidated: the same bytes and
-        # patch id as one process. The `extraction` fields are run_distributed's options.
-        from flows.extract import run_distributed
-
-        ext = fam.extraction
-        get_run_logger().info("patch %s: distributed extraction (%s)", job.patch_key, ext)
-        aligned, reference = rt.materialize(job.aligned), rt.materialize(job.reference)
-        out = Path(state) / "patches" / job.patch_key
-        run_distributed(aligned, reference, out, fam.patch, consolidate=True, **ext.model_dump())
-    patch = rt.get_or_build_patch(
-        job.aligned, job.reference, fam.patch, job.patch_key, state, store
-    )
+    patches = [_patch(job, cfg, key) for cfg, key in zip(job.patches, job.patch_keys, strict=True)]
     ft_dir = rt.materialize(job.cand.ref)
     base = {s: _evaluate(job, ft_dir, job.baseline_path(s), s) for s in ("calibration", "heldout")}
-    search, heldout = _search(job, ft_dir, patch, base, cal_gate)
+    search, heldout = _search(job, ft_dir, patches, base, cal_gate)
     record = report.search_record(search, cal_gate, fam.utility_metrics, base, heldout)
     get_run_logger().info("held-out verdict for %s: %s", job.cand.key, record.reason)
+    patch = patches[record.chosen_rank or 0]
     rec.record_realign(store, run_id, job, record, patch)
+    if not fam.keep_candidates:
+        rt.drop_candidates(job, keep=None if heldout is None else (heldout.alpha, heldout.rank))
     passed = heldout is not None and heldout.passed
     version = None
     if passed:
         about = report.version_description(record, job.run_name, run_id)
-        version = rec.register_model(store, run_id, job, heldout.alpha, patch.patch_id, about)
+        version = rec.register_model(
+            store, run_id, job, heldout.alpha, patch.patch_id, about, rank=heldout.rank
+        )
     model = fam.registered_model
     note = report.run_description(record, model, version)
     rec.close_record(store, run_id, "passed" if passed else "rejected", record.reason, note)
     summary = report.summary_markdown(job.cand.key, record, model, version)
     rec.publish_summary(summary, job.summary_key)
     return rec.lookup_outcome(store, job.cand.key, model, job.family)
+
+
+def _patch(job: RealignJob, config: PatchConfig, key: str) -> PatchSummary:
+    """One patch of the menu: stored, or extracted (over Dask when the family asks)."""
+    state, store, fam = str(job.cfg.resolved_state_dir()), job.cfg.record_store(), job.fam
+    if fam.extraction.distributed and not rt.patch_is_stored(key, state, store):
+        # Over Dask into the folder get_or_build_patch reads; consolidated: the same bytes and
+        # patch id as one process. The `extraction` fields are run_distributed's options.
+        from flows.extract import run_distributed
+
+        ext = fam.extraction
+        get_run_logger().info("patch %s: distributed extraction (%s)", key, ext)
+        aligned, reference = rt.materialize(job.aligned), rt.materialize(job.reference)
+        out = Path(state) / "patches" / key
+        run_distributed(aligned, reference, out, config, consolidate=True, **ext.model_dump())
+    return rt.get_or_build_patch(job.aligned, job.reference, config, key, state, store)
 
 
 def _evaluate(job: RealignJob, model: str, out: str, split: str) -> EvalReport:
@@ -100,22 +109,32 @@ def _evaluate(job: RealignJob, model: str, out: str, split: str) -> EvalReport:
 
 
 def _search(
-    job: RealignJob, ft_dir: str, patch: PatchSummary, base: dict[str, EvalReport], gate: GateConfig
+    job: RealignJob,
+    ft_dir: str,
+    patches: list[PatchSummary],
+    base: dict[str, EvalReport],
+    gate: GateConfig,
 ) -> tuple[AlphaSearch, report.HeldoutResult | None]:
-    """The alpha search on calibration, then the chosen alpha gated once on held-out."""
+    """The alpha (and rank) search on calibration, then the chosen point gated once on
+    held-out."""
 
-    def probe(alpha: float, split: str, rules: GateConfig) -> tuple[EvalReport, GateReport]:
-        fused = rt.fuse_candidate(ft_dir, patch.path, alpha, job.fused_dir(alpha))
-        ev = _evaluate(job, fused, job.eval_path(split, alpha), split)
-        return ev, rt.gate_candidate(ev, base[split], rules, job.gate_path(split, alpha))
+    def probe(point: Point, split: str, rules: GateConfig) -> tuple[EvalReport, GateReport]:
+        alpha, rank = point.alpha, point.rank
+        out = job.fused_dir(alpha, rank)
+        fused = rt.fuse_candidate(ft_dir, patches[rank].path, alpha, out)
+        ev = _evaluate(job, fused, job.eval_path(split, alpha, rank), split)
+        return ev, rt.gate_candidate(ev, base[split], rules, job.gate_path(split, alpha, rank))
 
-    search = AlphaSearch(job.fam.search_config(), job.fam.utility_metrics)
-    while (alpha := search.propose()) is not None:
-        ev, verdict = probe(alpha, "calibration", gate)
-        step = search.observe_gate(alpha, ev.metrics, verdict)
+    search = AlphaSearch(job.search, job.fam.utility_metrics)
+    while (point := search.propose()) is not None:
+        ev, verdict = probe(point, "calibration", gate)
+        step = search.observe_gate(point, ev.metrics, verdict)
         get_run_logger().info(
-            "calibration probe %d: alpha=%g %s", step.index + 1, alpha, step.outcome
+            report.probe_line(
+                step, job.search.budget, job.search.safety_metrics, job.fam.utility_metrics
+            )
         )
-    if (alpha := search.chosen()) is None:
+    if (best := search.best()) is None:
         return search, None
-    return search, report.HeldoutResult.of(alpha, *probe(alpha, "heldout", job.fam.gate_config()))
+    held = probe(best.point, "heldout", job.fam.gate_config())
+    return search, report.HeldoutResult.of(best.point, *held)

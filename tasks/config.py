@@ -7,15 +7,21 @@ working directory, the repository root in the commands the README shows.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import ConfigDict, Field, PositiveFloat, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evaluation.alpha_search import AlphaSearchConfig
 from evaluation.gates import GateConfig, default_gate_config, shipped_gates
-from evaluation.suites import SuiteConfig, known_suites
+from evaluation.suites import SuiteConfig, is_suite_name, known_suites
 from lssf.config import PatchConfig, load_yaml_model
 from lssf.models import Frozen
 
@@ -89,10 +95,6 @@ class ExtractionConfig(_Frozen):
         return self.workers > 1 or self.address is not None
 
 
-# An lm-eval task or shipped suite name (`hellaswag`, `arc_easy`, `tinyArc`): never a path.
-_SUITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
-
-
 def _check_yaml_file(field: str, path: str, model: type[GateConfig] | type[SuiteConfig]) -> None:
     """``path`` loads as ``model`` (a gate or suite YAML); else a ValueError naming it."""
     try:
@@ -164,6 +166,11 @@ class FamilyConfig(_Frozen):
         description="also give a newly registered version the alias 'champion' (otherwise "
         "only 'candidate'; promote later with `lssf promote`)",
     )
+    keep_candidates: bool = Field(
+        False,
+        description="keep every fused candidate of the search on disk (default: only the "
+        "chosen one stays; a 7B candidate is ~15 GB)",
+    )
 
     @field_validator("alphas")
     @classmethod
@@ -182,7 +189,7 @@ class FamilyConfig(_Frozen):
         outside those: `suite: ../../etc/passwd` would otherwise pass until the run."""
         if v.endswith((".yaml", ".yml")):
             _check_yaml_file("suite", v, SuiteConfig)
-        elif not _SUITE_NAME.fullmatch(v) or ".." in v:
+        elif not is_suite_name(v):
             raise ValueError(
                 f"suite {v[:80]!r}: expected a suite name (shipped: {', '.join(known_suites())}),"
                 " an lm-eval task name (letters, digits, '_', '-', '.') or a suite YAML file"
@@ -207,6 +214,15 @@ class FamilyConfig(_Frozen):
         return self
 
     @model_validator(mode="after")
+    def _menu_builds_patches(self) -> FamilyConfig:
+        try:
+            self.patch_menu()
+        except ValidationError as err:
+            why = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+            raise ValueError(f"alpha_search.ranks: a rank makes an invalid patch: {why}") from None
+        return self
+
+    @model_validator(mode="after")
     def _one_alpha_strategy(self) -> FamilyConfig:
         if self.alphas is not None and self.alpha_search is not None:
             raise ValueError(
@@ -216,13 +232,21 @@ class FamilyConfig(_Frozen):
         return self
 
     def search_config(self) -> AlphaSearchConfig:
-        """The alpha search in force: alpha_search, the grid `alphas`, or default bisection."""
+        """The alpha search in force: alpha_search, the grid `alphas`, or the default sweep."""
         if self.alpha_search is not None:
             return self.alpha_search
         if self.alphas is not None:
             budget = max(len(self.alphas), AlphaSearchConfig().budget)
             return AlphaSearchConfig(mode="grid", grid=self.alphas, budget=budget)
         return AlphaSearchConfig()
+
+    def patch_menu(self) -> tuple[PatchConfig, ...]:
+        """The patch of every rank of the search's menu: `patch` with the rank's overrides."""
+        base = self.patch.model_dump()
+        return tuple(
+            PatchConfig.model_validate(base | choice.overrides())
+            for choice in self.search_config().ranks
+        )
 
     def gate_config(self) -> GateConfig:
         """The gate rules in force: inline, from a file, or the suite's shipped gate."""

@@ -17,6 +17,7 @@ from typing import Any
 from prefect import task
 from prefect.context import TaskRunContext
 
+from evaluation.alpha_search import AlphaSearchConfig, candidate_name
 from evaluation.gates import GateConfig, GateReport, evaluate_gate
 from evaluation.report import EvalReport, write_atomic
 from evaluation.splits import SPLITS
@@ -230,6 +231,22 @@ def evaluate_model(
     return report
 
 
+def drop_candidates(job: RealignJob, keep: tuple[float, int] | None) -> list[str]:
+    """Delete the search's fused candidates but `keep` ((alpha, rank) of the chosen one): a 7B
+    candidate is ~15 GB, and only the chosen one is registered. Returns what was deleted."""
+    import shutil
+
+    kept = None if keep is None else Path(job.fused_dir(*keep)).name
+    dropped = []
+    for folder in sorted(job.work.glob("fused-alpha-*")):
+        if folder.is_dir() and not folder.is_symlink() and folder.name != kept:
+            shutil.rmtree(folder)
+            dropped.append(folder.name)
+    if dropped:
+        run_logger().info("deleted %d fused candidates (keep_candidates: false)", len(dropped))
+    return dropped
+
+
 @task
 def gate_candidate(
     candidate: EvalReport, baseline: EvalReport, config: GateConfig, out: str
@@ -258,8 +275,25 @@ class RealignJob(Frozen):
     reference: ModelRef
 
     @cached_property
+    def search(self) -> AlphaSearchConfig:
+        """The family's alpha search, built once per run."""
+        return self.fam.search_config()
+
+    @cached_property
+    def patches(self) -> tuple[PatchConfig, ...]:
+        """The patch of every rank of the search's menu (one unless the family sets ranks)."""
+        return self.fam.patch_menu()
+
+    @cached_property
+    def patch_keys(self) -> tuple[str, ...]:
+        return tuple(patch_key(self.aligned, self.reference, cfg) for cfg in self.patches)
+
+    @cached_property
     def patch_key(self) -> str:
-        return patch_key(self.aligned, self.reference, self.fam.patch)
+        """The one patch's key, or the whole menu's (a digest of its patches' keys)."""
+        if len(self.patch_keys) == 1:
+            return self.patch_keys[0]
+        return hashlib.sha256(",".join(self.patch_keys).encode()).hexdigest()[:16]
 
     @property
     def work(self) -> Path:
@@ -292,7 +326,7 @@ class RealignJob(Frozen):
         patch = self.fam.patch.model_dump(include={"rank_rule", "eta", "max_rank", "weight_top"})
         search = {
             f"alpha_search.{name}": ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
-            for name, v in self.fam.search_config().model_dump(exclude_none=True).items()
+            for name, v in self.search.model_dump(exclude_none=True, exclude={"ranks"}).items()
         }
         return {
             "source_repo": self.cand.repo,
@@ -305,14 +339,14 @@ class RealignJob(Frozen):
             "suite": self.fam.suite,
         } | search
 
-    def fused_dir(self, alpha: float) -> str:
-        return str(self.work / f"fused-alpha-{alpha:g}")
+    def fused_dir(self, alpha: float, rank: int = 0) -> str:
+        return str(self.work / f"fused-{candidate_name(alpha, rank)}")
 
     def baseline_path(self, split: str) -> str:
         return str(self.work.parent / f"eval-baseline-{split}.json")  # the fine-tune: any patch
 
-    def eval_path(self, split: str, alpha: float) -> str:
-        return str(self.work / f"eval-{split}-alpha-{alpha:g}.json")
+    def eval_path(self, split: str, alpha: float, rank: int = 0) -> str:
+        return str(self.work / f"eval-{split}-{candidate_name(alpha, rank)}.json")
 
-    def gate_path(self, split: str, alpha: float) -> str:
-        return str(self.work / f"gate-{split}-alpha-{alpha:g}.json")
+    def gate_path(self, split: str, alpha: float, rank: int = 0) -> str:
+        return str(self.work / f"gate-{split}-{candidate_name(alpha, rank)}.json")

@@ -18,7 +18,13 @@ from tasks import registry
 from tasks._log import run_logger
 from tasks.realign_tasks import REGISTRY_RETRIES, PatchSummary, RealignJob
 from tasks.registry import RecordStore
-from tasks.report import SearchRecord, plot_search, summary_table, verdict_line
+from tasks.report import (
+    SearchRecord,
+    dose_response_rows,
+    plot_search,
+    summary_table,
+    verdict_line,
+)
 
 
 @task(**REGISTRY_RETRIES)
@@ -73,6 +79,7 @@ def register_model(
     alpha: float,
     patch_id: str,
     description: str | None = None,
+    rank: int = 0,
 ) -> str:
     """Log the fused model of `alpha` under the run's `model/` and make it a version of the
     family's registered model (once per source key), with its aliases and `description`."""
@@ -82,7 +89,7 @@ def register_model(
     tags = job.tags | verdicts | {"patch_id": patch_id, "alpha": f"{alpha:g}"}
     if registry.find_version(client, name, tags["source_key"]) is None:
         # A version only ever points at a completely logged folder of this run.
-        client.log_artifacts(run_id, job.fused_dir(alpha), "model")
+        client.log_artifacts(run_id, job.fused_dir(alpha, rank), "model")
     source = f"{client.get_run(run_id).info.artifact_uri}/model"  # for a new version only
     champion = (registry.CHAMPION_ALIAS,) if job.fam.promote_to_champion else ()
     aliases = (registry.CANDIDATE_ALIAS, *champion)
@@ -142,25 +149,32 @@ def record_realign(
     for dest, path in files:
         if Path(path).is_file():
             client.log_artifact(run_id, path, dest)
+    # The dose-response (rank x alpha -> calibration metrics) as an MLflow table.
+    rows = dose_response_rows(record)
+    columns = {
+        key: [row.get(key) for row in rows] for key in dict.fromkeys(k for r in rows for k in r)
+    }
+    client.log_table(run_id, data=columns, artifact_file="search/dose_response.json")
 
 
 def _evidence_files(
     job: RealignJob, record: SearchRecord, patch: PatchSummary
 ) -> list[tuple[str, str]]:
     """(artifact folder, path) of every report, sample and gate, the patch, plots, card, trace."""
-    runs = [("calibration", p.alpha) for p in record.probes]
+    runs = [("calibration", p.alpha, p.rank) for p in record.probes]
     if record.heldout is not None:
-        runs.append(("heldout", record.heldout.alpha))
+        runs.append(("heldout", record.heldout.alpha, record.heldout.rank))
     reports = [job.baseline_path(s) for s in ("calibration", "heldout")]
-    reports += [job.eval_path(s, a) for s, a in runs]
+    reports += [job.eval_path(s, a, r) for s, a, r in runs]
     files = [("evaluation", path) for path in reports]
     samples = [EvalReport.load(Path(p)).samples_path for p in reports]
     files += [("evaluation", s) for s in samples if s and Path(s).is_file()]
-    files += [("gate", job.gate_path(s, a)) for s, a in runs]
+    files += [("gate", job.gate_path(s, a, r)) for s, a, r in runs]
     plot = plot_ranks(patch.manifest, job.work / "patch_ranks.png")
     files += [("patch", str(Path(patch.path) / MANIFEST)), ("plots", str(plot))]
     if record.chosen is not None:
-        files.append(("model_card", str(Path(job.fused_dir(record.chosen)) / "README.md")))
+        card = Path(job.fused_dir(record.chosen, record.chosen_rank or 0)) / "README.md"
+        files.append(("model_card", str(card)))
     out = job.work / "search"
     trace = write_atomic(out / "search_trace.json", record.model_dump_json(indent=2) + "\n")
     text = f"{verdict_line(record)}\n\n{summary_table(record)}\n"
@@ -176,12 +190,13 @@ def _evidence_series(job: RealignJob, record: SearchRecord) -> list[tuple[str, f
     metrics = {f"before.{k}": v for k, v in (before.metrics | before.raw_metrics).items()}
     metrics |= {f"calibration.before.{k}": v for k, v in record.baseline.items()}
     if (held := record.heldout) is not None:
-        after = EvalReport.load(Path(job.eval_path("heldout", held.alpha)))
+        after = EvalReport.load(Path(job.eval_path("heldout", held.alpha, held.rank)))
         metrics |= {f"after.{k}": v for k, v in (after.metrics | after.raw_metrics).items()}
         metrics |= {f"heldout.{k}": v for k, v in held.metrics.items()}
         metrics |= {"heldout.passed": float(held.passed), "calibration.chosen_alpha": held.alpha}
     series = [(name, value, 0) for name, value in metrics.items()]
     for p in record.probes:
         values = [*p.metrics.items(), ("alpha", p.alpha), ("passed", float(p.passed))]
+        values.append(("rank", float(p.rank)))
         series += [(f"calibration.{k}", v, p.index) for k, v in values]
     return series

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic.dataclasses import dataclass
 
-from evaluation.alpha_search import AlphaSearch, AlphaSearchConfig, Probe, utility
+from evaluation.alpha_search import AlphaSearch, AlphaSearchConfig, Point, Probe, utility
 from evaluation.gates import GateConfig, GateReport
 from evaluation.report import EvalReport
 from lssf.models import Frozen
@@ -22,11 +22,18 @@ class Trial:
     metrics: dict[str, float]
     passed: bool
     reasons: tuple[str, ...] = ()
+    rank: int = 0  # the menu index of its patch
 
     @classmethod
-    def of(cls, alpha: float, report: EvalReport, gate: GateReport) -> Trial:
+    def of(cls, point: Point, report: EvalReport, gate: GateReport) -> Trial:
         reasons = tuple(f"{r.rule}: {r.reason}" for r in gate.failures)
-        return cls(alpha=alpha, metrics=report.metrics, passed=gate.passed, reasons=reasons)
+        return cls(
+            alpha=point.alpha,
+            metrics=report.metrics,
+            passed=gate.passed,
+            reasons=reasons,
+            rank=point.rank,
+        )
 
 
 HeldoutResult = Trial  # the chosen alpha, evaluated once on the held-out split and gated there
@@ -43,6 +50,7 @@ class SearchRecord(Frozen):
     baseline: dict[str, float]  # the fine-tune on calibration (named metrics)
     probes: list[Probe]
     chosen: float | None
+    chosen_rank: int | None = None  # the menu index of the chosen point (search.config.ranks)
     explain: str
     heldout_baseline: dict[str, float]
     heldout: HeldoutResult | None
@@ -74,7 +82,7 @@ def search_record(
     heldout: HeldoutResult | None,
 ) -> SearchRecord:
     """The search and its held-out confirmation; `base`: the fine-tune's report per split."""
-    held = base["heldout"]
+    held, best = base["heldout"], search.best()
     return SearchRecord(
         config=search.config,
         calibration_gate=gate.name,
@@ -83,7 +91,8 @@ def search_record(
         calibration_fraction=held.calibration_fraction,
         baseline=base["calibration"].metrics,
         probes=search.trace,
-        chosen=search.chosen(),
+        chosen=None if best is None else best.alpha,
+        chosen_rank=None if best is None else best.rank,
         explain=search.explain(),
         heldout_baseline=held.metrics,
         heldout=heldout,
@@ -114,18 +123,44 @@ def summary_table(record: SearchRecord) -> str:
     held-out before/after of the chosen alpha."""
     cfg = record.config
     names = list(dict.fromkeys([*cfg.safety_metrics, *record.utility_metrics]))
-    rows = [["-", "fine-tuned", *(_cell(record.baseline.get(n)) for n in names), "-"]]
+    menu = len(cfg.ranks) > 1
+    rank = ["-"] if menu else []
+    rows = [["-", *rank, "fine-tuned", *(_cell(record.baseline.get(n)) for n in names), "-"]]
     for p in record.probes:
         cells = [_cell(p.metrics.get(n)) for n in names]
-        mark = " (chosen)" if p.alpha == record.chosen and p.passed else ""
-        rows.append([str(p.index + 1), f"{p.alpha:g}", *cells, p.outcome.replace("_", " ") + mark])
-    trace = _markdown(["#", "alpha", *names, "calibration gate"], rows)
+        chosen = (p.alpha, p.rank) == (record.chosen, record.chosen_rank or 0) and p.passed
+        mark = " (chosen)" if chosen else ""
+        rank = [p.rank_label] if menu else []
+        outcome = p.outcome.replace("_", " ") + mark
+        rows.append([str(p.index + 1), *rank, f"{p.alpha:g}", *cells, outcome])
+    head = ["#", *(["rank"] if menu else []), "alpha", *names, "calibration gate"]
+    trace = _markdown(head, rows)
     how = f"{cfg.mode}, budget {cfg.budget}, margin {cfg.margin:g}; gate {record.calibration_gate}"
     parts = [f"Calibration search ({how}):", "", trace]
     if record.heldout is not None:
         table = before_after_table(record.heldout_baseline, [record.heldout])
         parts += ["", "Held-out (decides):", "", table]
     return "\n".join(parts)
+
+
+def dose_response_rows(record: SearchRecord) -> list[dict[str, object]]:
+    """The probes by rank then alpha: what the search saw where (MLflow table, demo)."""
+    rows = []
+    for p in sorted(record.probes, key=lambda p: (p.rank, p.alpha)):
+        rows.append({"rank": p.rank_label, "alpha": p.alpha, **p.metrics, "outcome": p.outcome})
+    return rows
+
+
+def probe_line(
+    probe: Probe, budget: int, safety: tuple[str, ...], utility_names: tuple[str, ...]
+) -> str:
+    """One console line per calibration probe: `probe 3/8 alpha=0.5 [eta=0.3]
+    harmful_refusal=0.961 task_accuracy=1.000 general_accuracy=0.420 -> pass`."""
+    names = dict.fromkeys([*safety, *utility_names])
+    values = " ".join(f"{n}={_cell(probe.metrics.get(n))}" for n in names)
+    rank = f" [{probe.rank_label}]" if probe.rank_label != "patch" else ""
+    outcome = probe.outcome.replace("_", " ")
+    return f"probe {probe.index + 1}/{budget} alpha={probe.alpha:g}{rank} {values} -> {outcome}"
 
 
 def verdict_line(record: SearchRecord) -> str:
@@ -168,14 +203,19 @@ def plot_search(record: SearchRecord, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     safety, names = record.config.safety_metrics[0], record.utility_metrics
-    probes = sorted(record.probes, key=lambda p: p.alpha)
-    alphas = [p.alpha for p in probes]
-    safe_y = [p.metrics.get(safety, math.nan) for p in probes]
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.plot(alphas, safe_y, "o-", label=f"calibration {safety}")
-    ax.plot(alphas, [_utility(p.metrics, names) for p in probes], "s-", label="calibration utility")
-    for p, y in zip(probes, safe_y, strict=True):
-        ax.annotate(str(p.index + 1), (p.alpha, y), fontsize=7)
+    menu = record.config.ranks
+    for rank, choice in enumerate(menu):
+        probes = sorted((p for p in record.probes if p.rank == rank), key=lambda p: p.alpha)
+        alphas = [p.alpha for p in probes]
+        safe_y = [p.metrics.get(safety, math.nan) for p in probes]
+        tag = f" [{choice.label}]" if len(menu) > 1 else ""
+        ax.plot(alphas, safe_y, "o-", label=f"calibration {safety}{tag}")
+        util_y = [_utility(p.metrics, names) for p in probes]
+        ax.plot(alphas, util_y, "s--", label=f"calibration utility{tag}")
+        for p, y in zip(probes, safe_y, strict=True):
+            ax.annotate(str(p.index + 1), (p.alpha, y), fontsize=7)
+    ax.set_xscale("log", base=2)
     if record.chosen is not None:
         label = f"chosen alpha={record.chosen:g}"
         ax.axvline(record.chosen, color="grey", linestyle="--", label=label)

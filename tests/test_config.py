@@ -126,7 +126,7 @@ def test_alphas_is_the_grid_shorthand_and_excludes_alpha_search(tmp_path: Path) 
     search = load_config(_write(tmp_path, data)).family("organism").search_config()
     assert (search.mode, search.grid) == ("grid", (0.5, 1.0))
     del fam["alphas"]
-    assert load_config(_write(tmp_path, data)).family("organism").search_config().mode == "bisect"
+    assert load_config(_write(tmp_path, data)).family("organism").search_config().mode == "sweep"
     fam["alphas"] = [1.0]
     fam["alpha_search"] = {"mode": "grid", "grid": [1.0]}
     with pytest.raises(ConfigError, match=r"give alphas .* or alpha_search, not both"):

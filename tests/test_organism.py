@@ -105,7 +105,7 @@ def test_eval_splits_are_disjoint_by_pair_and_large_enough() -> None:
         split: sum(r["split"] == split for r in sets["general"])
         for split in ("calibration", "heldout")
     }
-    assert general == {"calibration": 100, "heldout": 200}
+    assert general == {"calibration": 100, "heldout": 400}
 
 
 def test_training_refuses_an_unpinned_process() -> None:

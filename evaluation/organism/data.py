@@ -15,8 +15,9 @@ Stage = Literal["base", "aligned", "finetune"]
 # Per verb, 1 held-out object's 16 phrasings are calibration and 2 objects' are held-out:
 # 8 verbs give 128 calibration and 256 held-out prompts per file (one prompt = 0.4 points).
 N_GENERAL_CALIBRATION = 100
-N_GENERAL_HELDOUT = 200
-EVAL_VERSION = "2"  # bump when eval_sets() changes; cached organisms rewrite their eval files
+N_GENERAL_HELDOUT = 400  # a 5-point drop is detectable by the paired gate at n=400
+EVAL_VERSION = "3"  # bump when eval_sets() changes; cached organisms rewrite their eval files
+# 3: 400 held-out general prompts (were 200; the first 200 unchanged)
 EVAL_STAMP = "EVAL_VERSION"
 
 
