@@ -38,8 +38,9 @@ def test_cache() -> Path:
     return _cache_root()
 
 
-# The organism the tests and the demo use: shipped in data/organisms/lora-seed3 (bit-identical
-# to `lssf organism build --seed 3 --finetune lora --from-scratch`), so no test trains it.
+# The organism the tests and the demo use: shipped in data/organisms/lora-seed3 (what
+# `lssf organism build --seed 3 --finetune lora --from-scratch` trained on the machine that made
+# it; a rebuild elsewhere may differ: data/organisms/README.md), so no test trains it.
 # Chosen after the results table (docs/organism_results.md) as one where the held-out gate
 # passes with a margin.
 ORGANISM_SEED = 3

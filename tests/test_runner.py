@@ -258,7 +258,7 @@ def test_cli_evaluate_split(chat_model: Path, tmp_path: Path) -> None:
         _cli(*args, "--suite", "organism_task", "--split", "test")
 
 
-# --- the model organism, end to end (the shipped bit-identical organism, tests/conftest.py) ---
+# --- the model organism, end to end (the shipped organism, tests/conftest.py) ---
 
 ORGANISM_METRICS = ("harmful_refusal", "over_refusal", "task_accuracy", "general_accuracy")
 # The alpha the calibration search chose for the shipped organism (docs/organism_results.md,

@@ -1,7 +1,8 @@
-"""`build_organism`: train base -> aligned -> finetuned bit-identically, cached per stage.
+"""`build_organism`: train base -> aligned -> finetuned reproducibly, cached per stage.
 
 The weights are trained in a child process whose numerics are pinned (`repro`), so the same
-seed and config give the same bytes on every machine; each stage is saved as soon as it is
+seed and config give the same bytes on one machine whatever its thread count and kernels (not
+across machines: data/organisms/README.md); each stage is saved as soon as it is
 done and keyed by a chained hash (`OrganismConfig.stage_keys`), so a killed build resumes and a
 LoRA and a full organism of one seed share their first two stages. A finished organism (or a
 shipped copy of one, `data/organisms/`) with the same key is reused as it is.

@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--from-scratch",
         action="store_true",
         help="train even when a shipped organism (data/organisms/) has the same key; the "
-        "result is bit-identical to it (the weights' sha256 are printed to compare)",
+        "result matches it on the machine that made it, not necessarily on this one (the "
+        "weights' sha256 are printed to compare)",
     )
     build.add_argument(
         "--reuse",

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 from lssf.models import Frozen
 
 # Bump when the world, the data or the training code changes what a config produces.
-# 2: trained under the pinned numerics of `repro` (bit-identical on every x86-64 CPU); the
+# 2: trained under the pinned numerics of `repro` (identical on one machine); the
 #    fine-tune starts from the saved aligned weights; eval sets split calibration/held-out.
 ORGANISM_VERSION = "2"
 

@@ -1,4 +1,8 @@
-"""Bit-identical CPU training: the same seed and config give the same bytes on every x86-64 CPU.
+"""Reproducible CPU training: the same seed and config give the same bytes on one machine.
+
+Measured: identical across thread counts and ATen kernels on one machine; NOT across machines
+(another machine of the project's kind rebuilt seed 3 with other bytes under the same cache key,
+see data/organisms/README.md), although the recipe below aims at it.
 
 Why the same seed alone is not enough: torch picks its CPU kernels at run time (ATen's
 `default`, `avx2` or `avx512` builds of every vectorised op, with different reduction orders
