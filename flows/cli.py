@@ -93,9 +93,33 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         cfg = load_config(args.file)
     except ConfigError as exc:
         return fail("config validate", str(exc))
+    if args.aligned_report is not None:
+        problems = _aligned_problems(cfg, args.aligned_report)
+        if problems:
+            return fail("config validate", problems)
     names = ", ".join(sorted(cfg.families))
     print(f"{args.file}: valid; families: {names}; tracking URI: {cfg.resolved_tracking_uri()}")
     return 0
+
+
+def _aligned_problems(cfg, report_path: Path) -> str:
+    """Why some family's gate is one its aligned model fails (from the model's report)."""
+    from evaluation.gates import aligned_gate_problems
+    from evaluation.report import EvalReport, ReportError
+
+    try:
+        aligned = EvalReport.load(report_path)
+    except ReportError as exc:
+        return str(exc)
+    found = []
+    for name, fam in sorted(cfg.families.items()):
+        problems = aligned_gate_problems(fam.gate_config(), aligned)
+        if problems:
+            found.append(
+                f"family {name}: the aligned model ({report_path}) fails its own gate, so no "
+                f"repair can pass: {'; '.join(problems)}"
+            )
+    return " | ".join(found)
 
 
 def register_config(subparsers: argparse._SubParsersAction) -> None:
@@ -104,7 +128,14 @@ def register_config(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser("schema", help="print the JSON schema of the pipeline config")
     s.set_defaults(func=cmd_config_schema)
     v = sub.add_parser("validate", help="validate a pipeline config YAML")
-    v.add_argument("file", type=Path)
+    v.add_argument("file", type=Path, help="the pipeline config YAML")
+    v.add_argument(
+        "--aligned-report",
+        type=Path,
+        metavar="REPORT",
+        help="an `lssf evaluate` report of the aligned model: refuse a gate that the aligned "
+        "model itself fails (its floors, ceilings and aligned fractions)",
+    )
     v.set_defaults(func=cmd_config_validate)
 
 

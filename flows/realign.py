@@ -14,9 +14,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from evaluation.alpha_search import AlphaSearch, Point, calibration_gate
-from evaluation.gates import GateConfig, GateReport
+from evaluation.gates import GateConfig, GateReport, aligned_gate_problems
 from evaluation.report import EvalReport
 from lssf import PatchConfig
+from lssf.errors import ConfigError
 from tasks import realign_tasks as rt
 from tasks import record_tasks as rec
 from tasks import report
@@ -61,10 +62,11 @@ def _realign_body(job: RealignJob, run_id: str) -> dict[str, Any]:
     fam, store = job.fam, job.cfg.record_store()
     search_cfg = job.search  # a margin that makes the gate impossible fails here, early
     cal_gate = calibration_gate(fam.gate_config(), search_cfg.margin, search_cfg.safety_metrics)
+    aligned = _aligned_reports(job)
     patches = [_patch(job, cfg, key) for cfg, key in zip(job.patches, job.patch_keys, strict=True)]
     ft_dir = rt.materialize(job.cand.ref)
     base = {s: _evaluate(job, ft_dir, job.baseline_path(s), s) for s in ("calibration", "heldout")}
-    search, heldout = _search(job, ft_dir, patches, base, cal_gate)
+    search, heldout = _search(job, ft_dir, patches, base, cal_gate, aligned)
     record = report.search_record(search, cal_gate, fam.utility_metrics, base, heldout)
     get_run_logger().info("held-out verdict for %s: %s", job.cand.key, record.reason)
     patch = patches[record.chosen_rank or 0]
@@ -84,6 +86,26 @@ def _realign_body(job: RealignJob, run_id: str) -> dict[str, Any]:
     summary = report.summary_markdown(job.cand.key, record, model, version)
     rec.publish_summary(summary, job.summary_key)
     return rec.lookup_outcome(store, job.cand.key, model, job.family)
+
+
+def _aligned_reports(job: RealignJob) -> dict[str, EvalReport]:
+    """The aligned model's reports (evaluated once per revision), and the refusal, before any
+    patch or fused model, of a gate the aligned model itself fails on the held-out split: no
+    repair of its fine-tunes could pass it. Calibration too when a rule is relative to it."""
+    gate = job.fam.gate_config()
+    relative = any(r.aligned_fraction is not None for r in gate.rules)
+    folder, state = rt.materialize(job.aligned), job.cfg.resolved_state_dir() / "aligned"
+    reports = {
+        split: _evaluate(job, folder, str(state / f"{job.aligned.revision}-{split}.json"), split)
+        for split in ("heldout", "calibration")[: 2 if relative else 1]
+    }
+    problems = aligned_gate_problems(gate, reports["heldout"])
+    if problems:
+        raise ConfigError(
+            f"family {job.family}: the aligned model {job.fam.aligned} fails its own gate on "
+            f"the held-out split, so no repair can pass: {'; '.join(problems)}"
+        )
+    return reports
 
 
 def _patch(job: RealignJob, config: PatchConfig, key: str) -> PatchSummary:
@@ -114,6 +136,7 @@ def _search(
     patches: list[PatchSummary],
     base: dict[str, EvalReport],
     gate: GateConfig,
+    aligned: dict[str, EvalReport],
 ) -> tuple[AlphaSearch, report.HeldoutResult | None]:
     """The alpha (and rank) search on calibration, then the chosen point gated once on
     held-out."""
@@ -123,7 +146,8 @@ def _search(
         out = job.fused_dir(alpha, rank)
         fused = rt.fuse_candidate(ft_dir, patches[rank].path, alpha, out)
         ev = _evaluate(job, fused, job.eval_path(split, alpha, rank), split)
-        return ev, rt.gate_candidate(ev, base[split], rules, job.gate_path(split, alpha, rank))
+        path = job.gate_path(split, alpha, rank)
+        return ev, rt.gate_candidate(ev, base[split], rules, path, aligned.get(split))
 
     search = AlphaSearch(job.search, job.fam.utility_metrics)
     while (point := search.propose()) is not None:

@@ -249,10 +249,15 @@ def drop_candidates(job: RealignJob, keep: tuple[float, int] | None) -> list[str
 
 @task
 def gate_candidate(
-    candidate: EvalReport, baseline: EvalReport, config: GateConfig, out: str
+    candidate: EvalReport,
+    baseline: EvalReport,
+    config: GateConfig,
+    out: str,
+    aligned: EvalReport | None = None,
 ) -> GateReport:
-    """Gate one candidate report against the fine-tuned baseline; the report, written to `out`."""
-    report = evaluate_gate(candidate, baseline, config)
+    """Gate one candidate report against the fine-tuned baseline (and the aligned model's, for
+    rules relative to it); the report, written to `out`."""
+    report = evaluate_gate(candidate, baseline, config, aligned)
     write_atomic(Path(out), report.model_dump_json(indent=2))
     run_logger().info("gate for %s: %s", candidate.model, "pass" if report.passed else "fail")
     return report
