@@ -354,7 +354,8 @@ def run_job(job: Job, work: Path, evidence: Path) -> str:
         for name in MODELS:
             model = Fused(getattr(paths, name))
             answers[name] = answers_for(model.model, model.tok, paths.eval_dir, split)
-        write_cache(base_path, {"key": key, "answers": answers, "geometry": geometry(paths)})
+        if cache_key(ev_sha, paths, None, None) == key:  # eval files unchanged meanwhile
+            write_cache(base_path, {"key": key, "answers": answers, "geometry": geometry(paths)})
     fused = Fused(paths.finetuned)
     scratch = work / "dose-response" / "scratch" / job.spec.label
     for label in job.methods:
@@ -366,6 +367,11 @@ def run_job(job: Job, work: Path, evidence: Path) -> str:
         start = time.perf_counter()
         try:
             result = method_answers(paths, fused, label, fields, ev, scratch)
+            if cache_key(ev_sha, paths, label, fields)["eval"] != key["eval"]:
+                log.warning(
+                    "%s %s: eval files changed during the run; not cached", job.spec.label, label
+                )
+                continue
         except Exception:  # recorded in the document, and retried when the key changes
             if fields.get("basis") != ACTIVATION:
                 raise
@@ -380,33 +386,50 @@ def run_job(job: Job, work: Path, evidence: Path) -> str:
 # ---------------------------------------------------------------- scheduling
 
 
-def method_done(work: Path, spec: Spec, label: str) -> bool:
+def method_done(ev: dict, ev_sha: str, work: Path, spec: Spec, label: str) -> bool:
+    """Cached under today's key (eval files included; activation rows: today's lssf code)."""
     cached = read_cache(cache_path(work, spec, label))
     if cached is None:
         return False
-    if "lssf" in cached["key"]:  # activation rows: computed at the current lssf code
-        return cached["key"]["lssf"] == lssf_code_version()
-    return True
+    paths = organism_paths(spec, work, False)
+    return cached["key"] == cache_key(ev_sha, paths, label, ev["study"]["methods"][label])
 
 
-def ready_jobs(ev: dict, work: Path, activation: bool, background: bool) -> list[Job]:
+def ready_jobs(
+    ev: dict, work: Path, activation: bool, background: bool, seeds: set[int] | None = None
+) -> list[Job]:
     """Jobs whose organism is built (or, for the strength axis, may be built now), in order:
     the main delta-basis methods, then the strength axis, then the activation basis."""
+    ev_sha = ev["_sha256"]  # the evidence file's sha256, set by main
     methods = ev["study"]["methods"]
     delta = tuple(m for m, f in methods.items() if f.get("basis") != ACTIVATION)
     act = tuple(m for m, f in methods.items() if f.get("basis") == ACTIVATION)
-    main = [s for s in main_specs(ev) if is_built(s, work)]
-    jobs = [Job(s, tuple(m for m in delta if not method_done(work, s, m)), False) for s in main]
+    wanted = [s for s in main_specs(ev) if seeds is None or s.seed in seeds]
+    main = [s for s in wanted if is_built(s, work)]
+
+    def todo(spec: Spec, labels: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(m for m in labels if not method_done(ev, ev_sha, work, spec, m))
+
+    jobs = [Job(s, todo(s, delta), False) for s in main]
     for spec in strength_specs(ev):
+        if seeds is not None and spec.seed not in seeds:
+            continue
         if spec.lora_lr is not None and (is_built(spec, work) or not background):
-            todo = [m for m in ev["study"]["strength"]["methods"]]
-            jobs.append(Job(spec, tuple(m for m in todo if not method_done(work, spec, m)), True))
+            jobs.append(Job(spec, todo(spec, tuple(ev["study"]["strength"]["methods"])), True))
     if activation:
-        jobs += [Job(s, tuple(m for m in act if not method_done(work, s, m)), False) for s in main]
+        jobs += [Job(s, todo(s, act), False) for s in main]
     return [j for j in jobs if j.methods]
 
 
-def run_all(ev: dict, work: Path, evidence: Path, jobs: int, activation: bool, keep: bool):
+def run_all(
+    ev: dict,
+    work: Path,
+    evidence: Path,
+    jobs: int,
+    activation: bool,
+    keep: bool,
+    seeds: set[int] | None = None,
+):
     """Run ready jobs, at most `jobs` at once and one per organism; with `keep`, wait for the
     background build's organisms as they appear."""
     started: set[tuple[str, tuple[str, ...]]] = set()
@@ -416,7 +439,7 @@ def run_all(ev: dict, work: Path, evidence: Path, jobs: int, activation: bool, k
         while True:
             background = background_build_running()
             busy = {j.spec.label for j in running.values()}
-            for job in ready_jobs(ev, work, activation, background):
+            for job in ready_jobs(ev, work, activation, background, seeds):
                 ident = (job.spec.label, job.methods)
                 if len(running) >= jobs or ident in started or job.spec.label in busy:
                     continue
@@ -1090,12 +1113,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait", action="store_true", help="wait for the background build")
     parser.add_argument("--skip-activation", action="store_true")
     parser.add_argument("--render-only", action="store_true")
+    parser.add_argument("--seeds", type=int, nargs="+", help="compute only these seeds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     ev, ev_sha = load_evidence(args.evidence)
     start = time.perf_counter()
     if not args.render_only:
-        run_all(ev, args.work, args.evidence, args.jobs, not args.skip_activation, args.wait)
+        seeds = set(args.seeds) if args.seeds else None
+        activation = not args.skip_activation
+        run_all(
+            ev | {"_sha256": ev_sha},
+            args.work,
+            args.evidence,
+            args.jobs,
+            activation,
+            args.wait,
+            seeds,
+        )
     wall = None if args.render_only else time.perf_counter() - start
     text = render(ev, ev_sha, args.work, args.out, args.img, wall)
     print(text.split("## How it was run")[0])
