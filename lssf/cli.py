@@ -315,7 +315,8 @@ def _signals_stop() -> Iterator[None]:
             stopping.append(signum)
             raise Stopped(signum)
 
-    kept = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    signums = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    kept = {s: signal.signal(s, stop) for s in signums}
     try:
         yield
     finally:

@@ -136,8 +136,15 @@ def test_organism_build_marks_its_folder_and_refuses_the_root(tmp_path, capsys):
 @pytest.mark.parametrize("seed", [str(2**70), "-1"])
 def test_organism_build_refuses_a_seed_out_of_range(tmp_path, capsys, seed):
     assert main(["organism", "build", "--seed", seed, "--out", str(tmp_path / "o")]) == 2
-    one_line_error(capsys)
+    one_line_error(capsys, "seed must be an integer")
     assert not (tmp_path / "o").exists()
+
+
+def test_world_build_refuses_a_seed_out_of_range(tmp_path, capsys):
+    argv = ["world", "build", "--out", str(tmp_path / "w"), "--data", str(tmp_path / "d")]
+    assert main([*argv, "--seed", str(2**70)]) == 2
+    one_line_error(capsys, "seed must be an integer")
+    assert not (tmp_path / "w").exists()
 
 
 def test_demo_never_replaces_a_users_organism_folder(tmp_path, monkeypatch):
