@@ -146,6 +146,32 @@ def causal_attention(
     return (probs @ vh).transpose(0, 1).reshape(length, spec.heads * spec.head_dim)
 
 
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: DecoderSpec,
+    tables: torch.Tensor,
+    cache: list,
+) -> torch.Tensor:
+    """``causal_attention`` after the ``P`` positions held in ``cache = [k, v]`` (rotated keys
+    and values ``(kv_heads, P, hd)``, None when empty), which grows by these L positions."""
+    length, past = q.shape[0], 0 if cache[0] is None else cache[0].shape[1]
+    at = tables[:, past:]
+    qh = _rotate(q.view(length, spec.heads, spec.head_dim).transpose(0, 1), at)
+    kh = _rotate(k.view(length, spec.kv_heads, spec.head_dim).transpose(0, 1), at)
+    vh = v.view(length, spec.kv_heads, spec.head_dim).transpose(0, 1)
+    if past:
+        kh, vh = torch.cat((cache[0], kh), dim=1), torch.cat((cache[1], vh), dim=1)
+    cache[0], cache[1] = kh, vh
+    groups = spec.heads // spec.kv_heads
+    kh, vh = kh.repeat_interleave(groups, dim=0), vh.repeat_interleave(groups, dim=0)
+    scores = (qh @ kh.transpose(1, 2)) / math.sqrt(spec.head_dim)
+    mask = torch.ones(length, past + length, dtype=torch.bool, device=q.device).tril(past)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return (probs @ vh).transpose(0, 1).reshape(length, spec.heads * spec.head_dim)
+
+
 def gram_update(
     grams: dict[str, torch.Tensor], group: str, x: torch.Tensor, scale: torch.Tensor | None
 ) -> None:
@@ -175,21 +201,27 @@ def layer_forward(
     tables: torch.Tensor,
     grams: dict[str, torch.Tensor],
     scale: torch.Tensor | None = None,
+    caches: list[list] | None = None,
 ) -> torch.Tensor:
     """One decoder layer on the packed tokens ``h: (T, hidden)`` of sequences of ``lengths``.
 
     ``w``: float32 tensors by name in the layer; ``grams`` (by input group) grow in place, each
-    token's input weighted by ``scale ** 2`` (``scale``: (T,), None for all 1).
+    token's input weighted by ``scale ** 2`` (``scale``: (T,), None for all 1). ``caches``: one
+    ``[k, v]`` per sequence (``cached_attention``): the tokens continue those sequences.
     """
     x = rms_norm(h, w["input_layernorm.weight"], spec.eps)
     gram_update(grams, "attn_in", x, scale)
     q, k, v = (_linear(x, w, f"self_attn.{p}_proj") for p in "qkv")
-    attn = torch.cat(
-        [
-            causal_attention(qs, ks, vs, spec, tables)
-            for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)
-        ]
-    )
+    parts = zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)
+    if caches is None:
+        attn = torch.cat([causal_attention(qs, ks, vs, spec, tables) for qs, ks, vs in parts])
+    else:
+        attn = torch.cat(
+            [
+                cached_attention(qs, ks, vs, spec, tables, cache)
+                for (qs, ks, vs), cache in zip(parts, caches, strict=True)
+            ]
+        )
     del q, k, v
     gram_update(grams, "o_in", attn, scale)
     h = h + _linear(attn, w, "self_attn.o_proj")
@@ -256,26 +288,27 @@ def greedy_answers(
 ) -> list[list[int]]:
     """Each prompt's greedy continuation: at most ``max_new`` ids, a ``stop`` id included.
 
-    No KV cache: every step reruns the whole model on the sequences still open (``max_new``
-    passes, each reading every layer's weights), a cost the calibration file's ``response``
-    field avoids on large models.
+    A KV cache per layer and sequence: one pass over the prompts, then one token per open
+    sequence per step; every step reads each layer's weights again.
     """
     norm = ckpt.get(f"{spec.prefix}norm.weight").to(device=device, dtype=torch.float32)
     head = _head(ckpt, spec, device)
     tables = rope_tables(spec, max(map(len, prompts)) + max_new, device)
+    caches = [[[None, None] for _ in prompts] for _ in range(spec.layers)]
     answers: list[list[int]] = [[] for _ in prompts]
-    open_ = list(range(len(prompts)))
+    open_, step = list(range(len(prompts))), [list(p) for p in prompts]
     for _ in range(max_new):
-        seqs = [prompts[i] + answers[i] for i in open_]
-        lengths = [len(x) for x in seqs]
-        h = embed(ckpt, spec, torch.tensor([t for x in seqs for t in x]), device)
+        lengths = [len(step[i]) for i in open_]
+        h = embed(ckpt, spec, torch.tensor([t for i in open_ for t in step[i]]), device)
         for layer in range(spec.layers):
             w = layer_weights(ckpt, spec, layer, device)
-            h = layer_forward(h, w, spec, lengths, tables, {})
+            layer_caches = [caches[layer][i] for i in open_]
+            h = layer_forward(h, w, spec, lengths, tables, {}, caches=layer_caches)
         last = torch.tensor(lengths).cumsum(0) - 1
         logits = F.linear(rms_norm(h[last.to(device)], norm, spec.eps), head)
         for i, token in zip(open_, logits.argmax(-1).tolist(), strict=True):
             answers[i].append(token)
+            step[i] = [token]
         open_ = [i for i in open_ if answers[i][-1] not in stop]
         if not open_:
             break
