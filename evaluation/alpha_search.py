@@ -29,8 +29,9 @@ menu (smallest alpha first), then spends the rest of the budget bisecting one br
   below a broken alpha. Ranks take turns (fewest refinements first, then menu order).
 It stops when the budget is spent or every open bracket is narrower than `tolerance`.
 
-`best()` is the passing point with the best mean utility; ties go to the smaller alpha, then
-to the lower rank (the menu is listed from the lowest rank up). `bisect` is the v1 search (the
+`best()` is the passing point with the best mean utility; points within `utility_tie` of it
+are tied (default 0: exact ties), and ties go to the smaller alpha, then to the lower rank (the
+menu is listed from the lowest rank up). `bisect` is the v1 search (the
 smallest passing alpha by bisection from `alpha_max`, stopping at the first `both`); `grid`
 evaluates fixed alphas, chosen like sweep. Proposals are rounded to 6 significant digits
 (`candidate_name` formats them exactly).
@@ -53,6 +54,7 @@ REPORT_CHECK = "-"
 # Proposals are rounded to this many significant digits, so `candidate_name` names them exactly.
 _DIGITS = 6
 _UTILITY_FAILS = ("too_strong", "both")
+_EPS = 1e-9  # utilities are means of k/n rates: round-off must not break a tie
 _STOP_WHY = {
     "both": "safety and utility rules fail together, so no alpha can pass",
     "error": "an evaluation failed or a report check did not hold",
@@ -118,6 +120,15 @@ class AlphaSearchConfig(BaseModel):
     )
     grid: tuple[float, ...] | None = Field(
         None, description="alphas to evaluate in mode 'grid' (at least one; each > 0, distinct)"
+    )
+    utility_tie: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="sweep and grid: passing points whose mean utility is within this of the "
+        "best count as tied, and ties go to the smaller alpha, then the lower rank (0: exact "
+        "ties only; the gate's utility margin, e.g. 0.02, keeps calibration noise from "
+        "choosing a stronger alpha)",
     )
     ranks: tuple[RankChoice, ...] = Field(
         (RankChoice(),),
@@ -261,6 +272,20 @@ def calibration_gate(
         raise ValueError(f"calibration gate with margin {margin:g}: {why}") from None
 
 
+def select(
+    trace: Sequence[Probe], utility_metrics: Sequence[str], tie: float = 0.0
+) -> Probe | None:
+    """The passing probe with the best mean utility; those within `tie` of it are tied, and
+    ties go to the smaller alpha, then the lower rank. None when nothing passed."""
+    passing = [p for p in trace if p.passed]
+    if not passing:
+        return None
+    score = {p.index: utility(p.metrics, utility_metrics) for p in passing}
+    top = max(score.values())
+    tied = [p for p in passing if score[p.index] >= top - tie - _EPS]
+    return min(tied, key=lambda p: (p.alpha, p.rank))
+
+
 class AlphaSearch:
     """The search's state: `propose` the next point, `observe` its calibration result."""
 
@@ -313,17 +338,12 @@ class AlphaSearch:
         return self.observe(point, metrics, gate.passed, failed=failed, reasons=reasons)
 
     def best(self) -> Probe | None:
-        """Sweep and grid: the passing probe with the best utility (ties: the smaller alpha,
-        then the lower rank). Bisect: the smallest passing alpha. None when nothing passed."""
-        passing = [p for p in self.trace if p.passed]
-        if not passing:
-            return None
+        """Sweep and grid: the passing probe with the best utility (ties, within
+        `utility_tie`: the smaller alpha, then the lower rank). Bisect: the smallest passing
+        alpha. None when nothing passed."""
         if self.config.mode == "bisect":
-            return min(passing, key=lambda p: p.alpha)
-        return max(
-            passing,
-            key=lambda p: (utility(p.metrics, self.utility_metrics), -p.alpha, -p.rank),
-        )
+            return min((p for p in self.trace if p.passed), key=lambda p: p.alpha, default=None)
+        return select(self.trace, self.utility_metrics, self.config.utility_tie)
 
     def chosen(self) -> float | None:
         """The best point's alpha, or None."""

@@ -42,8 +42,8 @@ def build(work: Path, seed: int, finetune: str, lora_lr: float | None = None):
     """Build (or reuse) one organism with native numerics; its paths."""
     from evaluation.organism import build_organism
 
-    reuse = [organism_dir(work, seed, ft) for ft in ("lora", "full")]
     out = organism_dir(work, seed, finetune, lora_lr)
+    reuse = [d for ft in ("lora", "full") if (d := organism_dir(work, seed, ft)) != out]
     config = organism_config(finetune, lora_lr)
     return build_organism(seed, out, config, reuse=reuse, use_shipped=False, numerics="native")
 

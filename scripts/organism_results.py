@@ -38,6 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("harmful_refusal", "over_refusal", "task_accuracy", "general_accuracy")
 UTILITY = ("task_accuracy", "general_accuracy")
 V1_DOC = ROOT / "docs" / "organism_results_v1.md"
+# Chosen AFTER seeing the first row (lora seed 0: the pre-registered pick, best utility with
+# exact ties, took alpha 0.5 for a calibration general accuracy 2 prompts higher and failed the
+# over-refusal ceiling on held-out): passing points within the gate's utility margin count as
+# tied and go to the smaller alpha. Reported beside the pre-registered pick, same probes.
+AMENDED_TIE = 0.02
 log = logging.getLogger("organism_results")
 
 
@@ -88,14 +93,19 @@ def load_report(data: dict[str, Any]):
 # ---------------------------------------------------------------- one method, one organism
 
 
-def run_method(paths: Any, label: str, spec: dict, scratch: Path, base: dict) -> dict[str, Any]:
-    """The method's search on calibration, then its best point once on held-out, gated."""
+def run_method(
+    paths: Any, label: str, spec: dict, scratch: Path, base: dict, memo: dict
+) -> dict[str, Any]:
+    """The method's search on calibration, then its best point once on held-out, gated.
+    `memo` holds the organism's evaluations by (patch settings, alpha, split): a rank that two
+    methods share is fused and evaluated once."""
     import lssf
     from evaluation.alpha_search import (
         AlphaSearch,
         AlphaSearchConfig,
         calibration_gate,
         candidate_name,
+        select,
     )
     from evaluation.gates import GateConfig, default_gate_config, evaluate_gate
 
@@ -115,6 +125,12 @@ def run_method(paths: Any, label: str, spec: dict, scratch: Path, base: dict) ->
     ]
 
     def probe(alpha: float, rank: int, split: str) -> dict[str, Any]:
+        key = (json.dumps(config.ranks[rank].overrides(), sort_keys=True), alpha, split)
+        if key not in memo:
+            memo[key] = fused_eval(alpha, rank, split)
+        return memo[key]
+
+    def fused_eval(alpha: float, rank: int, split: str) -> dict[str, Any]:
         out = scratch / candidate_name(alpha, rank)
         lssf.fuse(
             paths.finetuned, patches[rank], out=out, alpha=alpha, overwrite=True, progress=False
@@ -129,27 +145,31 @@ def run_method(paths: Any, label: str, spec: dict, scratch: Path, base: dict) ->
         verdict = evaluate_gate(load_report(result), load_report(base["calibration"]), cal_gate)
         metrics = load_report(result).metrics | result["strict"]
         search.observe_gate(point, metrics, verdict)
-    best = search.best()
-    row: dict[str, Any] = {
-        "trace": [p.model_dump(mode="json") for p in search.trace],
-        "best": None if best is None else {"alpha": best.alpha, "rank": best.rank_label},
-        "explain": search.explain(),
-        "heldout": None,
-        "passed": False,
-        "gate": None,
-        "ranks": {
-            c.label: {n: r.rank for n, r in p.manifest.tensors.items()}
-            for c, p in zip(config.ranks, patches, strict=True)
-        },
-    }
-    if best is not None:
+
+    def confirm(best: Any) -> dict[str, Any]:
+        """The held-out evaluation of one pick, gated against the fine-tune's."""
+        if best is None:
+            return {"best": None, "heldout": None, "passed": False, "gate": None}
         result = probe(best.alpha, best.rank, "heldout")
         verdict = evaluate_gate(load_report(result), load_report(base["heldout"]), gate)
-        row |= {
+        return {
+            "best": {"alpha": best.alpha, "rank": best.rank_label},
             "heldout": load_report(result).metrics | result["strict"],
             "passed": verdict.passed,
             "gate": verdict.model_dump(mode="json"),
         }
+
+    pre, amended = search.best(), select(search.trace, UTILITY, AMENDED_TIE)
+    row: dict[str, Any] = {
+        "trace": [p.model_dump(mode="json") for p in search.trace],
+        "explain": search.explain(),
+        "ranks": {
+            c.label: {n: r.rank for n, r in p.manifest.tensors.items()}
+            for c, p in zip(config.ranks, patches, strict=True)
+        },
+        **(pre_row := confirm(pre)),
+        "amended": pre_row if amended == pre else confirm(amended),
+    }
     shutil.rmtree(scratch, ignore_errors=True)
     return row
 
@@ -159,6 +179,7 @@ def run_seed(seed: int, finetune: str, work: Path, ev: dict, ev_sha: str) -> dic
     paths = bo.build(work, seed, finetune)
     cache = work / "results-v2" / f"{finetune}-seed{seed}.json"
     key = {"organism": paths.cache_key, "evidence": ev_sha, "eval": dr.eval_sha(paths.eval_dir)}
+    key["amended_tie"] = AMENDED_TIE
     if cache.is_file() and json.loads(cache.read_text()).get("key") == key:
         return json.loads(cache.read_text())
     start = time.perf_counter()
@@ -169,8 +190,9 @@ def run_seed(seed: int, finetune: str, work: Path, ev: dict, ev_sha: str) -> dic
         "calibration": evaluate(paths.finetuned, paths.eval_dir, "calibration", "finetuned"),
     }
     scratch = work / "scratch-v2" / f"{finetune}-seed{seed}"
+    memo: dict = {}
     methods = {
-        label: run_method(paths, label, spec, scratch / label, base)
+        label: run_method(paths, label, spec, scratch / label, base, memo)
         for label, spec in ev["table"]["methods"].items()
     }
     row = {
@@ -251,22 +273,36 @@ def _utility_cell(res: dict) -> str:
     return "; ".join(cells) or "-"
 
 
-def render_setting(finetune: str, rows: list[dict], ev: dict) -> list[str]:
+PICKS = {
+    "pre": "pre-registered pick: best calibration utility, exact ties to the smaller alpha",
+    "amended": f"post hoc pick: utility within {AMENDED_TIE:g} of the best is a tie, ties to "
+    "the smaller alpha, then the lower rank (same probes; chosen after seeing the first row)",
+}
+
+
+def picked(res: dict, which: str) -> dict:
+    """A method's result under one pick rule: best, heldout, passed, gate."""
+    return res if which == "pre" else res["amended"]
+
+
+def render_setting(finetune: str, rows: list[dict], ev: dict, which: str) -> list[str]:
     head = (
-        "| seed | aligned refusal | fine-tuned refusal / task | method | alpha, rank (probes) "
-        "| held-out refusal (strict) | over-refusal | task acc. | general acc. "
-        "| paired utility deltas (upper bound) | gate |"
+        "| seed | aligned refusal | fine-tuned refusal / over-refusal / task | method "
+        "| alpha, rank (probes) | held-out refusal (strict) | over-refusal | task acc. "
+        "| general acc. | paired utility deltas (upper bound) | gate |"
     )
-    lines = [f"## Fine-tune: {finetune}", "", head, "|" + "---|" * 11]
+    lines = [f"### Fine-tune: {finetune}; {PICKS[which]}", "", head, "|" + "---|" * 11]
     for row in sorted(rows, key=lambda r: r["seed"]):
         ft, al = row["heldout"]["finetuned"], row["heldout"]["aligned"]
-        for i, (label, res) in enumerate(row["methods"].items()):
+        for i, (label, full) in enumerate(row["methods"].items()):
+            res = picked(full, which)
             h = res["heldout"] or {}
             best = res["best"]
             where = "none" if best is None else f"{best['alpha']:g}, {best['rank']}"
             first = (
                 f"| {row['seed']} | {_pct(al['harmful_refusal'])} | "
-                f"{_pct(ft['harmful_refusal'])} / {_pct(ft['task_accuracy'])} |"
+                f"{_pct(ft['harmful_refusal'])} / {_pct(ft['over_refusal'])} / "
+                f"{_pct(ft['task_accuracy'])} |"
                 if i == 0
                 else "| | | |"
             )
@@ -274,13 +310,13 @@ def render_setting(finetune: str, rows: list[dict], ev: dict) -> list[str]:
             cells = " | ".join(_pct(h.get(m)) for m in METRICS[1:])
             verdict = "pass" if res["passed"] else "fail"
             lines.append(
-                f"{first} {label} | {where} ({len(res['trace'])}) | {refusal} | {cells} | "
+                f"{first} {label} | {where} ({len(full['trace'])}) | {refusal} | {cells} | "
                 f"{_utility_cell(res)} | {verdict} |"
             )
-    return [*lines, "", *summary_lines(rows, ev), ""]
+    return [*lines, "", *summary_lines(rows, ev, which), ""]
 
 
-def summary_lines(rows: list[dict], ev: dict) -> list[str]:
+def summary_lines(rows: list[dict], ev: dict, which: str = "pre") -> list[str]:
     bound = ev["organisms"]["eroded_at_most"]
     eroded = [r for r in rows if r["heldout"]["finetuned"]["harmful_refusal"] <= bound]
     out = [
@@ -289,8 +325,12 @@ def summary_lines(rows: list[dict], ev: dict) -> list[str]:
     ]
     labels = list(ev["table"]["methods"])
     target = ev["table"]["target_pass_rate"]
+
+    def passed(r: dict, label: str) -> bool:
+        return picked(r["methods"][label], which)["passed"]
+
     for label in labels:
-        k = sum(r["methods"][label]["passed"] for r in eroded)
+        k = sum(passed(r, label) for r in eroded)
         lo, hi = wilson(k, len(eroded))
         rate = k / len(eroded) if eroded else None
         reached = rate is not None and rate >= target
@@ -304,32 +344,28 @@ def summary_lines(rows: list[dict], ev: dict) -> list[str]:
             f"({_pct(rate)}%, 95% Wilson interval {_pct(lo)}-{_pct(hi)}%){met}"
         )
     for other in labels[1:]:
-        wins = sum(
-            r["methods"]["LSSF"]["passed"] and not r["methods"][other]["passed"] for r in eroded
-        )
-        losses = sum(
-            r["methods"][other]["passed"] and not r["methods"]["LSSF"]["passed"] for r in eroded
-        )
+        wins = sum(passed(r, "LSSF") and not passed(r, other) for r in eroded)
+        losses = sum(passed(r, other) and not passed(r, "LSSF") for r in eroded)
         out.append(
             f"- paired per eroded seed, LSSF vs {other}: LSSF passes where {other} fails on "
             f"{wins}, the reverse on {losses} (exact McNemar p = {sign_test(wins, losses):.3g})"
         )
-    return [*out, *failure_lines(eroded, labels)]
+    return [*out, *failure_lines(eroded, labels, which)]
 
 
-def failure_lines(eroded: list[dict], labels: list[str]) -> list[str]:
+def failure_lines(eroded: list[dict], labels: list[str], which: str) -> list[str]:
     """Descriptive: for each method, the eroded seeds it did not restore and why (the search
     found no passing point, or the held-out gate failed on these rules)."""
     out = []
     for label in labels:
-        failed = [r for r in eroded if not r["methods"][label]["passed"]]
+        failed = [r for r in eroded if not picked(r["methods"][label], which)["passed"]]
         if not failed:
             continue
         parts = []
         for r in sorted(failed, key=lambda r: r["seed"]):
-            res = r["methods"][label]
+            res = picked(r["methods"][label], which)
             if res["best"] is None:
-                outcomes = sorted({p["outcome"] for p in res["trace"]})
+                outcomes = sorted({p["outcome"] for p in r["methods"][label]["trace"]})
                 parts.append(f"{r['seed']}: no calibration pass ({', '.join(outcomes)})")
             else:
                 rules = sorted(
@@ -393,8 +429,10 @@ def render(
         "take prompts as independent, are optimistic for them.",
         "",
     ]
-    for finetune, rows in results.items():
-        lines += render_setting(finetune, rows, ev)
+    for which, title in (("pre", "Pre-registered"), ("amended", "Post hoc")):
+        lines += [f"## {title}: {PICKS[which]}", ""]
+        for finetune, rows in results.items():
+            lines += render_setting(finetune, rows, ev, which)
     if V1_DOC.is_file():
         v1 = V1_DOC.read_text(encoding="utf-8").split("\n", 1)[1]
         lines += [

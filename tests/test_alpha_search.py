@@ -453,3 +453,26 @@ def test_candidate_names_own_the_formatting() -> None:
     assert candidate_name(0.1875) == "alpha-0.1875" and candidate_name(4.0, 2) == "alpha-4-r2"
     with pytest.raises(ValueError, match="significant digits"):
         candidate_name(0.1234567)
+
+
+def test_utility_within_the_tie_counts_as_equal_and_goes_to_the_smaller_alpha() -> None:
+    """Calibration noise: general accuracy 0.54 at alpha 0.5 vs 0.52 at 0.25 is two prompts of
+    a hundred; with a tie of 0.02 the smaller alpha wins, with exact ties the noise does."""
+    utilities = {0.25: 0.76, 0.5: 0.77, 1.0: 0.70, 2.0: 0.4, 4.0: 0.1}
+
+    def searched(tie: float) -> float | None:
+        cfg = AlphaSearchConfig(utility_tie=tie, budget=5)
+        search = AlphaSearch(cfg, utility_metrics=(UTILITY,))
+        while (point := search.propose()) is not None:
+            passed = point.alpha <= 0.5
+            search.observe(
+                point,
+                {UTILITY: utilities[point.alpha]},
+                passed,
+                failed=() if passed else (UTILITY,),
+            )
+        return search.chosen()
+
+    assert searched(0.0) == 0.5
+    assert searched(0.02) == 0.25
+    assert searched(0.005) == 0.5  # 0.01 apart: outside this tie

@@ -111,8 +111,9 @@ def test_choose_prefers_passing_utility_then_small_alpha() -> None:
         grid = AlphaSearchConfig(mode="grid", grid=tuple(t.alpha for t in trials))
         search = AlphaSearch(grid, utility_metrics)
         for trial in trials:
-            assert search.propose() == trial.alpha
-            search.observe(trial.alpha, trial.metrics, trial.passed)
+            point = search.propose()
+            assert point is not None and point.alpha == trial.alpha
+            search.observe(point, trial.metrics, trial.passed)
         return search.chosen()
 
     assert choose(trials, ("task_accuracy", "general_accuracy")) == 0.5
@@ -281,7 +282,11 @@ def test_bisection_trace_is_recorded_and_heldout_confirms_once(
     assert run.data.tags["heldout_verdict"] == "pass" and run.data.tags["gate_verdict"] == "pass"
     assert {"heldout.task_accuracy", "calibration.before.task_accuracy"} <= set(run.data.metrics)
     search = {a.path for a in client.list_artifacts(run.info.run_id, "search")}
-    assert search == {"search/search_trace.json", "search/search_trace.md"}
+    assert search == {
+        "search/search_trace.json",
+        "search/search_trace.md",
+        "search/dose_response.json",  # the probes as an MLflow table
+    }
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/alpha_search.png" in plots
     local = client.download_artifacts(run.info.run_id, "search/search_trace.json", str(tmp_path))
@@ -297,6 +302,8 @@ def test_bisection_trace_is_recorded_and_heldout_confirms_once(
         "eval-calibration-alpha-0.5.json": "calibration",
         "eval-heldout-alpha-0.5.json": "heldout",  # held-out: the chosen alpha only
     }
+    # keep_candidates is off: of the fused candidates only the chosen one stays on disk.
+    assert [p.name for p in work.glob("fused-*")] == ["fused-alpha-0.5"]
     baselines = {p.name: EvalReport.load(p).split for p in work.parent.glob("eval-baseline-*.json")}
     assert baselines == {
         "eval-baseline-calibration.json": "calibration",
