@@ -341,12 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        return fail(args.command, "interrupted (Ctrl-C); temporary files removed", 130)
+        return fail(args.command, "interrupted (Ctrl-C)", 130)
     except Stopped as exc:
         if args.debug:
             raise
         name = signal.Signals(exc.signum).name
-        return fail(args.command, f"stopped by {name}; temporary files removed", 128 + exc.signum)
+        return fail(args.command, f"stopped by {name}", 128 + exc.signum)
     except Exception as exc:
         if args.debug:
             raise

@@ -64,6 +64,14 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
+def _cwd() -> Path | None:
+    """The current folder, resolved; None when it was removed (nothing of it to protect)."""
+    try:
+        return Path(os.path.realpath(os.getcwd()))
+    except OSError:
+        return None
+
+
 def output_path(out: Path | str) -> Path:
     """``out`` as lssf writes it: its parent resolved (``X/../X`` is ``X``), its name kept.
 
@@ -72,12 +80,12 @@ def output_path(out: Path | str) -> Path:
     given = Path(out)
     name = os.path.basename(os.fspath(given))
     if name in ("", ".", ".."):
-        real, here = Path(os.path.realpath(given)), Path(os.path.realpath(os.getcwd()))
+        real, here = Path(os.path.realpath(given)), _cwd()
         what = (
             "the root folder" if real == real.parent
             else "the current folder" if real == here
-            else "a folder above the current one" if real in here.parents
-            else f"an existing folder's {name!r}"
+            else "a folder above the current one" if here and real in here.parents
+            else f"the folder {real}"
         )  # fmt: skip
         raise OutputError(f"output {out} is {what}; name a new folder or file to write")
     return Path(os.path.realpath(given.parent)) / name
@@ -90,9 +98,9 @@ def _check_place(
 
     ``holds_inputs``: a work folder may contain an input (only its outputs are replaced).
     """
-    here = Path(os.path.realpath(os.getcwd()))
+    here = _cwd()
     real = Path(os.path.realpath(out))
-    if real == here or real in here.parents:
+    if here is not None and (real == here or real in here.parents):
         how = "is" if real == here else "contains"
         raise OutputError(f"output {given} {how} the current folder; pick a folder below it")
     for inp_given in inputs:
