@@ -15,7 +15,14 @@ from lssf.activation import answer_weights
 from lssf.calibration import encode_prompts, read_calibration, stop_ids
 from lssf.checkpoint import Checkpoint
 from lssf.errors import ConfigError
-from lssf.llama_forward import gram_update, greedy_answers, read_spec
+from lssf.llama_forward import (
+    gram_update,
+    greedy_answers,
+    layer_forward,
+    layer_weights,
+    read_spec,
+    rope_tables,
+)
 from tests.test_activation import ORGANISM, save_hf_model
 
 CPU = torch.device("cpu")
@@ -64,6 +71,22 @@ def test_greedy_answers_equal_transformers_generate(tmp_path, tied):
             )
         assert answer == out[0, len(prompt) :].tolist()
         assert 1 <= len(answer) <= 6 and all(t not in stop for t in answer[:-1])
+
+
+def test_a_cached_layer_continues_the_whole_sequence(tmp_path):
+    save_hf_model(tmp_path, "llama", tied=False, kv_heads=2, vocab=50)
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(3))
+    with Checkpoint(tmp_path) as ckpt:
+        spec = read_spec(json.loads((tmp_path / "config.json").read_text()), ckpt, "config")
+        w, tables = layer_weights(ckpt, spec, 1, CPU), rope_tables(spec, 7, CPU)
+        whole = layer_forward(x, w, spec, [7], tables, {})
+        cache = [[None, None]]
+        parts = [
+            layer_forward(x[a:b], w, spec, [b - a], tables, {}, caches=cache)
+            for a, b in ((0, 4), (4, 5), (5, 7))
+        ]
+    assert cache[0][0].shape == (spec.kv_heads, 7, spec.head_dim)
+    torch.testing.assert_close(torch.cat(parts), whole, atol=1e-5, rtol=0)
 
 
 def organism_calibration(folder: Path, n: int, responses: list[str] | None = None) -> Path:
