@@ -49,7 +49,10 @@ def fail(command: str, message: str, code: int = 2) -> int:
 
     Returns ``code``: 2 for bad input or usage (argparse's code too), 1 only for a bug.
     """
-    print(f"lssf {command}: error: {message}", file=sys.stderr)
+    from lssf.report import safe_text  # a message may quote a file: no terminal escapes
+
+    lines = [safe_text(line, 2000, markup=False) for line in str(message).split("\n")[:60]]
+    print(f"lssf {command}: error: " + "\n".join(lines), file=sys.stderr)
     return code
 
 
@@ -122,7 +125,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from lssf.patch import SafetyPatch
-    from lssf.report import render_table, summary
+    from lssf.report import render_table, safe_text, summary
 
     m = SafetyPatch.load(args.patch_dir).manifest
     if args.json:
@@ -130,9 +133,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     console, s = Console(), summary(m)
     console.print(render_table(m))
+    sources = f"aligned {m.aligned.name}@{m.aligned.revision} | reference "
     console.print(
-        f"aligned {m.aligned.name}@{m.aligned.revision} | reference "
-        f"{m.reference.name}@{m.reference.revision} | rank mean {s['rank_mean']:.1f}, "
+        safe_text(sources + f"{m.reference.name}@{m.reference.revision}", 600)
+        + f" | rank mean {s['rank_mean']:.1f}, "
         f"factors hold {100 * s['factor_params_fraction']:.2f}% of the targeted parameters"
     )
     if args.plot:

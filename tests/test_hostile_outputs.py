@@ -133,6 +133,15 @@ def test_organism_build_marks_its_folder_and_refuses_the_root(tmp_path, capsys):
     one_line_error(capsys, "root folder")
 
 
+def test_organism_build_lock_never_writes_through_a_symlink(tmp_path, capsys):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    (tmp_path / ".org.lock").symlink_to(outside)
+    assert main(["organism", "build", "--seed", "3", "--out", str(tmp_path / "org")]) == 2
+    one_line_error(capsys, ".org.lock")
+    assert outside.read_text() == "keep" and not (tmp_path / "org").exists()
+
+
 @pytest.mark.parametrize("seed", [str(2**70), "-1"])
 def test_organism_build_refuses_a_seed_out_of_range(tmp_path, capsys, seed):
     assert main(["organism", "build", "--seed", seed, "--out", str(tmp_path / "o")]) == 2
