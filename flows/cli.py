@@ -23,9 +23,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from evaluation.organism import OrganismConfig
-    from flows.demo import claim_workdir, render, run_demo
+    from flows.demo import claim_workdir, demo_log, render, run_demo
 
-    log_file = claim_workdir(args.workdir) / "demo.log"  # claimed before the log is opened
+    log_file = demo_log(claim_workdir(args.workdir))  # claimed before the log is opened
     if not args.verbose:
         _route_library_logs(log_file)
     organism = OrganismConfig(finetune=args.finetune)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lssf.errors import OutputError
 from lssf.outputs import atomic_folder, atomic_write_text, claim_folder
 
 if TYPE_CHECKING:
@@ -61,6 +62,15 @@ def claim_workdir(workdir: Path) -> Path:
     """The demo's work folder, claimed for lssf (`lssf.outputs.claim_folder`): new, empty or
     made by lssf; never a folder of the user's, whose `organism/` a build would replace."""
     return claim_folder(Path(workdir).expanduser(), "demo")
+
+
+def demo_log(workdir: Path) -> Path:
+    """`workdir/demo.log`, which the library log is appended to: a regular file or none,
+    never a symlink (whose target the log would be written into)."""
+    log_file = Path(workdir) / "demo.log"
+    if log_file.is_symlink() or (log_file.exists() and not log_file.is_file()):
+        raise OutputError(f"{log_file} is not a regular file; remove it or pick another --workdir")
+    return log_file
 
 
 def run_demo(

@@ -169,6 +169,17 @@ def test_demo_never_replaces_a_users_organism_folder(tmp_path, monkeypatch):
     assert sorted(os.listdir(user)) == ["f"]
 
 
+def test_demo_never_appends_its_log_through_a_symlink(tmp_path, capsys):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep")
+    work = outputs.claim_folder(tmp_path / "D", "demo")
+    (work / "demo.log").symlink_to(outside)
+    assert main(["demo", "--workdir", str(work)]) == 2
+    one_line_error(capsys, "demo.log is not a regular file")
+    assert outside.read_text() == "keep"
+    assert sorted(os.listdir(work)) == ["demo.log", PROVENANCE]
+
+
 def test_a_users_organism_folder_in_an_lssf_workdir_is_kept(tmp_path):
     from evaluation.organism import build_organism
 
