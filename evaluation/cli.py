@@ -9,6 +9,7 @@ in the handlers only: importing it costs torch, and gating must stay light.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,13 +58,12 @@ def register_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from evaluation.runner import evaluate
-    from evaluation.suites import EvaluationConfigError
     from lssf.cli import fail
+    from lssf.errors import LssfError
 
-    limit = args.limit
-    if limit is not None and limit >= 1:
-        limit = int(limit)
-    try:
+    try:  # bad input is refused before lm-eval starts: one line, exit 2
+        limit = _limit(args.limit)
+        _check_inputs(args)
         report = evaluate(
             args.model,
             args.suite,
@@ -76,10 +76,67 @@ def _evaluate(args: argparse.Namespace) -> int:
             batch_size=_batch_size(args.batch_size),
             split=args.split,
         )
-    except (EvaluationConfigError, JudgeError) as err:
+    except (LssfError, JudgeError) as err:
         return fail("evaluate", str(err))
     _print_metrics(report)
     return 0 if report.status == "ok" else 1
+
+
+def _limit(value: float | None) -> int | float | None:
+    """``--limit``: a count (>= 1, whole) or a fraction in (0, 1)."""
+    from evaluation.suites import EvaluationConfigError
+
+    if value is None:
+        return None
+    if not math.isfinite(value) or value <= 0 or (value > 1 and not value.is_integer()):
+        raise EvaluationConfigError(
+            f"--limit {value}: expected a sample count (1, 2, ...) or a fraction in (0, 1)"
+        )
+    return int(value) if value >= 1 else value
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    """The model, suite, data dir, output and answer cap exist and have the right shape."""
+    from evaluation.suites import EvaluationConfigError
+    from lssf.sources import ModelRef
+
+    ref = ModelRef.parse(args.model)  # CheckpointError: neither a folder nor a Hub id
+    if ref.is_local and not Path(ref.repo).is_dir():
+        raise EvaluationConfigError(f"--model {args.model}: not a model folder")
+    _check_suite(args.suite)
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise EvaluationConfigError(f"--data-dir {args.data_dir}: no such folder")
+    if args.out.is_dir():
+        raise EvaluationConfigError(f"--out {args.out} is a folder; name the report file")
+    if args.max_gen_toks is not None and args.max_gen_toks < 1:
+        raise EvaluationConfigError(f"--max-gen-toks {args.max_gen_toks}: must be at least 1")
+
+
+def _check_suite(spec: str) -> None:
+    """A suite YAML (read by the runner), or a name some suite or task YAML mentions.
+
+    lm-eval's own index takes ~25 s to build; a name that no task YAML (lssf's or lm-eval's)
+    contains cannot be a task, group or tag, so it is refused here without the index.
+    """
+    from evaluation.lm_eval_tasks import TASKS_DIR
+    from evaluation.suites import SUITES_DIR, EvaluationConfigError, is_suite_name, known_suites
+
+    if Path(spec).suffix in (".yaml", ".yml"):
+        return
+    unknown = EvaluationConfigError(
+        f"--suite {spec[:80]!r}: not a shipped suite ({', '.join(known_suites())}), a suite "
+        "YAML, an lssf task or an lm-eval task name"
+    )
+    if not is_suite_name(spec):
+        raise unknown
+    if spec in known_suites():
+        return
+    import lm_eval.tasks
+
+    needle = spec.encode()
+    folders = (SUITES_DIR, TASKS_DIR, Path(lm_eval.tasks.__file__).parent)
+    if not any(needle in f.read_bytes() for d in folders for f in d.rglob("*.yaml")):
+        raise unknown
 
 
 def _judge(name: str | None, options: list[str]) -> Judge | str | None:
@@ -102,33 +159,32 @@ def _batch_size(value: str | None) -> int | str | None:
 
     if value is None or value == "auto":
         return value
-    try:
-        return int(value)
-    except ValueError:
-        raise EvaluationConfigError(
-            f"--batch-size {value!r}: expected an integer or 'auto'"
-        ) from None
+    if not (value.isascii() and value.isdigit() and len(value) <= 6) or int(value) < 1:
+        raise EvaluationConfigError(f"--batch-size {value[:40]!r}: expected a count >= 1 or 'auto'")
+    return int(value)
 
 
 def _print_metrics(report: EvalReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from lssf.report import safe_text as t  # report fields are data, never markup or escapes
+
     console = Console()
     if report.status != "ok":
-        console.print(f"[red]evaluation failed[/red]: {report.error}")
+        console.print(f"[red]evaluation failed[/red]: {t(report.error, 2000)}")
         return
     title = f"{report.suite} ({report.split}) - {report.model} (judge {report.judge})"
-    table = Table(title=title)
+    table = Table(title=t(title, 400))
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("n", justify="right")
     for name, value in report.metrics.items():
-        table.add_row(name, f"{value:.4f}", str(report.n_samples.get(name, "")))
+        table.add_row(t(name), f"{value:.4f}", t(report.n_samples.get(name, "")))
     if not report.metrics:  # one task, no named metrics: lm-eval's own, samples per task
         for name, value in report.raw_metrics.items():
             task = name.split("/", 1)[0]
-            table.add_row(name, f"{value:.4f}", str(report.raw_n_samples.get(task, "")))
+            table.add_row(t(name), f"{value:.4f}", t(report.raw_n_samples.get(task, "")))
     console.print(table)
 
 
@@ -208,12 +264,17 @@ def _print_gate(report: GateReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"gate {report.config}: {report.candidate} vs {report.baseline}")
+    from lssf.report import safe_text as t  # names and reasons come from the reports
+
+    title = f"gate {report.config}: {report.candidate} vs {report.baseline}"
+    table = Table(title=t(title, 400))
     for col in ("rule", "value", "threshold", "verdict", "reason"):
         table.add_column(col, justify="right" if col in ("value", "threshold") else "left")
     for row in report.rows:
         verdict = "[green]pass[/green]" if row.verdict == "pass" else "[red]FAIL[/red]"
-        table.add_row(row.rule, _fmt(row.value), _fmt(row.threshold), verdict, row.reason)
+        table.add_row(
+            t(row.rule), _fmt(row.value), _fmt(row.threshold), verdict, t(row.reason, 400)
+        )
     console = Console(width=160)
     console.print(table)
     console.print("[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]")

@@ -6,12 +6,33 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lssf.patch import PatchManifest, TensorRecord
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # at run time only where needed: `safe_text` serves `lssf gate` (no torch)
     from rich.table import Table
 
+    from lssf.patch import PatchManifest, TensorRecord
+
 LAYER = re.compile(r"\.(\d+)\.")
+# What must not reach a terminal verbatim: C0/C1 controls (ANSI escapes, carriage returns),
+# zero-width and bidi-override characters, lone surrogates (unprintable in UTF-8).
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def safe_text(value: object, limit: int = 200, *, markup: bool = True) -> str:
+    r"""``value`` as text that prints as itself, for the console or a plot.
+
+    Cut to ``limit`` characters; unsafe characters shown as ``\x1b``-style escapes; with
+    ``markup`` (rich), ``[...]`` escaped, so that ``[/]`` or ``[link=...]`` in a tensor name or
+    a report field is text, not markup.
+    """
+    text = str(value)
+    if len(text) > limit:
+        text = text[: max(limit - 3, 0)] + "..."
+    text = _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+    if not markup:
+        return text
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def rows(manifest: PatchManifest) -> list[tuple[int, str, TensorRecord]]:
@@ -31,13 +52,13 @@ def render_table(manifest: PatchManifest, title: str | None = None) -> Table:
     """A rich Table: layer, module, shape, rank, H_r/H_n, energy kept."""
     from rich.table import Table
 
-    table = Table(title=title or f"safety patch {manifest.patch_id}")
+    table = Table(title=safe_text(title or f"safety patch {manifest.patch_id}"))
     for col in ("layer", "module", "shape", "rank", "H_r/H_n", "energy kept"):
         table.add_column(col, justify="left" if col == "module" else "right")
     for layer, module, rec in rows(manifest):
         table.add_row(
             "-" if layer < 0 else str(layer),
-            module,
+            safe_text(module),
             "x".join(map(str, rec.shape)),
             str(rec.rank),
             f"{rec.entropy_ratio:.3f}",
@@ -74,11 +95,13 @@ def plot_ranks(manifest: PatchManifest, path: Path) -> Path:
     fig, (ax_rank, ax_ent) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     for module, recs in sorted(by_module.items()):
         xs = [layer for layer, _ in recs]
-        ax_rank.plot(xs, [rec.rank for _, rec in recs], marker="o", label=module)
-        ax_ent.plot(xs, [rec.energy_kept for _, rec in recs], marker=".", label=module)
+        label = safe_text(module, 60, markup=False).replace("$", r"\$")  # no mathtext
+        ax_rank.plot(xs, [rec.rank for _, rec in recs], marker="o", label=label)
+        ax_ent.plot(xs, [rec.energy_kept for _, rec in recs], marker=".", label=label)
     cfg = manifest.config
     ax_rank.set_ylabel("safety-critical rank r")
-    ax_rank.set_title(f"LSSF patch {manifest.patch_id}: {cfg.rank_rule} rule, eta = {cfg.eta}")
+    title = safe_text(f"LSSF patch {manifest.patch_id}: {cfg.rank_rule} rule", 100, markup=False)
+    ax_rank.set_title(f"{title}, eta = {cfg.eta}".replace("$", r"\$"))
     ax_rank.legend(fontsize=7, ncol=2)
     ax_ent.set_ylabel("energy kept")
     ax_ent.set_xlabel("layer")

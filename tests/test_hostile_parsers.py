@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -27,6 +28,28 @@ ALIAS_BOMB = "\n".join(
 )
 # ~1 KB: the expanded list used as a mapping *key* (last round: a 498 MB error message).
 KEY_BOMB = ALIAS_BOMB.replace("families: {fam: {aligned: *a9}}", "families: {? *a6 : 1}")
+
+
+def _raises_within(seconds: float, exc: type[Exception], match: str, fn, *args) -> None:
+    """``fn(*args)`` raises ``exc`` matching ``match`` within ``seconds`` (run in a daemon thread:
+    a read that blocks, as a FIFO's open did, fails the test instead of hanging it)."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn(*args)
+            outcome.append(None)
+        except BaseException as err:  # handed to the test thread
+            outcome.append(err)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"{fn.__name__} still running after {seconds} s"
+    assert isinstance(outcome[0], exc), outcome[0]
+    assert re.search(match, str(outcome[0])), str(outcome[0])
 
 
 def _family(**extra: object) -> dict:
@@ -53,13 +76,16 @@ def _validate(capsys: pytest.CaptureFixture[str], path: Path) -> tuple[int, str]
 def test_yaml_alias_bombs_are_refused_at_once_with_a_short_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
 ) -> None:
+    from lssf.bounded import BoundedInputError, loads_yaml
+
+    start = time.monotonic()
+    with pytest.raises(BoundedInputError, match="expands to more than"):
+        loads_yaml(text)
+    assert time.monotonic() - start < 2  # last round: MemoryError after ~60 s
     path = tmp_path / "bomb.yaml"
     path.write_text(text)
-    start = time.monotonic()
     code, err = _validate(capsys, path)
-    assert code == 2
-    assert time.monotonic() - start < 10
-    assert "expands to more than" in err and str(path) in err
+    assert code == 2 and "expands to more than" in err and str(path) in err
     assert len(err) < 500 and err.count("\n") == 1
 
 
@@ -164,8 +190,7 @@ def test_configs_are_read_only_from_small_regular_utf8_files(tmp_path: Path, kin
         "non-utf8": "not UTF-8 text",
         "oversized": "over the",
     }[kind]
-    with pytest.raises(ConfigError, match=expected):
-        load_config(path)
+    _raises_within(10, ConfigError, expected, load_config, path)
 
 
 # -- `config validate`: gate and suite -------------------------------------------------------
@@ -253,10 +278,7 @@ def test_report_loading_reads_only_small_regular_files(tmp_path: Path, kind: str
     else:
         with path.open("wb") as fh:
             fh.truncate(MAX_REPORT_BYTES + 1)
-    start = time.monotonic()
-    with pytest.raises(ReportError, match=r"not a regular file|over the"):
-        EvalReport.load(path)
-    assert time.monotonic() - start < 5
+    _raises_within(5, ReportError, r"not a regular file|over the", EvalReport.load, path)
 
 
 def test_a_report_with_many_bad_fields_gives_a_bounded_message(tmp_path: Path) -> None:
@@ -278,3 +300,137 @@ def test_gate_on_a_hostile_report_is_one_line_exit_2(
     code = main(["gate", "--candidate", str(deep), "--baseline", str(deep), "--suite", "organism"])
     err = capsys.readouterr().err
     assert code == 2 and "nested deeper than" in err and err.count("\n") == 1
+
+
+# -- `lssf evaluate`: bad input is one line, exit 2, before lm-eval starts --------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--limit", "-1"], "--limit -1.0"),
+        (["--limit", "nan"], "--limit nan"),
+        (["--limit", "2.5"], "--limit 2.5"),
+        (["--suite", "nonexist"], "--suite 'nonexist'"),
+        (["--suite", "../../etc/passwd"], "--suite '../../etc/passwd'"),
+        (["--model", "/nonexistent"], "'/nonexistent' is neither an existing folder"),
+        (["--model", "/etc/passwd"], "not a model folder"),
+        (["--max-gen-toks", "0"], "--max-gen-toks 0"),
+        (["--batch-size", "-3"], "--batch-size '-3'"),
+    ],
+    ids=lambda v: v[0] if isinstance(v, list) else None,
+)
+def test_evaluate_refuses_bad_arguments_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], expected: str
+) -> None:
+    from lssf.cli import main
+
+    given = dict(zip(argv[::2], argv[1::2], strict=True))
+    base = {"--model": str(tmp_path), "--suite": "organism", "--out": str(tmp_path / "r.json")}
+    args = [x for kv in (base | given).items() for x in kv]
+    assert main(["evaluate", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lssf evaluate: error:") and expected in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "r.json").exists()  # refused before anything ran
+
+
+def test_evaluate_knows_shipped_suites_and_task_names(tmp_path: Path) -> None:
+    from evaluation.cli import _check_suite
+
+    for name in ("organism", "organism_task", "hellaswag", "arc_easy"):
+        _check_suite(name)  # no error
+
+
+# -- console output: file contents are text, never markup or terminal escapes ----------------
+
+HOSTILE = "[/]x[link=https://evil.example]click[/link]\x1b[2J\x1b]8;;https://e\x07\u202egnp\ud800"
+
+
+def _assert_inert(out: str) -> None:
+    assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out
+    assert "[/]x[link=https://evil.example]click[/link]" in out  # shown as the text it is
+    assert "\\x1b[2J" in out and "\\u202e" in out
+
+
+def test_safe_text_escapes_markup_controls_and_bounds_length() -> None:
+    from rich.console import Console
+    from rich.text import Text
+
+    from lssf.report import safe_text
+
+    console = Console(record=True, width=400)
+    console.print(safe_text(HOSTILE))
+    _assert_inert(console.export_text())
+    assert Text.from_markup(safe_text("[bold]x[/bold]")).plain == "[bold]x[/bold]"
+    assert len(safe_text("a" * 10**6)) == 200
+    assert safe_text("mlp.down_proj") == "mlp.down_proj"
+
+
+def test_the_patch_table_shows_hostile_tensor_names_as_text(trio, tmp_path: Path) -> None:
+    from rich.console import Console
+
+    import lssf
+    from lssf.report import render_table
+
+    patch = lssf.extract(trio["aligned"], trio["reference"], out=tmp_path / "p", progress=False)
+    manifest = patch.manifest
+    record = next(iter(manifest.tensors.values()))
+    hostile = manifest.model_copy(update={"tensors": {f"model.layers.0.{HOSTILE}": record}})
+    console = Console(record=True, width=600)
+    console.print(render_table(hostile))  # `[/]` raised MarkupError here before
+    _assert_inert(console.export_text())
+
+
+def _hostile_reports(tmp_path: Path) -> tuple[Path, Path]:
+    from evaluation.report import EvalReport
+
+    metrics = {"harmful_refusal": 0.5, f"m{HOSTILE}": 0.5}
+    paths = []
+    for who in ("cand", "base"):
+        report = EvalReport(
+            model=f"{who}{HOSTILE}",
+            suite="organism",
+            status="ok",
+            metrics=metrics,
+            n_samples={k: 100 for k in metrics},
+            split="heldout",
+        )
+        path = tmp_path / f"{who}.json"  # json.dumps: a lone surrogate as its \\ud800 escape
+        path.write_text(json.dumps(report.model_dump(mode="python")))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def test_gate_prints_report_fields_as_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lssf.cli import main
+
+    cand, base = _hostile_reports(tmp_path)
+    code = main(["gate", "--candidate", str(cand), "--baseline", str(base), "--suite", "organism"])
+    captured = capsys.readouterr()
+    assert code in (0, 1), captured.err  # a verdict, not a crash on `[/]`
+    assert "\x1b" not in captured.out + captured.err and "[/]" in captured.out
+
+
+def test_evaluate_prints_report_fields_as_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from evaluation.cli import _print_metrics
+    from evaluation.report import EvalReport
+
+    cand, _ = _hostile_reports(tmp_path)
+    _print_metrics(EvalReport.load(cand))
+    failed = EvalReport(model="m", suite="s", status="error", error=f"boom {HOSTILE}")
+    _print_metrics(failed)
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "[/]x[link=https://evil.example]" in out
+
+
+def test_error_lines_escape_terminal_controls(capsys: pytest.CaptureFixture[str]) -> None:
+    from lssf.cli import fail
+
+    assert fail("inspect", f"tensor {HOSTILE}\nsecond line") == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\\x1b[2J" in err and err.count("\n") == 2
