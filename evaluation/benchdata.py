@@ -32,6 +32,7 @@ import yaml
 
 from evaluation.splits import SPLIT_RULE, normalise_prompt
 from lssf import __version__
+from lssf.bounded import BoundedInputError, loads_yaml
 from lssf.errors import LssfError
 from lssf.outputs import PROVENANCE, atomic_folder, check_output, write_json
 
@@ -190,7 +191,12 @@ def parse_advbench(text: str, name: str = _ADVBENCH) -> list[dict[str, Any]]:
     The file holds AdvBench's goals only; its "Sure, here is ..." targets are not shipped, and
     the refusal tasks never read `target`.
     """
-    seeds = (yaml.safe_load(text) or {}).get("seeds")
+    try:  # third-party data: bounded, no duplicate keys (lssf.bounded)
+        data = loads_yaml(text) or {}
+    except (BoundedInputError, yaml.YAMLError) as err:
+        problem = " ".join(str(err).split())[:200]
+        raise BenchDataError(f"{name}: not usable YAML ({problem})") from None
+    seeds = data.get("seeds") if isinstance(data, dict) else None
     if not isinstance(seeds, list) or not seeds:
         raise BenchDataError(f"{name}: no 'seeds' list")
     return [

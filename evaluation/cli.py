@@ -17,6 +17,7 @@ import yaml
 
 from evaluation.judges import Judge, JudgeError, get_judge, known_judges
 from evaluation.splits import SPLITS
+from lssf.bounded import BoundedInputError, loads_yaml
 
 if TYPE_CHECKING:
     from evaluation.gates import GateReport
@@ -150,7 +151,11 @@ def _judge(name: str | None, options: list[str]) -> Judge | str | None:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise JudgeError(f"--judge-option {item!r}: expected KEY=VALUE")
-        parsed[key] = yaml.safe_load(value)
+        try:  # bounded and strict, as every YAML lssf reads
+            parsed[key] = loads_yaml(value)
+        except (BoundedInputError, yaml.YAMLError) as err:
+            problem = " ".join(str(err).split())[:200]
+            raise JudgeError(f"--judge-option {key[:80]}: not a YAML value ({problem})") from None
     return get_judge(name, **parsed)
 
 

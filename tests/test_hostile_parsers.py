@@ -434,3 +434,20 @@ def test_error_lines_escape_terminal_controls(capsys: pytest.CaptureFixture[str]
     assert fail("inspect", f"tensor {HOSTILE}\nsecond line") == 2
     err = capsys.readouterr().err
     assert "\x1b" not in err and "\\x1b[2J" in err and err.count("\n") == 2
+
+
+def test_yaml_from_the_command_line_and_third_party_data_is_strict_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from evaluation.benchdata import BenchDataError, parse_advbench
+    from lssf.cli import main
+
+    argv = ["evaluate", "--model", str(tmp_path), "--suite", "organism", "--out", "r.json"]
+    option = ["--judge", "keyword-strict", "--judge-option", "phrases={a: 1, a: 2}"]
+    assert main([*argv, *option]) == 2
+    err = capsys.readouterr().err
+    assert "--judge-option phrases: not a YAML value" in err and "duplicate key" in err
+    with pytest.raises(BenchDataError, match="duplicate key 'seeds'"):
+        parse_advbench("seeds: [{value: a}]\nseeds: [{value: b}]\n")
+    with pytest.raises(BenchDataError, match="expands to more than"):
+        parse_advbench(ALIAS_BOMB)
