@@ -199,7 +199,7 @@ def claim_folder(folder: Path | str, kind: str, inputs: Iterable[Path | str] = (
 def replace_folder(tmp: Path, out: Path, *, inputs: Iterable[Path | str] = ()) -> None:
     """Move a finished sibling ``tmp`` to ``out``, replacing only what ``check_output`` allows.
 
-    With ``overwrite``: the previous folder is moved aside first and removed last.
+    A previous folder is moved aside first and removed last (put back if the move fails).
     """
     check_output(out, overwrite=True, inputs=[Path(p) for p in inputs])
     _publish(Path(tmp), output_path(out), True, [Path(p) for p in inputs])
