@@ -306,13 +306,14 @@ class GuardedH11Protocol(H11Protocol):
     header_timeout: float = HEADER_TIMEOUT_S
     max_pending: int = MAX_PENDING
     _head_timer: asyncio.TimerHandle | None = None
+    _refused, _refusal_logged = 0, -1e9  # per protocol class: see _log_refusal
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         pending = sum(1 for c in self.connections if getattr(c, "_head_timer", None))
         super().connection_made(transport)
         if pending >= self.max_pending:  # a flood of idle sockets: refuse the newcomer
-            logger.warning("connection closed: %d connections are already sending a head", pending)
             transport.close()
+            self._log_refusal()
             return
         self._watch_head()
 
@@ -323,6 +324,18 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._stop_head_timer()
         super().connection_lost(exc)
+
+    @classmethod
+    def _log_refusal(cls) -> None:
+        """One warning per 10 s however many connections a flood brings (logs stay small)."""
+        cls._refused += 1
+        if time.monotonic() - cls._refusal_logged >= 10.0:
+            logger.warning(
+                "%d connection(s) closed on arrival: %d are already sending a head",
+                cls._refused,
+                cls.max_pending,
+            )
+            cls._refused, cls._refusal_logged = 0, time.monotonic()
 
     def _watch_head(self) -> None:
         """Arm the deadline while a head is awaited (a new connection, or the next request on a
