@@ -547,6 +547,15 @@ def collect(ev: dict, ev_sha: str, work: Path, specs: list[Spec]) -> list[dict]:
             if "error" in cached:
                 org["errors"][label] = cached["error"]
                 continue
+            if any(
+                len(ans[stem]) != len(rows[stem])
+                for ans in cached["answers"].values()
+                for stem in rows
+            ):
+                log.warning(
+                    "%s %s: answers do not match the eval rows; left out", spec.label, label
+                )
+                continue
             org["patch"][label] = cached["patch"]
             org["seconds"][label] = cached.get("cpu_seconds", cached["seconds"])
             for j in names:
@@ -632,7 +641,8 @@ def plot_setting(orgs: list[dict], ev: dict, setting: str, names: list[str], out
             level = np.median([o["models"][judge][model][metric] for o in orgs])
             ax.axhline(level, color="k", ls=style, lw=1, label=model)
         ax.set(xscale="log", title=title, xlabel="alpha", ylim=(-0.03, 1.03))
-        ax.set_xticks(alphas, [f"{a:g}" for a in alphas])
+        ax.set_xticks(alphas, [f"{a:g}" for a in alphas], minor=False)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax = axes[1, 2]
     for label in ev["study"]["methods"]:
         ref, _, _ = _band(orgs, primary, label, alphas, REFUSAL)
@@ -684,6 +694,7 @@ def plot_strength(rows: list[dict], labels: list[str], out: Path) -> None:
         title="gap recovered at the fixed utility loss",
     )
     ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.legend(fontsize=7)
     for lr in lrs:
         sel = [r for r in rows if r["lr"] == lr]
@@ -701,6 +712,7 @@ def plot_strength(rows: list[dict], labels: list[str], out: Path) -> None:
         bx2.plot([lr] * len(sel), [r["norm_ratio"] for r in sel], "x", color="C3")
     bx2.set_ylabel("||W_ft - W_al|| / ||safety vector|| (x)", color="C3")
     bx.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+    bx.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
@@ -757,12 +769,12 @@ def matched_table(orgs: list[dict], ev: dict, names: list[str]) -> tuple[list[st
     ]
     res = {}
     for label in ev["study"]["methods"]:
-        if label == "RESTA":
-            continue
         for j in names:
             s = matched_summary(orgs, ev, label, j)
             res[(label, j)] = s
             t, g = s["task_accuracy"], s["general_accuracy"]
+            if label == "RESTA":  # its own utility there; no difference with itself
+                t, g = (x | {"n": 0} for x in (t, g))
             lines.append(
                 f"| {label} | {j} | {s['n_seeds']} | {t['a_never']} / {t['b_never']} | "
                 f"{_f(s['mean_task_accuracy'])} | {_f(s['mean_general_accuracy'])} | "
