@@ -7,7 +7,8 @@ the positions that emit the aligned model's answer (teacher-forced: the last pro
 the answer's second-to-last token), as ActSVD counts only its calibration answers' tokens.
 ``G = sum_t w_t x_t x_t^T`` with ``w_t = 1 / (N * n_i)`` for the ``n_i`` counted positions of
 prompt ``i`` of ``N``: the mean over prompts of each answer's mean Gram, so every refusal weighs
-the same whatever its length; only ``G`` is held.
+the same whatever its length; only ``G`` is held. ``activation_tokens: prompt`` keeps the v1
+reading: every prompt token, no answer, ``G = X^T X / T``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,17 @@ def answer_weights(prompt_lens: list[int], answer_lens: list[int]) -> torch.Tens
         w[p - 1 : p + a - 1] = 1.0 / (len(prompt_lens) * a)
         parts.append(w)
     return torch.cat(parts).sqrt()
+
+
+def prompt_weights(lengths: list[int]) -> torch.Tensor:
+    """Square roots of ``1 / T`` for each of the ``T = sum(lengths)`` tokens.
+
+    ``G = X^T X / T`` over every prompt token (``activation_tokens: prompt``, the v1 reading).
+    """
+    total = sum(lengths)
+    if total <= 0:
+        raise ValueError(f"no calibration token in sequences of lengths {lengths}")
+    return torch.full((total,), 1.0 / total, dtype=torch.float64).sqrt()
 
 
 def output_covariance(w: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,12 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from lssf.activation import activation_spectrum, answer_weights, captured_energy
+from lssf.activation import (
+    activation_spectrum,
+    answer_weights,
+    captured_energy,
+    prompt_weights,
+)
 from lssf.calibration import (
     chat_template,
     encode_answers,
@@ -46,9 +51,11 @@ from lssf.st_io import is_finite
 
 log = logging.getLogger(__name__)
 # What the Gram counts, recorded in the patch manifest (``CalibrationRecord.gram``).
-GRAM_READING = (
-    "answer positions (last prompt token to the answer's second-to-last), mean per prompt"
-)
+GRAM_READINGS = {
+    "answer": "answer positions (last prompt token to the answer's second-to-last), "
+    "mean per prompt",
+    "prompt": "every prompt token, no answer, mean per token (v1)",
+}
 
 
 def plan_targets(targets: list[str], spec: DecoderSpec) -> dict[int, dict[str, str]]:
@@ -141,6 +148,8 @@ def calibration_tokens(
             "calibration_answer_tokens"
         )
     given = encode_answers(folder, calib.answers)
+    if config.activation_tokens == "prompt":  # v1: the answers are neither read nor generated
+        given = [[] for _ in given]
     missing = [i for i, a in enumerate(given) if a is None]
     if missing:
         log.info("activation basis: generating %d answers (<= %d tokens)", len(missing), budget)
@@ -150,7 +159,8 @@ def calibration_tokens(
         for i, answer in zip(missing, made, strict=True):
             given[i] = answer
     answers = [a[:budget] for a in given]
-    if empty := [i for i, a in enumerate(answers) if not a]:
+    empty = [i for i, a in enumerate(answers) if not a]
+    if empty and config.activation_tokens == "answer":
         raise ConfigError(f"calibration: the answer of prompt {empty[0]} has no token")
     tokens = CalibrationTokens(
         prompts=prompts,
@@ -180,7 +190,10 @@ def activation_patch(
     calib, sha256 = calibration_tokens(a_ckpt, spec, config, device)
     seqs = [p + a for p, a in zip(calib.prompts, calib.answers, strict=True)]
     lengths = [len(x) for x in seqs]
-    scale = answer_weights([len(p) for p in calib.prompts], [len(a) for a in calib.answers])
+    if config.activation_tokens == "answer":
+        scale = answer_weights([len(p) for p in calib.prompts], [len(a) for a in calib.answers])
+    else:
+        scale = prompt_weights(lengths)
     h = embed(a_ckpt, spec, torch.tensor([t for x in seqs for t in x]), device)
     tables = rope_tables(spec, max(lengths), device)
     records: dict[str, TensorRecord] = {}
@@ -220,7 +233,7 @@ def activation_patch(
         prompt_tokens=sum(lengths) - n_answer,
         answer_tokens=n_answer,
         answers_generated=calib.generated,
-        gram=GRAM_READING,
+        gram=GRAM_READINGS[config.activation_tokens],
     )
     log.info(
         "activation basis: %d prompts, %d prompt + %d answer tokens (%d answers generated)",

@@ -33,7 +33,7 @@ CONFIG_FLAGS: dict[str, type] = {
     **{"eta": float, "max_rank": int, "weight_top": float, "rank_rule": str, "basis": str},
     **{"include": str, "exclude": str, "calibration": Path, "calibration_limit": int},
     **{"calibration_max_tokens": int, "activation_weight": str, "rank_spectrum": str},
-    **{"calibration_answer_tokens": int},
+    **{"calibration_answer_tokens": int, "activation_tokens": str},
 }
 
 

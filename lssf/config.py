@@ -34,7 +34,7 @@ DEFAULT_EXCLUDE = (r"(embed|lm_head|norm|\.gate\.weight$)",)
 # Settings of the activation basis only; left out of a delta-svd config's dump, so delta-svd
 # manifests (and patch ids) are the same bytes as before the activation basis existed.
 ACTIVATION_FIELDS = ("activation_weight", "rank_spectrum", "calibration", "calibration_limit")
-ACTIVATION_FIELDS += ("calibration_max_tokens", "calibration_answer_tokens")
+ACTIVATION_FIELDS += ("calibration_max_tokens", "calibration_answer_tokens", "activation_tokens")
 
 
 class PatchConfig(Frozen):
@@ -73,6 +73,12 @@ class PatchConfig(Frozen):
         ge=1,
         description="basis activation: tokens kept per answer (a row's 'response', else "
         "the aligned model's greedy answer, generated up to this many tokens)",
+    )
+    activation_tokens: Literal["answer", "prompt"] = Field(
+        "answer",
+        description="basis activation: the tokens whose inputs the Gram counts: 'answer' (the "
+        "positions that emit the aligned model's answers, mean per prompt) or 'prompt' (every "
+        "prompt token, no answer, mean per token: the v1 reading)",
     )
     include: tuple[str, ...] = Field(DEFAULT_INCLUDE, description="regexes of target tensors")
     exclude: tuple[str, ...] = Field(DEFAULT_EXCLUDE, description="regexes never targeted")

@@ -144,14 +144,33 @@ def act_config(calib: Path, **kw) -> PatchConfig:
 def test_a_response_that_is_not_text_is_refused_with_its_line(tmp_path, bad):
     path = tmp_path / "c.jsonl"
     path.write_text(
-        json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "x", "response": bad})
+        json.dumps({"prompt": "ok", "split": "calibration"})
+        + "\n"
+        + json.dumps({"prompt": "x", "response": bad, "split": "calibration"})
     )
     with pytest.raises(ConfigError, match="line 2 has a 'response'"):
         read_calibration(path)
     assert read_calibration(path, limit=1).answers == (None,)
 
 
+def test_the_prompt_reading_reproduces_v1_on_the_organism(tmp_path):
+    """``activation_tokens: prompt`` = the v1 code (commit 1700d59, before the answer reading):
+    on the first 16 calibration prompts it kept 0.329033874567288 of the safety vector's energy
+    (sum of ``delta_energy_kept * ||delta||^2`` / sum ``||delta||^2``), rank sum 558."""
+    calib = organism_calibration(tmp_path, 16, ["ignored in this reading"] * 16)
+    config = act_config(calib, activation_tokens="prompt")
+    patch = extract(ORGANISM / "aligned", ORGANISM / "base", tmp_path / "p", config)
+    recs = patch.manifest.tensors.values()
+    energy = sum(r.delta_norm**2 * r.delta_energy_kept for r in recs)
+    assert energy / sum(r.delta_norm**2 for r in recs) == pytest.approx(0.329033874567288, abs=1e-9)
+    assert sum(patch.ranks().values()) == 558
+    rec = patch.manifest.calibration
+    assert (rec.answer_tokens, rec.answers_generated) == (0, 0) and rec.tokens == rec.prompt_tokens
+    assert "v1" in rec.gram
+
+
 def test_delta_svd_dump_has_no_answer_setting():
     assert "calibration_answer_tokens" not in PatchConfig().model_dump()
+    assert "activation_tokens" not in PatchConfig().model_dump()
     with pytest.raises(Exception, match="calibration_answer_tokens"):
         PatchConfig(calibration_answer_tokens=8)
