@@ -252,6 +252,10 @@ class Receiver:
         except ClientDisconnect:  # the sender hung up mid-body: nothing to answer, no traceback
             logger.info("delivery abandoned: the client disconnected before its body was read")
             return JSONResponse({"error": "client disconnected"}, 400, headers=CLOSE)
+        except sqlite3.Error as exc:  # the seen store (disk full, locked): the Hub retries
+            logger.warning("seen-delivery store failed: %s", type(exc).__name__)
+            detail = "could not record the delivery; retry later"
+            return JSONResponse({"error": detail}, 503, headers=CLOSE)
 
     async def announce(self, name: str, sha: str) -> JSONResponse:
         try:

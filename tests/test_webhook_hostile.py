@@ -300,3 +300,12 @@ def test_a_corrupt_seen_database_is_a_clear_error(
     assert code == 2 and "seen-delivery store" in err and str(seen) in err
     assert "move it aside" in err and SECRET not in err
     assert seen.read_bytes() == before  # nothing lost
+
+
+def test_a_seen_store_failing_at_run_time_is_503_not_a_traceback(tmp_path: Path, records) -> None:
+    with Guarded(tmp_path, records) as server:
+        seen = tmp_path / "state" / "webhook" / "seen.sqlite"
+        seen.write_bytes(b"garbage after the start" * 100)  # damaged under a running server
+        response = server.post(hub_payload(FT))
+    assert response.status_code == 503 and "retry later" in response.json()["error"]
+    assert "Traceback" not in records.text and "Exception in ASGI" not in records.text
