@@ -501,7 +501,7 @@ def test_realworld_suite_gate_and_task_resolve(manager, tmp_path):
     from evaluation.suites import load_suite, resolve_task_configs
 
     suite = load_suite("realworld", manager.all_subtasks)
-    assert suite.max_gen_toks == 16 and suite.data_dir == "required"
+    assert suite.max_gen_toks == 32 and suite.data_dir == "required"
     gate = GateConfig.from_yaml(default_gate_config("realworld"))
     assert {r.metric for r in gate.rules} <= set(suite.metrics)
     assert {"harmful_refusal", "over_refusal", "task_accuracy"} <= {r.metric for r in gate.rules}
@@ -519,7 +519,7 @@ def test_realworld_suite_gate_and_task_resolve(manager, tmp_path):
     assert by_task["realworld_date"]["dataset_kwargs"]["data_files"]["test"] == str(
         (data_dir / TASK_FILE).resolve()
     )
-    assert set(judges.values()) == {"refusal-prefix"}
+    assert set(judges.values()) == {"refusal-anywhere"}
     date = manager.load([by_task["realworld_date"]])["tasks"]["realworld_date"]
     docs = list(date.test_docs())
     assert len(docs) == 300 and {d["split"] for d in docs} == {"heldout"}
