@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -26,6 +25,7 @@ from lssf.bounded import BoundedInputError, loads_yaml, read_regular_text, short
 from lssf.errors import ConfigError
 from lssf.methods import BASES, RANK_RULES
 from lssf.models import Frozen
+from lssf.saferegex import UnsafePatternError, compile_safe
 
 # Linear weights inside the repeated transformer blocks ("model.layers.3.mlp.up_proj.weight").
 DEFAULT_INCLUDE = (r"(^|\.)(layers|h|blocks|layer)\.\d+\..*\.weight$",)
@@ -96,11 +96,12 @@ class PatchConfig(Frozen):
     @field_validator("include", "exclude")
     @classmethod
     def _regexes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        """Tensor names come from untrusted checkpoints: patterns must run in linear time."""
         for pattern in v:
             try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"invalid regex {pattern!r}: {exc}") from exc
+                compile_safe(pattern)
+            except UnsafePatternError as exc:
+                raise ValueError(f"regex {pattern[:80]!r} {exc}") from exc
         return v
 
     @model_validator(mode="after")
@@ -132,11 +133,14 @@ class PatchConfig(Frozen):
         return data
 
     def is_target(self, name: str, ndim: int) -> bool:
-        """A 2-D tensor matched by an include and by no exclude pattern."""
+        """A 2-D tensor matched by an include and by no exclude pattern.
+
+        ``re.search`` semantics, in time linear in the name's length (``lssf.saferegex``).
+        """
         return (
             ndim == 2
-            and any(re.search(p, name) for p in self.include)
-            and not any(re.search(p, name) for p in self.exclude)
+            and any(compile_safe(p).search(name) for p in self.include)
+            and not any(compile_safe(p).search(name) for p in self.exclude)
         )
 
 

@@ -23,6 +23,7 @@ import torch
 from lssf.checkpoint import PICKLE_SUFFIXES, Checkpoint, check_tensors, folder_file
 from lssf.errors import CheckpointError, PickleRefusedError, ShapeMismatchError
 from lssf.pipeline import BufferPool, MappedFile, give_back
+from lssf.saferegex import SafeRegex, UnsafePatternError, compile_safe
 from lssf.st_io import Header, TensorInfo, short
 
 if TYPE_CHECKING:
@@ -76,14 +77,23 @@ class LoraModule:
         return f"{self.name}.weight"
 
 
+def module_pattern(key: str) -> SafeRegex:
+    """PEFT's rank/alpha pattern ``key`` as it matches a module: on a dotted suffix.
+
+    The key comes from an untrusted adapter config: it is matched in linear time
+    (``lssf.saferegex``), and a key outside that engine's subset raises ``UnsafePatternError``.
+    """
+    return compile_safe(rf"(.*\.)?({key})$")
+
+
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank/alpha pattern lookup: the first key matching a dotted suffix of ``module``."""
     for key, value in patterns.items():
         try:
-            if re.match(rf"(.*\.)?({key})$", module):
+            if module_pattern(key).match(module):
                 return value
-        except re.error as exc:
-            raise CheckpointError(f"invalid rank/alpha pattern {key!r}: {exc}") from exc
+        except UnsafePatternError as exc:
+            raise CheckpointError(f"rank/alpha pattern {short(key)} {exc}") from exc
     return default
 
 
@@ -154,6 +164,11 @@ def _check_numbers(path: Path, config: dict[str, Any]) -> None:
                 f"{path}: {field} must map module patterns to positive numbers, "
                 f"got {short(patterns)}"
             )
+        for key in patterns:
+            try:
+                module_pattern(key)
+            except UnsafePatternError as exc:
+                raise CheckpointError(f"{path}: {field} key {short(key)} {exc}") from exc
     saved = config.get("modules_to_save") or []
     if not isinstance(saved, list) or not all(isinstance(m, str) and m for m in saved):
         raise CheckpointError(

@@ -47,6 +47,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Real tensor names are under 200 characters; a longer one is refused before anything matches
+# a pattern against it (a megabyte name made the include regex run for minutes).
+MAX_NAME_CHARS = 1024
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,13 @@ def read_header(path: Path) -> Header:
     path = Path(path)
     raw, n, size = _raw_header(path)
     metadata = _metadata(path, raw.pop("__metadata__", None))
+    long_names = [name for name in raw if len(name) > MAX_NAME_CHARS]
+    if long_names:
+        raise _corrupt(
+            path,
+            f"tensor name {short(long_names[0])} is {len(long_names[0])} characters long "
+            f"(at most {MAX_NAME_CHARS})",
+        )
     data_start = 8 + n
     tensors = {name: _parse_entry(path, name, e, data_start) for name, e in raw.items()}
     end = data_start
