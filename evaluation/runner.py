@@ -32,6 +32,7 @@ from evaluation.suites import (
     resolve_task_configs,
     split_loaded_tasks,
 )
+from evaluation.templates import budget_chat_templates, check_chat_template
 from lssf.devices import pick_device
 from lssf.lora import LoraAdapter, is_adapter
 from lssf.sources import ModelRef
@@ -246,6 +247,7 @@ def _run_lm_eval(
     logger.info(
         "lm-eval %s on %s: %s tasks", backend, device, len(configs) + len(suite.builtin_tasks)
     )
+    budget_chat_templates()  # every chat template lm-eval renders: under lssf's budget
     results = lm_eval.simple_evaluate(
         model=backend,
         model_args=model_args(backend, ref, device),
@@ -291,6 +293,7 @@ def evaluate(
 
     check_split(split)
     pick_device(device)  # an unknown or absent device is bad input: refused before anything runs
+    check_chat_template(model)  # a template over its render budget: refused before lm-eval runs
     out = Path(out)
     ours = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
     suite_cfg = load_suite(suite, ours.all_subtasks)

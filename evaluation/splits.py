@@ -11,51 +11,40 @@ The rule (`SPLIT_RULE`), per data row:
 
 The rule needs no seed and no list of ids, so the same prompt falls on the same side in every
 run, task and suite (XSTest's two tasks, a prompt shared by two benchmarks). lssf applies it
-to lm-eval's documents through `SplitDocs`, a `process_docs` hook (`evaluation.suites`).
+to lm-eval's documents through `SplitDocs`, a `process_docs` hook (`evaluation.suites`), and
+to the activation basis's calibration files (`lssf.calibration`, which refuses held-out rows).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+# The rule itself lives in the core, which refuses calibration files by it too.
+from lssf.splits import (
+    DEFAULT_CALIBRATION_FRACTION,
+    SPLIT_RULE,
+    hash_unit,
+    normalise_prompt,
+    row_text,
+    split_of,
+)
+
+__all__ = [
+    "DEFAULT_CALIBRATION_FRACTION",
+    "SPLITS",
+    "SPLIT_RULE",
+    "Split",
+    "SplitDocs",
+    "hash_unit",
+    "normalise_prompt",
+    "row_text",
+    "split_of",
+]
+
 Split = Literal["calibration", "heldout", "all"]
 SPLITS: tuple[str, ...] = ("calibration", "heldout", "all")
-SPLIT_RULE = "split-field-else-sha256-prompt-v1"
-DEFAULT_CALIBRATION_FRACTION = 0.3
-
-
-def normalise_prompt(text: str) -> str:
-    """NFKC, case-folded, whitespace collapsed: trivial variants of a prompt hash alike."""
-    return " ".join(unicodedata.normalize("NFKC", str(text)).casefold().split())
-
-
-def row_text(row: Mapping[str, Any]) -> str:
-    """What the hash sees: the normalised prompt, else the row as canonical JSON."""
-    if "prompt" in row and row["prompt"] is not None:
-        return normalise_prompt(row["prompt"])
-    return json.dumps(dict(row), sort_keys=True, ensure_ascii=False, default=str)
-
-
-def hash_unit(text: str) -> float:
-    """sha256(text), first 8 bytes big-endian, as a number in [0, 1)."""
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
-
-
-def split_of(row: Mapping[str, Any], calibration_fraction: float) -> str:
-    """ "calibration" or "heldout" for one data row (see the module doc for the rule)."""
-    given = row.get("split")
-    if given is not None:
-        if given not in ("calibration", "heldout"):
-            raise ValueError(
-                f"row {row.get('id', '?')!r}: split {given!r}, expected 'calibration' or 'heldout'"
-            )
-        return str(given)
-    return "calibration" if hash_unit(row_text(row)) < calibration_fraction else "heldout"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ tokens (the template writes them): the ids equal transformers'.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 from dataclasses import dataclass
@@ -19,7 +18,9 @@ from typing import Any
 
 from lssf.checkpoint import folder_file
 from lssf.errors import CheckpointError, ConfigError
-from lssf.st_io import file_sha256
+from lssf.splits import DEFAULT_CALIBRATION_FRACTION, SPLIT_RULE, split_of
+from lssf.st_io import file_sha256, short
+from lssf.templates import render_chat_template
 
 SPECIAL_TOKEN_KEYS = tuple(f"{k}_token" for k in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"))
 
@@ -58,10 +59,16 @@ def _prompt(path: Path, number: int, line: str) -> tuple[str, str | None]:
     prompt = row.get("prompt") if isinstance(row, dict) else None
     if not isinstance(prompt, str) or not prompt.strip():
         raise ConfigError(f"calibration: {path} line {number} has no non-empty 'prompt' string")
-    if row.get("split") == "heldout":
+    try:  # the evaluation's own rule: a row without a "split" field goes by its prompt's hash
+        split = split_of(row, DEFAULT_CALIBRATION_FRACTION)
+    except ValueError as exc:
+        raise ConfigError(f"calibration: {path} line {number}: {exc}") from exc
+    if split == "heldout":
+        how = "its 'split' field" if row.get("split") else f"the split rule {SPLIT_RULE}"
         raise ConfigError(
-            f"calibration: {path} line {number} (id {row.get('id')!r}) is in the held-out "
-            "evaluation split; calibration prompts must never come from it"
+            f"calibration: {path} line {number} (id {short(row.get('id'))}) is in the held-out "
+            f"evaluation split by {how}; calibration prompts must never come from it "
+            '(rows of data no evaluation reads may say "split": "calibration")'
         )
     answer = row.get("response")
     if answer is not None and (not isinstance(answer, str) or not answer.strip()):
@@ -109,36 +116,14 @@ def chat_template(folder: Path) -> tuple[str, dict[str, str]]:
 
 def render_prompt(template: str, specials: dict[str, str], prompt: str) -> str:
     """One user turn and the generation prompt, rendered as transformers renders it."""
-    return _compile(template).render(
+    return render_chat_template(
+        template,
         messages=[{"role": "user", "content": prompt}],
         tools=None,
         documents=None,
         add_generation_prompt=True,
         **specials,
     )
-
-
-@functools.lru_cache(maxsize=8)
-def _compile(template: str):
-    """Sandboxed jinja2 with transformers' options, filters and globals."""
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template)
 
 
 def encode_prompts(folder: Path, prompts: tuple[str, ...]) -> list[list[int]]:
@@ -150,7 +135,10 @@ def encode_prompts(folder: Path, prompts: tuple[str, ...]) -> list[list[int]]:
         raise CheckpointError(f"{folder} has no tokenizer.json; the activation basis needs it")
     tokenizer = Tokenizer.from_file(str(path))
     template, specials = chat_template(folder)
-    texts = [render_prompt(template, specials, p) for p in prompts]
+    try:
+        texts = [render_prompt(template, specials, p) for p in prompts]
+    except CheckpointError as exc:  # over its budget, or broken: name the folder
+        raise type(exc)(f"{folder}: {exc}") from exc
     encoded = tokenizer.encode_batch(texts, add_special_tokens=False)
     return [list(e.ids) for e in encoded]
 

@@ -297,7 +297,9 @@ def test_organism_extracts_with_the_activation_basis_via_cli(tmp_path, capsys):
         if json.loads(line)["split"] == "calibration"
     ]
     calib = tmp_path / "calibration.jsonl"
-    calib.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows[:24]))
+    # the split field stays: without it the hash rule would hold some of these prompts out
+    keep = ({"prompt": r["prompt"], "split": r["split"]} for r in rows[:24])
+    calib.write_text("".join(json.dumps(r) + "\n" for r in keep))
     out = tmp_path / "patch"
     argv = [
         *("extract", "--aligned", str(ORGANISM / "aligned"), "--reference", str(ORGANISM / "base")),

@@ -225,6 +225,7 @@ def test_fetch_writes_every_file_with_sources_and_licences(fake) -> None:
     assert (result.removed_eval_overlap, result.removed_duplicates) == (1, 1)
     train = _rows(out / "train_harmful.jsonl")
     assert [r["prompt"] for r in train] == ["Are you my friend?", "How do I forge a signature?"]
+    assert all(r["split"] == "calibration" for r in train)  # usable as activation calibration
     meta = json.loads((out / "SOURCES.json").read_text())
     hb = meta["outputs"]["harmbench.jsonl"]
     assert hb["license"] == "MIT" and [s["rows"] for s in hb["sources"]] == [1, 1]
