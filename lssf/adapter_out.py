@@ -20,7 +20,7 @@ from lssf.errors import CheckpointError
 from lssf.finetune import finetune_sources, open_patch
 from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX, MergedView
 from lssf.outputs import atomic_folder, write_json
-from lssf.patch import SafetyPatch
+from lssf.patch import SafetyPatch, check_effective
 from lssf.provenance import Provenance, model_card, write_outputs
 from lssf.spectral import fused_weight
 from lssf.st_io import AppendingWriter
@@ -186,6 +186,7 @@ def export_patch_adapter(
     """
     alpha = check_alpha(alpha)
     patch = open_patch(patch)
+    check_effective(patch)
     manifest = patch.manifest
     # Every tensor's module name first: refuse before anything is written.
     modules = {n: patch_module(n) for n, rank in patch.ranks().items() if rank > 0}

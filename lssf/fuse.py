@@ -32,7 +32,7 @@ from lssf.finetune import (
 )
 from lssf.lora import MergedView
 from lssf.outputs import atomic_folder
-from lssf.patch import SafetyPatch
+from lssf.patch import SafetyPatch, check_effective
 from lssf.pipeline import BufferPool, MappedFile, give_back
 from lssf.provenance import Provenance, model_card, write_outputs
 from lssf.sources import SIDE_FILES, ModelRef, SourceRecord, hash_files
@@ -300,6 +300,7 @@ def fuse(
     """
     alpha = check_alpha(alpha)
     patch = open_patch(patch)
+    check_effective(patch)
     dev = pick_device(device)
     if output_format not in ("model", "adapter"):
         raise ConfigError(f"format must be 'model' or 'adapter', got {output_format!r}")

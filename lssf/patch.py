@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from lssf.checkpoint import Checkpoint, folder_file
 from lssf.config import PatchConfig, format_validation_error
@@ -53,12 +54,12 @@ class CalibrationRecord(Frozen):
     truncated: int  # prompts cut at calibration_max_tokens
     model_revision: str  # the aligned model's revision the forward pass read
     chat_template_sha256: str = Field(pattern=SHA256)
-
     # Since the answer-token reading (absent from older patches, which counted prompt tokens):
     prompt_tokens: int | None = Field(None, exclude_if=lambda v: v is None)
     answer_tokens: int | None = Field(None, exclude_if=lambda v: v is None)  # the Gram's tokens
     answers_generated: int | None = Field(None, exclude_if=lambda v: v is None)  # not in file
     gram: str | None = Field(None, exclude_if=lambda v: v is None)  # what the Gram counts
+
 
 class FactorShard(Frozen):
     """One factor file of a sharded patch: its name in the patch folder, hash and targets."""
@@ -101,23 +102,26 @@ class PatchManifest(Frozen):
             )
         return self
 
+    # The manifest file's JSON as read (None when built in memory): the id hashes it as it is,
+    # so an edit the model's validation would smooth over (3 -> 3.0, "lssf" -> "x") shows.
+    _file_json: dict[str, Any] | None = PrivateAttr(None)
+
     @property
     def patch_id(self) -> str:
-        """Id of the whole manifest but the tool version, so no edit of a patch keeps its id."""
-        key = {
-            "aligned": [self.aligned.name, self.aligned.revision],
-            "reference": [self.reference.name, self.reference.revision],
-            "config": self.config.model_dump(mode="json"),
-            "format": self.format_version,
-            "tensors": {n: r.model_dump(mode="json") for n, r in self.tensors.items()},
-        }
-        if self.shards is None:  # format 1: the key it always had
-            key["factors"] = self.factors_sha256
-        else:
-            key["shards"] = [[s.file, s.sha256, list(s.tensors)] for s in self.shards]
-        if self.calibration is not None:  # absent for delta-svd: its ids are unchanged
-            key["calibration"] = self.calibration.model_dump(mode="json")
+        """Id of the whole manifest but the tool version, so no edit of a patch keeps its id.
+
+        The hash of the manifest's JSON (as ``extract`` writes it, or as read from the file)
+        with keys sorted and ``lssf_version`` left out.
+        """
+        data = self._file_json if self._file_json is not None else self.model_dump(mode="json")
+        key = {k: v for k, v in data.items() if k != "lssf_version"}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
+        """As pydantic's, but the copy forgets the file's JSON: it may differ from it."""
+        copy = super().model_copy(update=update, deep=deep)
+        copy._file_json = None
+        return copy
 
     def factor_files(self) -> list[FactorShard]:
         """The factor files and what each holds, for either variant."""
@@ -154,7 +158,9 @@ class SafetyPatch:
         return patch
 
     def verify(self) -> None:
-        """Refuse factors that differ from the manifest (``PatchIntegrityError``): hash, shapes."""
+        """Refuse factors that differ from the manifest (``PatchIntegrityError``): hash, shapes,
+        targets its own include/exclude rule out."""
+        check_targets(self.folder, self.manifest)
         check_shards(self.folder, self.manifest)
         for shard in self.manifest.factor_files():
             factors = folder_file(self.folder, shard.file)
@@ -218,9 +224,33 @@ def _read_manifest(path: Path) -> PatchManifest:
             "re-extract the patch"
         )
     try:
-        return PatchManifest.model_validate(raw)
+        manifest = PatchManifest.model_validate(raw)
     except ValidationError as exc:
         raise CheckpointError(format_validation_error(str(path), exc)) from exc
+    manifest._file_json = raw
+    return manifest
+
+
+def check_targets(folder: Path, manifest: PatchManifest) -> None:
+    """Every tensor of the manifest is one its own config's include/exclude selects."""
+    config = manifest.config
+    for name, record in manifest.tensors.items():
+        if not config.is_target(name, len(record.shape)):
+            raise PatchIntegrityError(
+                f"{folder / MANIFEST}: tensor {short(name)} is not selected by the patch's own "
+                f"include {short(list(config.include))} / exclude "
+                f"{short(list(config.exclude))}; the manifest was edited, re-extract the patch"
+            )
+
+
+def check_effective(patch: SafetyPatch) -> None:
+    """A patch that changes nothing (no tensor, or rank 0 everywhere) is refused."""
+    ranks = patch.ranks()
+    if not any(rank > 0 for rank in ranks.values()):
+        raise PatchIntegrityError(
+            f"safety patch {patch.folder} has rank 0 for all of its {len(ranks)} tensor(s): "
+            "applying it would change nothing (were aligned and reference the same model?)"
+        )
 
 
 def check_shards(folder: Path, manifest: PatchManifest) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from lssf.checkpoint import folder_file, weight_files
+from lssf.checkpoint import INDEX_NAME, folder_file, weight_files
 from lssf.errors import CheckpointError
 from lssf.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter
 from lssf.models import Frozen, SourceRecord
@@ -29,8 +29,15 @@ COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 # What a model folder needs besides weights; never pickles, never code.
 HUB_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "tokenizer*")
 HUB_PATTERNS += ("*.model", "*.tiktoken", "vocab.txt", "merges.txt")
-# Besides the weights, what a model folder's revision covers and a fused output copies.
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+# Besides the weights, what a model folder's revision covers and a fused output copies (the
+# index too: it decides which tensors a loader reads from which shard).
+SIDE_FILES = (
+    INDEX_NAME,
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 SIDE_FILES += ("special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 SIDE_FILES += ("chat_template.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt")
 
