@@ -23,6 +23,7 @@ from lssf.errors import (
     NonFiniteError,
     OutputError,
     OutputExistsError,
+    PatchIntegrityError,
     PatchMismatchError,
     PickleRefusedError,
     ShapeMismatchError,
@@ -114,12 +115,13 @@ def test_bf16_checkpoint_in_bf16_out(tmp_path):
     assert got["model.embed_tokens.weight"].dtype == torch.bfloat16
 
 
-def test_zero_delta_leaves_the_finetune_unchanged(trio, tmp_path):
+def test_zero_delta_patch_is_refused_by_fuse(trio, tmp_path):
+    """A patch of rank 0 everywhere would fuse "0 tensors" and exit 0 (#25): refused instead."""
     patch = extract(trio["aligned"], trio["aligned"], tmp_path / "patch")
     assert all(rec.rank == 0 for rec in patch.manifest.tensors.values())
-    fuse(trio["finetuned"], patch, tmp_path / "out")
-    ft, got = all_tensors(trio["finetuned"]), all_tensors(tmp_path / "out")
-    assert all(torch.equal(got[n], ft[n]) for n in ft)
+    with pytest.raises(PatchIntegrityError, match="rank 0 for all of its 14 tensor"):
+        fuse(trio["finetuned"], patch, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def copy_model(src, dst):
