@@ -116,16 +116,36 @@ def background_build_running() -> bool:
     return False
 
 
+# The lssf code an activation-basis patch depends on: its rows are keyed by this code's last
+# commit and any uncommitted change to it (others edit lssf/ meanwhile; fuse.py is not used).
+ACTIVATION_CODE = tuple(
+    f"lssf/{m}.py"
+    for m in (
+        "activation",
+        "activation_extract",
+        "calibration",
+        "config",
+        "extract",
+        "llama_forward",
+        "lowrank",
+        "methods",
+        "spectral",
+        "checkpoint",
+        "st_io",
+    )
+)
+
+
+def _git(*args: str) -> str:
+    run = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False)
+    return run.stdout.strip()
+
+
 def lssf_code_version() -> str:
-    """The last commit that touched lssf/, plus a hash of any uncommitted change to it."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
-
-    commit = git("log", "-1", "--format=%H", "--", "lssf/")
-    diff = git("diff", "HEAD", "--", "lssf/")
+    """The last commit that touched the activation basis' code, plus a hash of any
+    uncommitted change to it."""
+    commit = _git("log", "-1", "--format=%H", "--", *ACTIVATION_CODE)
+    diff = _git("diff", "HEAD", "--", *ACTIVATION_CODE)
     return commit if not diff else f"{commit}+dirty-{hashlib.sha256(diff.encode()).hexdigest()[:8]}"
 
 
@@ -376,7 +396,7 @@ def run_job(job: Job, work: Path, evidence: Path) -> str:
             if fields.get("basis") != ACTIVATION:
                 raise
             result = {"error": traceback.format_exc(limit=3)}
-        result |= {"key": key, "lssf_code": lssf_code_version()}
+        result |= {"key": key, "lssf_code": lssf_code_version(), "head": _git("rev-parse", "HEAD")}
         result["total_seconds"] = round(time.perf_counter() - start, 1)
         write_cache(path, result)
         log.info("%s %s: %.0f s", job.spec.label, label, result["total_seconds"])
@@ -842,10 +862,6 @@ def machine() -> str:
     )
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-
 def render(ev: dict, ev_sha: str, work: Path, out: Path, img: Path, wall: float | None) -> str:
     names_all, primary = judges()
     names = [ev["judges"]["primary"], ev["judges"]["second"]]
@@ -976,7 +992,8 @@ def strength_table(rows: list[dict], labels: list[str]) -> list[str]:
 def methods_table(orgs: list[dict], ev: dict) -> list[str]:
     lines = [
         "| method | PatchConfig fields | total rank, median over organisms | safety-vector "
-        "energy kept, median | lssf code of the rows | failures |",
+        "energy kept, median | lssf code of the rows (last commit of the activation files) "
+        "| failures |",
         "|---|---|---:|---:|---|---|",
     ]
     for label, fields in ev["study"]["methods"].items():
