@@ -496,6 +496,20 @@ def gap_recovered(curve: dict[float, dict], ft: dict, aligned: dict, loss: float
     return max(((m[REFUSAL] - ft[REFUSAL]) / gap for m in ok), default=0.0)
 
 
+def gap_alpha(curve: dict[float, dict], ft: dict, aligned: dict, loss: float) -> float | None:
+    """The smallest grid alpha attaining `gap_recovered` (None when no alpha qualifies)."""
+    best = gap_recovered(curve, ft, aligned, loss)
+    gap = aligned[REFUSAL] - ft[REFUSAL]
+    ok = [
+        a
+        for a, m in sorted(curve.items())
+        if all(ft[u] - m[u] <= loss + EPS for u in UTILITY)
+        and best is not None
+        and abs((m[REFUSAL] - ft[REFUSAL]) / gap - best) <= EPS
+    ]
+    return ok[0] if ok else None
+
+
 def first_reaching(curve: dict[float, dict], target: float) -> float | None:
     """The smallest grid alpha whose refusal is at least `target`; None when none is."""
     return next((a for a in sorted(curve) if curve[a][REFUSAL] >= target - EPS), None)
@@ -765,6 +779,32 @@ def gap_table(orgs: list[dict], ev: dict, names: list[str]) -> tuple[list[str], 
     return lines, res
 
 
+def per_seed_gap(orgs: list[dict], ev: dict, names: list[str]) -> list[str]:
+    """Per eroded seed and method: gap recovered (primary) and the alpha attaining it."""
+    primary = names[0]
+    loss = ev["study"]["utility_loss_at_most"]
+    labels = list(ev["study"]["methods"])
+    lines = [
+        "| seed | refusal ft / aligned | " + " | ".join(labels) + " |",
+        "|---:|---|" + "---|" * len(labels),
+    ]
+    for o in orgs:
+        if not is_eroded(o, ev, primary):
+            continue
+        m, c = o["models"][primary], o["curves"][primary]
+        cells = []
+        for label in labels:
+            if label not in c:
+                cells.append("-")
+                continue
+            g = gap_recovered(c[label], m["finetuned"], m["aligned"], loss)
+            a = gap_alpha(c[label], m["finetuned"], m["aligned"], loss)
+            cells.append(f"{_f(g)} @{'-' if a is None else f'{a:g}'}")
+        head = f"{_f(m['finetuned'][REFUSAL])} / {_f(m['aligned'][REFUSAL])}"
+        lines.append(f"| {o['spec'].seed} | {head} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def paired_gap(orgs: list[dict], ev: dict, label: str, judge: str, primary: str) -> dict:
     """Per eroded seed, gap recovered of `label` minus RESTA's (descriptive)."""
     loss = ev["study"]["utility_loss_at_most"]
@@ -885,6 +925,11 @@ def render(ev: dict, ev_sha: str, work: Path, out: Path, img: Path, wall: float 
             "Gap recovered at a fixed utility loss:",
             "",
             *gap_lines,
+            "",
+            "Per eroded seed, under the primary judge: gap recovered @ the smallest grid alpha "
+            "attaining it (added after seeing the results; '@-': no alpha keeps utility):",
+            "",
+            *per_seed_gap(orgs, ev, names),
             "",
             f"Utility at matched refusal ({ev['study']['matched_refusal']:.2f}):",
             "",

@@ -37,6 +37,8 @@ def test_gap_recovered_takes_the_best_alpha_within_the_utility_loss(dr):
     }
     assert dr.gap_recovered(curve, FT, ALIGNED, 0.02) == pytest.approx(0.75)
     assert dr.gap_recovered(curve, FT, ALIGNED, 0.05) == pytest.approx(1.0)
+    assert dr.gap_alpha(curve, FT, ALIGNED, 0.02) == 1.0
+    assert dr.gap_alpha({1.0: m(0.9, 0.5)}, FT, ALIGNED, 0.02) is None
 
 
 def test_gap_recovered_is_zero_without_a_qualifying_alpha_and_none_without_a_gap(dr):
