@@ -907,8 +907,18 @@ def render(ev: dict, ev_sha: str, work: Path, out: Path, img: Path, wall: float 
     names = [ev["judges"]["primary"], ev["judges"]["second"]]
     if primary != names[0] or not set(names) <= set(names_all):
         raise SystemExit(f"judges {names} of the evidence file vs score.py's {list(names_all)}")
-    main = collect(ev, ev_sha, work, main_specs(ev))
-    strength = collect(ev, ev_sha, work, strength_specs(ev))
+    methods = ev["study"]["methods"]
+    delta = [m for m, f in methods.items() if f.get("basis") != ACTIVATION]
+    collected = collect(ev, ev_sha, work, main_specs(ev))
+    # Only organisms with every delta-basis method, so each method's summary reads the same
+    # seeds; the activation basis (run last) may cover fewer, its n is shown.
+    main = [o for o in collected if all(m in o["patch"] for m in delta)]
+    partial = [o["spec"].label for o in collected if o not in main]
+    strength = [
+        o
+        for o in collect(ev, ev_sha, work, strength_specs(ev))
+        if all(m in o["patch"] for m in ev["study"]["strength"]["methods"])
+    ]
     img.mkdir(parents=True, exist_ok=True)
     sections, summary = [], []
     for setting in ev["organisms"]["finetunes"]:
@@ -977,9 +987,13 @@ def render(ev: dict, ev_sha: str, work: Path, out: Path, img: Path, wall: float 
             + os.path.relpath(img / "dose_response_strength.png", out.parent)
             + ")",
         ]
+        levels = ev["study"]["strength"]["lora_lr"]
+        absent = [f"{lr:g}" for lr in levels if lr not in {r["lr"] for r in st_rows}]
         summary.append(
             "- **strength axis** (repair works at a LoRA lr when every seed is eroded "
-            "and recovers >= 0.5 of its gap): " + "; ".join(stops_working(st_rows, st_labels))
+            "and recovers >= 0.5 of its gap): "
+            + "; ".join(stops_working(st_rows, st_labels))
+            + (f"; no results yet at lr {', '.join(absent)}" if absent else "")
         )
     text = DOC.format(
         sha=ev_sha,
@@ -993,7 +1007,7 @@ def render(ev: dict, ev_sha: str, work: Path, out: Path, img: Path, wall: float 
         baselines="\n".join(
             baseline_table(main + [o for o in strength if o["spec"].lora_lr is not None], names)
         ),
-        coverage="\n".join(coverage(ev, main, strength, wall)),
+        coverage="\n".join(coverage(ev, main, strength, wall, partial)),
     )
     out.write_text(text, encoding="utf-8")
     return text
@@ -1072,7 +1086,9 @@ def baseline_table(orgs: list[dict], names: list[str]) -> list[str]:
     return lines
 
 
-def coverage(ev: dict, main: list[dict], strength: list[dict], wall: float | None) -> list[str]:
+def coverage(
+    ev: dict, main: list[dict], strength: list[dict], wall: float | None, partial: list[str]
+) -> list[str]:
     want = len(main_specs(ev)) + sum(s.lora_lr is not None for s in strength_specs(ev))
     have = main + [o for o in strength if o["spec"].lora_lr is not None]
     n_methods = len(ev["study"]["methods"])
@@ -1082,10 +1098,12 @@ def coverage(ev: dict, main: list[dict], strength: list[dict], wall: float | Non
         for m in ev["study"]["methods"]
         if m not in o["patch"] and m not in o["errors"]
     ]
-    secs = [s for o in main + strength for per in o["seconds"].values() for s in per.values()]
+    secs = [s for o in have for per in o["seconds"].values() for s in per.values()]
     lines = [
         f"- organisms with results: {len(have)} of the {want} pre-registered "
-        f"({len(main)} of {len(main_specs(ev))} main)",
+        f"({len(main)} of {len(main_specs(ev))} main, {len(have) - len(main)} of the strength "
+        "axis's extra learning rates); an organism counts once every delta-basis method is done"
+        + (f"; partly done, left out: {', '.join(partial)}" if partial else ""),
         f"- (organism, method) pairs without results: {len(missing)} of "
         f"{len(main) * n_methods} main" + (f": {missing[:12]}" if missing else ""),
     ]
