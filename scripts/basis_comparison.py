@@ -316,17 +316,18 @@ seed 0, so they differ). Measured on 2 shared CPU cores, scorer of commit 5c61a1
 where delta-svd's basis of the same ranks keeps 94.2% on seed 3 (and refuses 100% from alpha
 0.25, with task accuracy 79.7% at alpha 2, where both activation readings keep 100%): with `W =
 W_aligned` the span is what the layer outputs on those tokens, not where `delta` lies, and
-counting the refusals instead of the prompts does not change that. v2 keeps 1.2-1.6 points less
-and has smaller ranks (515 vs 558) because the aligned model's refusal is one fixed sentence: at
-layer 0 the answer positions carry 6 distinct inputs, so q/k/v there get at most 6 directions
-(delta's entropy rank is 19-21; lssf logs the cap). On the outcomes neither reading dominates:
-v1 refuses more at alpha 0.25 (82.4 vs 77.3 on seed 3, 85.5 vs 82.4 on seed 0,
-refusal-anywhere), v2 more under the strict judge on seed 0 at every alpha (46.5 vs 30.1 at
-alpha 2) with task accuracy 90.6 vs 89.1 there; from alpha 0.5 both refuse 99.6-100%
-(refusal-anywhere), task accuracy 100% at 0.5, falling to 89-91% at alpha 2 on seed 0. So v2 is
-the default (the paper's reading) and v1 stays selectable as `activation_tokens: prompt`. Two
-organisms are examples, not evidence; the dose-response study (issue #21 section 4) runs the
-activation basis over the seeds.
+counting the refusals instead of the prompts does not change that. With `W = delta`
+(`activation-dW`) the same v2 Gram keeps 89.6% and behaves like delta-svd (100% refusal from
+alpha 0.25, task 78.5% at alpha 2). v2 keeps 1.2-1.6 points less and has smaller ranks (515 vs
+558) because the aligned model's refusal is one fixed sentence: at layer 0 the answer positions
+carry 6 distinct inputs, so q/k/v there get at most 6 directions (delta's entropy rank is 19-21;
+lssf logs the cap). On the outcomes neither reading dominates: v1 refuses more at alpha 0.25
+(82.4 vs 77.3 on seed 3, 85.5 vs 82.4 on seed 0, refusal-anywhere), v2 more under the strict
+judge on seed 0 at every alpha (46.5 vs 30.1 at alpha 2) with task accuracy 90.6 vs 89.1 there;
+from alpha 0.5 both refuse 99.6-100% (refusal-anywhere), task accuracy 100% at 0.5, falling to
+89-91% at alpha 2 on seed 0. So v2 is the default (the paper's reading) and v1 stays selectable
+as `activation_tokens: prompt`. Two organisms are examples, not evidence; the dose-response
+study (issue #21 section 4) runs the activation basis over the seeds.
 """
 
 
