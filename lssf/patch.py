@@ -10,10 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from lssf.checkpoint import Checkpoint, folder_file
 from lssf.config import PatchConfig, format_validation_error
@@ -102,26 +101,16 @@ class PatchManifest(Frozen):
             )
         return self
 
-    # The manifest file's JSON as read (None when built in memory): the id hashes it as it is,
-    # so an edit the model's validation would smooth over (3 -> 3.0, "lssf" -> "x") shows.
-    _file_json: dict[str, Any] | None = PrivateAttr(None)
-
     @property
     def patch_id(self) -> str:
         """Id of the whole manifest but the tool version, so no edit of a patch keeps its id.
 
-        The hash of the manifest's JSON (as ``extract`` writes it, or as read from the file)
-        with keys sorted and ``lssf_version`` left out.
+        The hash of the manifest's JSON as ``extract`` writes it (``model_dump``), keys sorted,
+        ``lssf_version`` left out; a file whose values only validation made so (``3.0`` for
+        ``3``) is refused on load (``check_json_types``).
         """
-        data = self._file_json if self._file_json is not None else self.model_dump(mode="json")
-        key = {k: v for k, v in data.items() if k != "lssf_version"}
+        key = self.model_dump(mode="json", exclude={"lssf_version"})
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-
-    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
-        """As pydantic's, but the copy forgets the file's JSON: it may differ from it."""
-        copy = super().model_copy(update=update, deep=deep)
-        copy._file_json = None
-        return copy
 
     def factor_files(self) -> list[FactorShard]:
         """The factor files and what each holds, for either variant."""
@@ -227,8 +216,25 @@ def _read_manifest(path: Path) -> PatchManifest:
         manifest = PatchManifest.model_validate(raw)
     except ValidationError as exc:
         raise CheckpointError(format_validation_error(str(path), exc)) from exc
-    manifest._file_json = raw
+    check_json_types(path, raw, manifest.model_dump(mode="json"))
     return manifest
+
+
+def check_json_types(path: Path, raw: object, written: object, where: str = "") -> None:
+    """``raw`` (the file) has the JSON types lssf writes (``written``) wherever both have a value:
+    a value only validation turned into its type (``"0.85"``, ``3.0``, ``1``) is an edit."""
+    if isinstance(raw, dict) and isinstance(written, dict):
+        for key in sorted(raw.keys() & written.keys()):
+            check_json_types(path, raw[key], written[key], f"{where}.{key}" if where else key)
+    elif isinstance(raw, list) and isinstance(written, list) and len(raw) == len(written):
+        for i, (r, w) in enumerate(zip(raw, written, strict=True)):
+            check_json_types(path, r, w, f"{where}[{i}]")
+    elif type(raw) is not type(written):
+        raise PatchIntegrityError(
+            f"{path}: field {short(where)} is {short(raw)} ({type(raw).__name__}), where lssf "
+            f"writes {short(written)} ({type(written).__name__}); the manifest was edited, "
+            "re-extract the patch"
+        )
 
 
 def check_targets(folder: Path, manifest: PatchManifest) -> None:

@@ -358,20 +358,30 @@ def test_the_index_file_is_part_of_a_folder_revision(trio, tmp_path):
     "edit",
     [
         lambda m: m.update(method="other"),
-        lambda m: m["config"].update(eta=1),  # 0.85 -> 1 is also a type change
-        lambda m: m["config"].update(weight_top=1),  # 1.0 -> 1: the same value, another type
-        lambda m: next(iter(m["tensors"].values())).update(n_nonzero=8.0),
         lambda m: m["aligned"].update(ref="elsewhere"),
         lambda m: m["aligned"].update(files={}),
+        lambda m: m["reference"].update(kind="hub"),
     ],
 )
 def test_every_manifest_field_enters_the_patch_id(patch_dir, tmp_path, edit):
     edited = copy_patch(patch_dir, tmp_path / "edited", edit)
-    try:
-        changed = SafetyPatch.load(edited).patch_id
-    except CheckpointError:
-        return  # refused is as good
-    assert changed != SafetyPatch.load(patch_dir).patch_id
+    assert SafetyPatch.load(edited).patch_id != SafetyPatch.load(patch_dir).patch_id
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m["config"].update(weight_top=1), "config.weight_top"),  # 1.0: same value
+        (lambda m: m["config"].update(eta="0.85"), "config.eta"),
+        (lambda m: next(iter(m["tensors"].values())).update(n_nonzero=8.0), "n_nonzero"),
+        (lambda m: next(iter(m["tensors"].values())).update(shape=[64.0, 64]), "shape[0]"),
+    ],
+)
+def test_manifest_number_types_lssf_never_writes_are_refused(patch_dir, tmp_path, edit, field):
+    edited = copy_patch(patch_dir, tmp_path / "edited", edit)
+    with pytest.raises(PatchIntegrityError, match="the manifest was edited") as exc:
+        SafetyPatch.load(edited)
+    assert field in str(exc.value)
 
 
 def test_patch_id_is_stable_and_ignores_the_tool_version(trio, patch_dir, tmp_path):
