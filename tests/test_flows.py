@@ -23,7 +23,11 @@ from tasks import registry
 pytestmark = pytest.mark.slow
 
 PASSING_GATE = {"name": "lenient", "rules": [{"metric": "task_accuracy", "floor": 0.0}]}
-FAILING_GATE = {"name": "strict", "rules": [{"metric": "harmful_refusal", "floor": 1.01}]}
+# Impossible for a candidate (refusal 1.01 above the fine-tune), while the aligned model, which
+# a delta rule does not concern, passes it: the run goes through and is rejected.
+FAILING_GATE = {"name": "strict", "rules": [{"metric": "harmful_refusal", "min_delta": 1.01}]}
+# A floor no model can reach: the aligned model fails it too, so the run is refused up front.
+IMPOSSIBLE_GATE = {"name": "impossible", "rules": [{"metric": "harmful_refusal", "floor": 1.01}]}
 
 
 @pytest.fixture(scope="session")
@@ -206,6 +210,19 @@ def test_rejected_candidate_gets_no_version(
     _, run = _run_of(tmp_path, result["run_id"])
     first = run.data.tags["mlflow.note.content"].splitlines()[0]
     assert first.startswith("**FAIL** (") and first.endswith(result["reason"])
+
+
+def test_a_gate_the_aligned_model_fails_is_refused_before_any_extraction(
+    harness: None, pico: Any, tmp_path: Path
+) -> None:
+    from flows.realign import realign
+    from lssf.errors import ConfigError
+
+    config = write_config(tmp_path, pico, IMPOSSIBLE_GATE, [1.0])
+    model = drop_model(pico, tmp_path)
+    with pytest.raises(ConfigError, match="fails its own gate on the held-out split"):
+        realign(str(model), "organism", str(config))
+    assert not (tmp_path / "state" / "patches").exists()  # nothing extracted, nothing fused
 
 
 def test_killed_after_registration_restarts_to_one_version(
