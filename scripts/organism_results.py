@@ -429,6 +429,14 @@ def render(
         "take prompts as independent, are optimistic for them.",
         "",
     ]
+    done = {(r["finetune"], r["seed"]) for rows in results.values() for r in rows}
+    planned = [(f, s) for f in ev["organisms"]["finetunes"] for s in ev["organisms"]["seeds"]]
+    missing = [f"{f} {s}" for f, s in planned if (f, s) not in done]
+    lines += [
+        f"**Coverage:** {len(done)} of the {len(planned)} pre-registered organisms. "
+        + (f"Not computed yet: {', '.join(missing)}." if missing else "All computed."),
+        "",
+    ]
     for which, title in (("pre", "Pre-registered"), ("amended", "Post hoc")):
         lines += [f"## {title}: {PICKS[which]}", ""]
         for finetune, rows in results.items():
