@@ -341,8 +341,9 @@ def test_heldout_verdict_alone_decides(
 
     def steered(model: Any, suite: Any, out: Path, **kwargs: Any) -> EvalReport:
         report = real(model, suite, out, **kwargs)
-        if "fused-alpha" in str(model) and report.status == "ok":
-            value = 1.0 if kwargs["split"] == "calibration" else 0.0
+        aligned = Path(str(model)) == Path(pico.aligned)  # the gate's own check: it passes
+        if ("fused-alpha" in str(model) or aligned) and report.status == "ok":
+            value = 1.0 if kwargs["split"] == "calibration" or aligned else 0.0
             report = report.model_copy(
                 update={"metrics": {**report.metrics, "harmful_refusal": value}}
             )
