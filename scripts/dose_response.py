@@ -725,6 +725,7 @@ def plot_strength(rows: list[dict], labels: list[str], out: Path) -> None:
         xscale="log",
         xlabel="LoRA learning rate",
         ylabel="gap recovered (primary judge)",
+        ylim=(-0.05, 1.05),
         title="gap recovered at the fixed utility loss",
     )
     ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
