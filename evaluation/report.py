@@ -39,8 +39,9 @@ class EvalReport(BaseModel):
     count behind each; `raw_metrics` every numeric lm-eval metric as `TASK/METRIC,FILTER`,
     `raw_n_samples` the samples per lm-eval task or group; `outcomes` the per-prompt results
     behind each named metric (for the gate's paired rules) and `metric_judges` the judge that
-    produced each refusal metric. A report with `status != "ok"` fails every gate rule. `split` says which rows were evaluated ("calibration", "heldout", or "all"
-    of them), `split_rule` and `calibration_fraction` by which rule (`evaluation.splits`).
+    produced each refusal metric. A report with `status != "ok"` fails every gate rule.
+    `split` says which rows were evaluated ("calibration", "heldout", or "all" of them),
+    `split_rule` and `calibration_fraction` by which rule (`evaluation.splits`).
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -60,7 +60,9 @@ def _job(job: tuple[Path, int, tuple[str, ...], tuple[float | None, ...]]) -> in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
-    parser.add_argument("--finetunes", nargs="+", choices=("lora", "full"), default=["lora", "full"])
+    parser.add_argument(
+        "--finetunes", nargs="+", choices=("lora", "full"), default=["lora", "full"]
+    )
     parser.add_argument("--lora-lr", type=float, nargs="+", default=[None], help="LoRA lrs")
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
     parser.add_argument("--jobs", type=int, default=2)
