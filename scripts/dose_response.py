@@ -1030,7 +1030,7 @@ def rules_args(ev: dict) -> dict:
 
 
 def strength_table(rows: list[dict], labels: list[str]) -> list[str]:
-    head = " | ".join(labels)
+    head = " / ".join(labels)
     lines = [
         f"| LoRA lr | seed | ft refusal (strict) | ft task | ||dW_ft|| / ||safety|| | cosine "
         f"| gap recovered: {head} |",
